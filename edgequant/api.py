@@ -1,0 +1,175 @@
+"""The main job, one line per stage: model → fp32 ONNX → ranges → QDQ ONNX → check → bundle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .bundle import Bundle, check_out_dir, write_bundle
+from .calibrate import METHODS, calibrate, tensors_to_calibrate
+from .data import ImagePreprocess, Samples, load_samples
+from .errors import CalibrationError, DataError, ExportError
+from .export import input_names_of, load_model, prepare_fp32, to_onnx
+from .quantize import quantize, skip_absurd_ranges
+from .targets import Target, load_target
+from .verify import cpu_kernels, fidelity
+
+__all__ = ["export", "split_holdout"]
+
+log = logging.getLogger(__name__)
+
+MAX_HOLDOUT = 256
+
+
+def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
+           method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
+           preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
+           force: bool = False, progress: bool = True) -> Bundle:
+    """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
+    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``."""
+    tgt = load_target(target)
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+    if num_samples is not None and num_samples < 1:
+        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
+    out = Path(out)
+    check_out_dir(out, force)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    samples = load_samples(calibration, preprocess=preprocess)
+    loaded = load_model(model)
+    samples = samples.bind(input_names_of(loaded))
+    calib, holdout = split_holdout(samples, num_samples)
+    fp32_raw = _to_onnx(loaded, samples, opset or tgt.opset, not tgt.runtime.static_shapes)
+    timings["export_s"] = time.perf_counter() - t0
+
+    fp32 = prepare_fp32(fp32_raw)
+    _check_data_fits(fp32, samples)
+    t1 = time.perf_counter()
+    tensors = tensors_to_calibrate(fp32, tgt.quantization.op_types)
+    ranges = _calibrate(fp32, calib, tensors, method, batch_size, progress)
+    timings["calibrate_s"] = time.perf_counter() - t1
+
+    int8 = quantize(fp32, ranges, tgt, exclude_nodes=exclude_nodes)
+    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
+    fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
+    timings["total_s"] = time.perf_counter() - t0
+
+    int8_bytes = int8.SerializeToString(deterministic=True)
+    fp32_bytes = fp32.SerializeToString(deterministic=True)
+    settings = {"source": "ptq", "method": method, "calibration_samples": len(calib), **tgt.to_dict()["quantization"]}
+    manifest = build_manifest(int8, tgt, settings, samples.preprocess, reference=True)
+    report = {
+        "edgequant_version": __version__,
+        "source": "ptq",
+        "target": tgt.name,
+        "method": method,
+        "calibration": {"data": samples.source, "samples": len(calib), "tensors": len(ranges),
+                        "float_tensors": skip_absurd_ranges(ranges)[1]},
+        "holdout": {"samples": len(holdout), "disjoint_from_calibration": len(holdout) < len(samples)
+                    and not set(_ids(holdout)) & set(_ids(calib))},
+        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
+                  "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
+        "fidelity": [f.to_dict() for f in fid],
+        "kernels": kernels.to_dict() if kernels else None,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
+    return write_bundle(out, files, manifest, report, force=force)
+
+
+def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:
+    """Every 5th sample (at most 256) is held out for checking; calibration uses the rest (first N of them).
+    With fewer than 5 samples there is nothing to spare: both use all samples."""
+    n = len(samples)
+    if n < 5:
+        return samples, samples
+    held = [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
+    held_set = set(held)
+    calib = [i for i in range(n) if i not in held_set]
+    if num_samples is not None:
+        calib = calib[:num_samples]
+    return samples.subset(calib), samples.subset(held)
+
+
+def _ids(samples: Samples) -> list[str]:
+    return [samples.label(i) for i in range(len(samples))]
+
+
+def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    if isinstance(loaded, onnx.ModelProto):
+        return loaded
+    example = samples[0]
+    try:
+        return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
+    except ExportError as exc:
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
+        raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
+
+
+def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
+    """Each sample's shape must match the graph input (batch axis excluded)."""
+    example = samples[0]
+    for inp in model.graph.input:
+        if inp.name not in example:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim][1:]
+        shape = list(example[inp.name].shape)
+        if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
+            want = ["?" if d is None else d for d in dims]
+            raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
+                            f"{want} (without batch axis); fix the data or its pre-processing")
+
+
+def _calibrate(fp32, calib, tensors, method, batch_size, progress):
+    from tqdm import tqdm
+
+    with tqdm(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
+              leave=False) as bar:
+        ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
+    return ranges
+
+
+def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[str, Any],
+                   preprocess: ImagePreprocess | None, *, reference: bool) -> dict[str, Any]:
+    """The device contract (schema in runtimes/README.md), without the file checksums the writer adds."""
+    from .bundle import SCHEMA_VERSION
+
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    pre = None
+    if preprocess is not None:
+        inputs = [i.name for i in graph.input if i.name not in inits]
+        pre = {"input": inputs[0], **preprocess.to_dict()}
+    tdict = target.to_dict()
+    return {
+        "schema": "edgequant.bundle",
+        "schema_version": SCHEMA_VERSION,
+        "producer": f"edgequant {__version__}",
+        "model": {"file": "model.onnx", "format": "onnx-qdq", "opset": _opset(model)},
+        "reference_model": {"file": "model.fp32.onnx", "format": "onnx-fp32"} if reference else None,
+        "inputs": [_io(v) for v in graph.input if v.name not in inits],
+        "outputs": [_io(v) for v in graph.output],
+        "preprocess": pre,
+        "quantization": quantization,
+        "target": {"name": target.name, "description": target.description},
+        "runtime": tdict["runtime"],
+    }
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}

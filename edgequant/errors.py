@@ -1,0 +1,47 @@
+"""The error tree: every failure a user can fix is an ``EdgeQuantError`` with a message that names the
+file, tensor or node at fault and says how to fix it. The CLI prints ``error: <message>`` and exits 1."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "CalibrationError",
+    "DataError",
+    "EdgeQuantError",
+    "ExportError",
+    "QuantizationError",
+    "TargetError",
+    "UnsupportedOnTarget",
+]
+
+
+class EdgeQuantError(Exception):
+    """Base class: a problem with the user's input or environment, reported as one line."""
+
+
+class DataError(EdgeQuantError):
+    """Calibration or evaluation data cannot be read or does not fit the model."""
+
+
+class ExportError(EdgeQuantError):
+    """The model cannot be loaded or exported to ONNX."""
+
+
+class TargetError(EdgeQuantError):
+    """A target profile is unknown or malformed."""
+
+
+class CalibrationError(EdgeQuantError):
+    """Calibration produced no usable ranges (NaN activations, a tensor never seen, ...)."""
+
+
+class QuantizationError(EdgeQuantError):
+    """The quantized graph is not what the target needs (absurd scales, float layers left, ...)."""
+
+
+class UnsupportedOnTarget(QuantizationError):
+    """An op or dtype the target's execution provider cannot run in int8."""
+
+
+class BundleError(EdgeQuantError):
+    """A bundle is missing, tampered with, from a newer schema, or cannot be written."""

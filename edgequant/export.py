@@ -1,0 +1,203 @@
+"""Model → fp32 ONNX: resolve a model reference, export it with ``torch.onnx.export(dynamo=True)`` and
+simplify the graph the way ONNX Runtime's quantizer expects (constant folding, Conv+BatchNorm folding).
+
+A model reference is ``path/to/file.py:factory``, ``package.module:factory``, a ``.onnx`` file, or an
+``nn.Module``. The batch axis of every input is exported as dynamic (``batch``) unless the target needs
+static shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import io
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import ExportError
+
+__all__ = ["input_names_of", "load_model", "prepare_fp32", "to_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+def load_model(ref: Any) -> Any:
+    """A model reference → an ``nn.Module`` (factory called, eval mode) or an ``onnx.ModelProto``."""
+    if isinstance(ref, onnx.ModelProto):
+        return ref
+    if not isinstance(ref, (str, Path)):
+        return _check_module(ref, "the model argument")
+    text = str(ref)
+    if text.endswith(".onnx"):
+        path = Path(text)
+        if not path.is_file():
+            raise ExportError(f"model file {text} not found")
+        try:
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model)
+        except Exception as exc:  # onnx raises several unrelated types
+            raise ExportError(f"{text}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+        return model
+    if ":" not in text:
+        raise ExportError(f"model {text!r} is not a reference: use path/to/file.py:factory, package.module:factory "
+                          "or a .onnx file")
+    target, _, attr = text.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ExportError(f"model file {target} not found (from {text!r})")
+        name = f"_edgequant_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ExportError(f"{target}: importing it failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ExportError(f"cannot import module {target!r} (from {text!r}): {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ExportError(f"{target} has no attribute {attr!r}; name a function that returns an nn.Module")
+    obj = factory
+    if callable(factory) and not _is_module(factory):
+        try:
+            obj = factory()
+        except Exception as exc:
+            raise ExportError(f"{text}: calling {attr}() failed: {type(exc).__name__}: {exc}") from exc
+    return _check_module(obj, f"{text}")
+
+
+def _is_module(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _check_module(obj: Any, what: str) -> Any:
+    if not _is_module(obj):
+        raise ExportError(f"{what} gave a {type(obj).__name__}, not a torch.nn.Module; the factory must return "
+                          "the model (with its weights loaded)")
+    return obj.eval()
+
+
+def input_names_of(model: Any) -> list[str]:
+    """The names of the model's inputs: graph inputs of an ONNX model, forward() arguments of a module."""
+    if isinstance(model, onnx.ModelProto):
+        inits = {i.name for i in model.graph.initializer}
+        return [i.name for i in model.graph.input if i.name not in inits]
+    params = inspect.signature(model.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is inspect.Parameter.empty] or [p.name for p in params][:1]
+
+
+def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """nn.Module + one sample per input (no batch axis) → fp32 ONNX with a dynamic batch axis."""
+    import torch
+
+    batch = 2 if dynamic_batch else 1
+    kwargs = {k: torch.from_numpy(np.ascontiguousarray(np.stack([v] * batch))) for k, v in example.items()}
+    dynamic = {k: {0: torch.export.Dim("batch")} for k in kwargs} if dynamic_batch else None
+    stack: list[str] = []
+    hooks = _trace_hooks(module, stack)
+    try:
+        with _quiet():
+            program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, external_data=False,
+                                        dynamic_shapes=dynamic, opset_version=opset, verbose=False,
+                                        optimize=True)
+    except Exception as exc:
+        where = f"module '{stack[-1]}" if stack else f"{type(module).__name__}.forward"
+        reason = _first_line(exc)
+        raise ExportError(f"cannot export {type(module).__name__} to ONNX: {where} failed: {reason}. Make that code "
+                          "traceable (no data-dependent Python control flow or unsupported ops), or export it to "
+                          ".onnx yourself and pass the file") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    model = program.model_proto
+    if model.ByteSize() > 2_000_000_000:
+        raise ExportError(f"{type(module).__name__} exports to {model.ByteSize() / 1e9:.1f} GB: ONNX files over 2 GB "
+                          "need external data; export it yourself with external_data=True and pass the .onnx folder")
+    return model
+
+
+def _trace_hooks(module: Any, stack: list[str]) -> list:
+    names = {m: (n or type(module).__name__) for n, m in module.named_modules()}
+
+    def pre(mod, _args):
+        stack.append(f"{names.get(mod, type(mod).__name__)}' ({type(mod).__name__})")
+
+    def post(_mod, _args, _out):
+        if stack:
+            stack.pop()
+
+    hooks = []
+    for mod in module.modules():
+        hooks.append(mod.register_forward_pre_hook(pre))
+        hooks.append(mod.register_forward_hook(post))
+    return hooks
+
+
+def _first_line(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None and "torch.onnx" in type(seen).__module__ + str(type(seen)):
+        seen = seen.__cause__
+    for line in str(seen).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ", "The above", "[torch.onnx]")):
+            return f"{type(seen).__name__}: {line[:300]}"
+    return type(seen).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter narrates every step on stdout and warns about optional packages; keep the CLI's output ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp32 ONNX → the same model after ONNX Runtime's basic (provider-independent) graph optimizations and
+    ONNX shape inference: folded constants and BatchNorm, which is what the quantizer should see."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
+        out = os.path.join(tmp, "basic.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = out
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime cannot load the fp32 model: {_first_line(exc)}") from None
+        optimized = onnx.load(out)
+    del optimized.graph.value_info[:]
+    try:
+        optimized = onnx.shape_inference.infer_shapes(optimized, strict_mode=False)
+    except Exception as exc:  # shape inference is a help, not a requirement
+        log.warning("ONNX shape inference failed (%s); continuing without it", _first_line(exc))
+    optimized.producer_name = "edgequant"
+    return optimized

@@ -1,0 +1,111 @@
+"""fp32 ONNX + activation ranges + target → int8 QDQ ONNX.
+
+QDQ placement is delegated to ONNX Runtime's ``QDQQuantizer``: it knows which DQ→op→Q groups ORT's
+optimizer fuses into int8 kernels (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...), writes int32 biases
+and per-channel weights, and drops activations (Relu/Clip) that the quantized range makes redundant. What it
+lacks, and what is done here: ranges come from our streaming observers (``calibrate.py``) instead of its
+in-memory calibrators, the settings come from the target profile, the graph is put back in topological
+order, and scales are checked, since a tensor such as an additive attention mask (values near the float32
+minimum) would otherwise be quantized with a scale of ~1e36 and silently flatten everything after it.
+
+Affine quantization: q = clamp(round(x / scale) + zero_point, qmin, qmax), x ≈ (q - zero_point) · scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import QuantizationError
+from .targets import Target
+
+__all__ = ["MAX_ACTIVATION_SCALE", "quantize", "skip_absurd_ranges"]
+
+log = logging.getLogger(__name__)
+
+# An 8-bit activation whose step is above this spans more than ±1e6: no real activation needs that, and such
+# ranges come from sentinel values (masks filled with the float minimum). Such tensors stay in float.
+MAX_ACTIVATION_SCALE = 1e4
+
+
+def skip_absurd_ranges(ranges: Mapping[str, tuple[float, float]]) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """Split ranges into usable ones and the names of tensors whose 8-bit step would exceed the limit."""
+    keep, absurd = {}, []
+    for name, (lo, hi) in ranges.items():
+        if not (np.isfinite(lo) and np.isfinite(hi)) or (hi - lo) / 255.0 > MAX_ACTIVATION_SCALE:
+            absurd.append(name)
+        else:
+            keep[name] = (lo, hi)
+    return keep, absurd
+
+
+def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], target: Target, *,
+             exclude_nodes: Sequence[str] = (), overrides: Mapping[str, list[dict]] | None = None) -> onnx.ModelProto:
+    """fp32 model + {tensor: (lo, hi)} + target → QDQ model (a new ModelProto; ``model`` is not changed)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    q = target.quantization
+    usable, absurd = skip_absurd_ranges(ranges)
+    if absurd:
+        log.info("keeping %d tensors in float (ranges beyond any 8-bit scale, e.g. masks): %s",
+                 len(absurd), ", ".join(absurd[:5]))
+    exclude = set(exclude_nodes) | _consumers_of(model, absurd)
+    dtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    tensors = TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+        for name, (lo, hi) in usable.items()})
+    per_channel_axes = {op: 1 for op in q.per_channel_op_types if op == "MatMul"}
+    extra = {
+        "ActivationSymmetric": q.activation_symmetric,
+        "WeightSymmetric": q.weight_symmetric,
+        "QDQOpTypePerChannelSupportToAxis": per_channel_axes,
+        "MinimumRealRange": 1e-4,
+    }
+    if overrides:
+        extra["TensorQuantOverrides"] = dict(overrides)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    op_types = [op for op in q.op_types if op not in q.float_op_types]
+    quantizer = QDQQuantizer(work, q.per_channel, q.reduce_range, dtype[q.weight_dtype], dtype[q.activation_dtype],
+                             tensors, [], sorted(exclude), op_types, extra)
+    try:
+        quantizer.quantize_model()
+    except Exception as exc:
+        raise QuantizationError(f"ONNX Runtime's quantizer failed: {type(exc).__name__}: {exc}") from exc
+    quantizer.model.topological_sort()
+    out = quantizer.model.model
+    _drop_metadata(out)
+    _check_scales(out)
+    return out
+
+
+def _consumers_of(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:
+    """Nodes that read or write any of ``tensors`` (so that they are left in float)."""
+    wanted = set(tensors)
+    return {n.name for n in model.graph.node if wanted & (set(n.input) | set(n.output))}
+
+
+def _drop_metadata(model: onnx.ModelProto) -> None:
+    keep = [p for p in model.metadata_props if not p.key.startswith("onnx.quant")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.producer_name = "edgequant"
+
+
+def _check_scales(model: onnx.ModelProto) -> None:
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0) or np.any(scale > MAX_ACTIVATION_SCALE):
+            raise QuantizationError(
+                f"QuantizeLinear {node.name!r} on tensor {node.input[0]!r} has scale {float(np.max(scale)):.3g}: "
+                "that tensor holds sentinel or overflowing values; exclude its consumers (exclude_nodes) or fix "
+                "the model")

@@ -1,0 +1,233 @@
+"""Target profiles: ``toolchains/*.toml`` (or a user's own file) → a frozen, validated :class:`Target`.
+
+A target is data. Everything that differs between execution providers (activation dtype, symmetry,
+per-channel rules, which op types are quantized, the provider chain and its options) lives in the profile;
+no other module branches on a provider's name. Unknown keys and bad values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import TargetError
+
+__all__ = ["ProviderSpec", "QuantSpec", "RuntimeSpec", "Target", "list_targets", "load_target"]
+
+_DTYPES = ("int8", "uint8")
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How tensors are quantized: q = clamp(round(x / scale) + zero_point, qmin, qmax)."""
+
+    activation_dtype: str = "uint8"
+    weight_dtype: str = "int8"
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    per_channel: bool = True
+    per_channel_op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    float_op_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("activation_dtype", "weight_dtype"):
+            if getattr(self, key) not in _DTYPES:
+                raise ValueError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
+        if self.activation_dtype == "int8" and self.weight_dtype == "uint8":
+            raise ValueError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
+        if not self.op_types:
+            raise ValueError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One ONNX Runtime execution provider and its options, in the order they are tried."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def options_dict(self) -> dict[str, str]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How the device runs the bundle."""
+
+    providers: tuple[ProviderSpec, ...] = (ProviderSpec("CPUExecutionProvider"),)
+    graph_optimization_level: str = "all"
+    intra_op_num_threads: int = 0
+    session_config: tuple[tuple[str, str], ...] = ()
+    static_shapes: bool = False
+    cpu_int8_fusion: bool = True
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise ValueError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}")
+        if not self.providers:
+            raise ValueError("providers is empty: name at least CPUExecutionProvider")
+        if self.intra_op_num_threads < 0:
+            raise ValueError("intra_op_num_threads must be >= 0 (0 lets ONNX Runtime choose)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A validated target profile."""
+
+    name: str
+    description: str
+    opset: int
+    quantization: QuantSpec
+    runtime: RuntimeSpec
+    source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as plain data, for the manifest."""
+        q, r = self.quantization, self.runtime
+        return {
+            "name": self.name,
+            "description": self.description,
+            "opset": self.opset,
+            "quantization": {
+                "activation_dtype": q.activation_dtype,
+                "weight_dtype": q.weight_dtype,
+                "activation_symmetric": q.activation_symmetric,
+                "weight_symmetric": q.weight_symmetric,
+                "per_channel": q.per_channel,
+                "per_channel_op_types": list(q.per_channel_op_types),
+                "reduce_range": q.reduce_range,
+                "op_types": list(q.op_types),
+                "float_op_types": list(q.float_op_types),
+            },
+            "runtime": {
+                "providers": [{"name": p.name, "options": p.options_dict()} for p in r.providers],
+                "graph_optimization_level": r.graph_optimization_level,
+                "intra_op_num_threads": r.intra_op_num_threads,
+                "session_config": dict(r.session_config),
+                "static_shapes": r.static_shapes,
+                "cpu_int8_fusion": r.cpu_int8_fusion,
+            },
+        }
+
+
+def _builtin_dir():
+    return resources.files("edgequant._toolchains")
+
+
+def list_targets() -> list[Target]:
+    """All built-in profiles, sorted by name."""
+    out = []
+    for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            out.append(_parse(entry.read_text(encoding="utf-8"), entry.name))
+    return out
+
+
+def load_target(target: str | Path | Target) -> Target:
+    """A built-in profile name (``"rpi5"``) or a path to a ``.toml`` file → :class:`Target`."""
+    if isinstance(target, Target):
+        return target
+    text = str(target)
+    if text.endswith(".toml") or "/" in text or "\\" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise TargetError(f"target profile {text} not found: give an existing .toml file or a built-in name "
+                              f"({', '.join(t.name for t in list_targets())})")
+        return _parse(path.read_text(encoding="utf-8"), str(path))
+    entry = _builtin_dir() / f"{text}.toml"
+    if not entry.is_file():
+        names = ", ".join(t.name for t in list_targets())
+        raise TargetError(f"unknown target {text!r}: pick one of {names}, or pass a path to your own .toml")
+    return _parse(entry.read_text(encoding="utf-8"), entry.name)
+
+
+_TOP = {"name", "description", "opset", "quantization", "runtime"}
+_Q = set(QuantSpec.__dataclass_fields__)
+_R = set(RuntimeSpec.__dataclass_fields__) - {"providers"} | {"providers"}
+_P = {"name", "options"}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str, source: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise TargetError(f"{source}: unknown key {where}{key!r}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _typed(value: Any, kind: type, key: str, source: str) -> Any:
+    if kind is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TargetError(f"{source}: {key} must be a list of strings, not {value!r}")
+        return tuple(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise TargetError(f"{source}: {key} must be {kind.__name__}, not {value!r}")
+    return value
+
+
+def _parse(text: str, source: str) -> Target:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"{source}: not valid TOML ({exc})") from None
+    _check_keys(data, _TOP, "", source)
+    for key in ("name", "opset"):
+        if key not in data:
+            raise TargetError(f"{source}: missing required key {key!r}")
+    q_table = data.get("quantization", {})
+    r_table = data.get("runtime", {})
+    if not isinstance(q_table, dict) or not isinstance(r_table, dict):
+        raise TargetError(f"{source}: [quantization] and [runtime] must be tables")
+    _check_keys(q_table, _Q, "quantization.", source)
+    _check_keys(r_table, _R, "runtime.", source)
+    q_fields = QuantSpec.__dataclass_fields__
+    q_kwargs = {}
+    for key, value in q_table.items():
+        kind = tuple if "tuple" in str(q_fields[key].type) else {"str": str, "bool": bool}[str(q_fields[key].type)]
+        q_kwargs[key] = _typed(value, kind, f"quantization.{key}", source)
+    r_kwargs: dict[str, Any] = {}
+    for key, value in r_table.items():
+        if key == "providers":
+            r_kwargs[key] = _providers(value, source)
+        elif key == "session_config":
+            if not isinstance(value, dict):
+                raise TargetError(f"{source}: runtime.session_config must be a table of strings")
+            r_kwargs[key] = tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        else:
+            kind = {"str": str, "bool": bool, "int": int}[str(RuntimeSpec.__dataclass_fields__[key].type)]
+            r_kwargs[key] = _typed(value, kind, f"runtime.{key}", source)
+    opset = _typed(data["opset"], int, "opset", source)
+    if not 13 <= opset <= 23:
+        raise TargetError(f"{source}: opset {opset} is out of range; per-channel int8 needs opset >= 13 (use 17-21)")
+    try:
+        quant = QuantSpec(**q_kwargs)
+        runtime = RuntimeSpec(**r_kwargs)
+    except ValueError as exc:
+        raise TargetError(f"{source}: {exc}") from None
+    return Target(
+        name=_typed(data["name"], str, "name", source),
+        description=str(data.get("description", "")),
+        opset=opset,
+        quantization=quant,
+        runtime=runtime,
+        source=source,
+    )
+
+
+def _providers(value: Any, source: str) -> tuple[ProviderSpec, ...]:
+    if not isinstance(value, list):
+        raise TargetError(f"{source}: runtime.providers must be a list of tables like {{ name = \"CPUExecutionProvider\" }}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or "name" not in item:
+            raise TargetError(f"{source}: runtime.providers[{i}] needs a 'name'")
+        _check_keys(item, _P, f"runtime.providers[{i}].", source)
+        options = item.get("options", {})
+        if not isinstance(options, dict):
+            raise TargetError(f"{source}: runtime.providers[{i}].options must be a table")
+        out.append(ProviderSpec(str(item["name"]), tuple(sorted((str(k), str(v)) for k, v in options.items()))))
+    return tuple(out)

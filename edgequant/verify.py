@@ -1,0 +1,136 @@
+"""Check the int8 model against the fp32 one: where the int8 kernels are (from ONNX Runtime's own
+optimized graph, not a guess) and how closely the outputs agree on held-out samples."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from .calibrate import batches
+
+__all__ = ["FLOAT_COMPUTE_OPS", "INT8_OPS", "Fidelity", "KernelReport", "cpu_kernels", "compare_outputs",
+           "fidelity", "session"]
+
+# ONNX Runtime CPU kernels that compute in 8-bit integers after QDQ fusion.
+INT8_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearSoftmax",
+    "QLinearLeakyRelu", "QLinearWhere", "QLinearReduceMean", "QLinearConvTranspose", "MatMulInteger",
+    "ConvInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM", "MatMulNBits",
+})
+# Multiply-accumulate ops that, if still present after optimization, run in floating point.
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul",
+                               "Attention", "MultiHeadAttention", "Einsum"})
+
+
+@dataclass
+class KernelReport:
+    """What ONNX Runtime's CPU provider runs after its graph optimizations."""
+
+    int8: dict[str, int] = field(default_factory=dict)
+    float_compute: list[str] = field(default_factory=list)
+    other: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def int8_nodes(self) -> int:
+        return sum(self.int8.values())
+
+    def to_dict(self) -> dict:
+        return {"int8": dict(sorted(self.int8.items())), "int8_nodes": self.int8_nodes,
+                "float_compute": list(self.float_compute), "other": dict(sorted(self.other.items()))}
+
+
+def session(model: onnx.ModelProto, *, level: str = "all", threads: int = 0, optimized_path: str | None = None):
+    """An ONNX Runtime CPU session on an in-memory model."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def cpu_kernels(model: onnx.ModelProto) -> KernelReport:
+    """QDQ model → the op types ONNX Runtime's CPU provider runs after its QDQ fusions (extended level, before
+    layout transforms rename the kernels), and the names of multiply-accumulate nodes left in float."""
+    with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        session(model, level="extended", optimized_path=path)
+        optimized = onnx.load(path)
+    report = KernelReport()
+    int8, other = Counter(), Counter()
+    for node in optimized.graph.node:
+        if node.op_type in INT8_OPS:
+            int8[node.op_type] += 1
+        elif node.op_type in FLOAT_COMPUTE_OPS:
+            report.float_compute.append(f"{node.op_type}:{node.name}")
+        else:
+            other[node.op_type] += 1
+    report.int8, report.other = dict(int8), dict(other)
+    return report
+
+
+@dataclass
+class Fidelity:
+    """Agreement of one output between the fp32 and the int8 model."""
+
+    output: str
+    samples: int
+    cosine: float
+    max_abs_error: float
+    mean_abs_error: float
+    fp32_abs_max: float
+    argmax_agreement: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def compare_outputs(name: str, ref: np.ndarray, test: np.ndarray) -> Fidelity:
+    """Two output batches (N, ...) → their agreement. Argmax agreement only for class-like (N, C>1) outputs."""
+    ref64 = ref.reshape(ref.shape[0], -1).astype(np.float64)
+    test64 = test.reshape(test.shape[0], -1).astype(np.float64)
+    num = np.sum(ref64 * test64, axis=1)
+    den = np.linalg.norm(ref64, axis=1) * np.linalg.norm(test64, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+    diff = np.abs(ref64 - test64)
+    agree = None
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        agree = float(np.mean(np.argmax(ref, axis=1) == np.argmax(test, axis=1)))
+    return Fidelity(name, int(ref.shape[0]), float(np.mean(cos)), float(diff.max()), float(diff.mean()),
+                    float(np.abs(ref64).max()), agree)
+
+
+def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
+             batch_size: int = 16) -> list[Fidelity]:
+    """Both models on the same samples → per-output agreement."""
+    s_ref, s_q = session(fp32), session(int8)
+    dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
+    names = [o.name for o in s_ref.get_outputs()]
+    refs: dict[str, list] = {n: [] for n in names}
+    tests: dict[str, list] = {n: [] for n in names}
+    for batch in batches(samples, batch_size, dtypes):
+        for n, r, t in zip(names, s_ref.run(names, batch), s_q.run(names, batch)):
+            refs[n].append(r)
+            tests[n].append(t)
+    return [compare_outputs(n, np.concatenate(refs[n]), np.concatenate(tests[n])) for n in names]
+
+
+def _dtype(ort_type: str) -> np.dtype:
+    from .calibrate import _np_dtype
+
+    return _np_dtype(ort_type)

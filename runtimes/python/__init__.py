@@ -1,0 +1,1 @@
+"""Device-side runtime adapter, importable by the exporter as edgequant._runtime."""

@@ -1,0 +1,1 @@
+"""Built-in target profiles, importable as edgequant._toolchains."""

@@ -164,13 +164,15 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporter narrates every step on stdout and warns about optional packages; keep the CLI's output ours."""
+    """The exporter narrates every step on stdout, dumps graphs on stderr when it fails and warns about optional
+    packages; keep the CLI's output ours (the failure itself is re-raised as one ExportError line)."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

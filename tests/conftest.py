@@ -1,0 +1,48 @@
+"""Shared fixtures: the digits example (trained CNN + calibration folder) and bundles built once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits"
+
+
+def load_example_module(path: Path, name: str):
+    """Import an example's model.py under a unique module name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def digits_module():
+    return load_example_module(DIGITS / "model.py", "_digits_example_model")
+
+
+@pytest.fixture(scope="session")
+def digits_split(digits_module):
+    return digits_module.load_split()
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory):
+    """The README's main job, through the library: the digits example exported with the default target."""
+    import edgequant
+
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    return edgequant.export(f"{DIGITS / 'model.py'}:build", DIGITS / "data", out=out, progress=False)
+
+
+def run_onnx(path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]

@@ -1,0 +1,65 @@
+"""The main job end to end on the digits example: accuracy, int8 kernels, report, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+
+import edgequant
+from edgequant.verify import cpu_kernels
+
+from conftest import DIGITS, run_onnx
+
+
+def test_digits_int8_accuracy_within_half_a_point(digits_bundle, digits_split):
+    _, _, x_test, y_test = digits_split
+    fp32 = np.mean(np.argmax(run_onnx(digits_bundle.fp32_model_path, x_test), 1) == y_test) * 100
+    int8 = np.mean(np.argmax(run_onnx(digits_bundle.model_path, x_test), 1) == y_test) * 100
+    assert fp32 >= 95.0, fp32
+    assert fp32 - int8 <= 0.5, (fp32, int8)
+
+
+def test_every_conv_and_gemm_runs_in_int8(digits_bundle):
+    fp32 = onnx.load(str(digits_bundle.fp32_model_path))
+    macs = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in fp32.graph.node)
+    kernels = cpu_kernels(onnx.load(str(digits_bundle.model_path)))
+    assert kernels.float_compute == []
+    int8_macs = sum(kernels.int8.get(op, 0) for op in ("QLinearConv", "QGemm", "QLinearMatMul"))
+    assert macs >= 4 and int8_macs == macs
+
+
+def test_report_holds_fidelity_sizes_and_kernels(digits_bundle):
+    report = json.loads((digits_bundle.path / "report.json").read_text())
+    (fid,) = report["fidelity"]
+    assert fid["argmax_agreement"] >= 0.98
+    assert fid["cosine"] >= 0.99
+    assert fid["samples"] == 60  # every 5th of the 300 samples is held out
+    assert report["holdout"]["disjoint_from_calibration"] is True
+    assert report["calibration"]["samples"] == 240
+    assert report["sizes"]["int8_bytes"] < 0.5 * report["sizes"]["fp32_bytes"]
+    assert report["kernels"]["int8_nodes"] >= 4
+
+
+def test_manifest_describes_inputs_and_checksums(digits_bundle):
+    m = digits_bundle.manifest
+    assert m["schema_version"] == 1
+    assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+    assert m["quantization"]["activation_dtype"] == "uint8" and m["quantization"]["per_channel"] is True
+    assert set(m["files"]) == {"model.onnx", "model.fp32.onnx", "edgequant_runtime.py"}
+    edgequant.load_bundle(digits_bundle.path)  # checksums verify
+
+
+def test_build_is_deterministic(digits_bundle, tmp_path):
+    again = edgequant.export(f"{DIGITS / 'model.py'}:build", DIGITS / "data", out=tmp_path / "again",
+                             progress=False)
+    assert again.model_path.read_bytes() == digits_bundle.model_path.read_bytes()
+
+
+def test_dynamic_batch_axis(digits_bundle, digits_split):
+    _, _, x_test, _ = digits_split
+    one = run_onnx(digits_bundle.model_path, x_test[:1])
+    many = run_onnx(digits_bundle.model_path, x_test[:7])
+    assert many.shape == (7, 10)
+    np.testing.assert_allclose(one[0], many[0], rtol=0, atol=1e-5)

@@ -107,7 +107,7 @@ def _kl_threshold(hist: np.ndarray, R: float, levels: int = 128) -> float:
     width = R / n
     total = hist.astype(np.float64)
     best, best_i = np.inf, n
-    for i in range(levels, n + 1, max(1, (n - levels) // 256)):
+    for i in sorted(set(range(levels, n + 1, max(1, (n - levels) // 256))) | {n}):
         ref = total[:i].copy()
         ref[i - 1] += total[i:].sum()
         groups = np.array_split(np.arange(i), levels)
@@ -127,12 +127,12 @@ def _kl_threshold(hist: np.ndarray, R: float, levels: int = 128) -> float:
 
 
 def _mse_range(hist: np.ndarray, centres: np.ndarray, lo: float, hi: float, levels: int = 255) -> tuple[float, float]:
-    """Shrink (lo, hi) by a common factor α ∈ [0.3, 1]; keep the α with the least expected squared error
+    """Shrink (lo, hi) by a common factor α ∈ [0.02, 1]; keep the α with the least expected squared error
     E[(x - dq(q(x)))²] over the histogram, where q rounds to ``levels`` steps and clips to [α·lo, α·hi]."""
     mask = hist > 0
     x, w = centres[mask], hist[mask].astype(np.float64)
     best, best_range = np.inf, (lo, hi)
-    for alpha in np.linspace(0.3, 1.0, 71):
+    for alpha in np.geomspace(0.02, 1.0, 120):
         a, b = alpha * lo, alpha * hi
         scale = (b - a) / levels
         if scale <= 0:

@@ -215,7 +215,9 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             for name in zf.namelist():
                 with zf.open(name) as fh:
                     version = np.lib.format.read_magic(fh)
-                    shape, _, dtype = np.lib.format._read_array_header(fh, version)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
                 out[name[:-4] if name.endswith(".npy") else name] = (tuple(shape), np.dtype(dtype))
         return out
     except (ValueError, OSError, zipfile.BadZipFile) as exc:

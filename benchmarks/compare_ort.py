@@ -122,7 +122,7 @@ def table(rows: list[dict]) -> str:
            f"{'float MAC layers':>16} {'noise':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<24} {r['variant']:<30} {r["score"]:>8.5f} {r['latency_ratio']:>13.3f} "
+        lines.append(f"{r['model']:<24} {r['variant']:<30} {r['score']:>8.5f} {r['latency_ratio']:>13.3f} "
                      f"{r['p50_ms']:>8.3f} {100 * r['size_ratio']:>6.1f}% {r['float_layers']:>16} "
                      f"{100 * r['noise']:>5.1f}%")
     return "\n".join(lines)

@@ -63,3 +63,29 @@ def test_dynamic_batch_axis(digits_bundle, digits_split):
     many = run_onnx(digits_bundle.model_path, x_test[:7])
     assert many.shape == (7, 10)
     np.testing.assert_allclose(one[0], many[0], rtol=0, atol=1e-5)
+
+
+def test_residual_network_fuses_every_conv_add_and_pool(tmp_path):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.b = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.bn(self.a(x)))) + x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), Block(16), Block(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(20)]
+    bundle = edgequant.export(model, data, out=tmp_path / "res", progress=False)
+    kernels = bundle.report["kernels"]
+    assert kernels["float_compute"] == []
+    assert kernels["int8"]["QLinearConv"] == 5 and kernels["int8"]["QLinearAdd"] == 2
+    assert kernels["int8"]["QGemm"] == 1 and kernels["int8"].get("QLinearGlobalAveragePool", 0) == 1
+    assert bundle.report["fidelity"][0]["cosine"] > 0.99

@@ -1,0 +1,81 @@
+"""Small fp32 graph rewrites that let more of the model run in int8, each a def-use edit on onnx_ir.
+
+- ``global_average_pool``: the dynamo exporter writes ``adaptive_avg_pool2d(x, 1)`` as ReduceMean over the
+  spatial axes, which ONNX Runtime's CPU provider has no QDQ fusion for (it runs DQ → float ReduceMean → Q).
+  GlobalAveragePool computes the same and fuses into QLinearGlobalAveragePool.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+__all__ = ["global_average_pool", "rewrite_for_int8"]
+
+log = logging.getLogger(__name__)
+
+
+def _spatial_axes(node: ir.Node, rank: int) -> bool:
+    """True if ``node`` (ReduceMean) reduces exactly axes 2..rank-1 of a rank ≥ 3 input."""
+    axes = None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        const = ir.convenience.get_const_tensor(node.inputs[1])
+        if const is None:
+            return False
+        axes = const.numpy().tolist()
+    elif "axes" in node.attributes:
+        axes = list(node.attributes["axes"].value)
+    if axes is None:
+        return False
+    norm = sorted(a % rank for a in np.atleast_1d(axes).tolist())
+    return rank >= 3 and norm == list(range(2, rank))
+
+
+def global_average_pool(model: ir.Model) -> int:
+    """ReduceMean over all spatial axes (keepdims=1) → GlobalAveragePool; keepdims=0 adds a Flatten.
+    Returns how many nodes were rewritten."""
+    count = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+            continue
+        x = node.inputs[0]
+        rank = len(x.shape) if x is not None and x.shape is not None else 0
+        if not _spatial_axes(node, rank):
+            continue
+        if "noop_with_empty_axes" in node.attributes and node.attributes["noop_with_empty_axes"].value:
+            continue
+        keepdims = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
+        gap = ir.Node("", "GlobalAveragePool", inputs=[x], name=f"{node.name}_gap")
+        new_nodes = [gap]
+        result = gap.outputs[0]
+        result.dtype = x.dtype
+        if not keepdims:
+            flat = ir.Node("", "Flatten", inputs=[result], attributes=[ir.AttrInt64("axis", 1)],
+                           name=f"{node.name}_flatten")
+            new_nodes.append(flat)
+            result = flat.outputs[0]
+        old = node.outputs[0]
+        result.shape, result.dtype = old.shape, old.dtype
+        graph.insert_after(node, new_nodes)
+        was_output = old.is_graph_output()
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if was_output:
+            name = old.name
+            old.name = None
+            result.name = name
+        count += 1
+    return count
+
+
+def rewrite_for_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp32 ModelProto → a new ModelProto with the int8-friendly rewrites applied."""
+    ir_model = ir.serde.deserialize_model(model)
+    n = global_average_pool(ir_model)
+    if n:
+        log.info("rewrote %d spatial ReduceMean into GlobalAveragePool", n)
+    return ir.serde.serialize_model(ir_model)

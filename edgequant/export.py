@@ -9,6 +9,7 @@ static shapes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -56,7 +57,8 @@ def load_model(ref: Any) -> Any:
         path = Path(target)
         if not path.is_file():
             raise ExportError(f"model file {target} not found (from {text!r})")
-        name = f"_edgequant_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        name = f"_edgequant_user_{path.stem}_{digest}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -202,4 +204,26 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # shape inference is a help, not a requirement
         log.warning("ONNX shape inference failed (%s); continuing without it", _first_line(exc))
     optimized.producer_name = "edgequant"
+    strip_debug_metadata(optimized)
     return optimized
+
+
+# Node metadata the exporter writes: stack traces with absolute source paths, FX node dumps. They make builds
+# differ between checkouts and leak the build machine's paths into the device's model; only the module scope
+# (deterministic, and what a per-layer report needs to name PyTorch modules) is kept.
+_KEEP_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def strip_debug_metadata(model: onnx.ModelProto) -> None:
+    """Drop per-node exporter metadata except the module scope, in place (the model is ours, not the caller's)."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key in _KEEP_NODE_METADATA]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            if hasattr(value, "metadata_props"):
+                del value.metadata_props[:]

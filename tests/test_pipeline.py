@@ -52,9 +52,21 @@ def test_manifest_describes_inputs_and_checksums(digits_bundle):
 
 
 def test_build_is_deterministic(digits_bundle, tmp_path):
-    again = edgequant.export(f"{DIGITS / 'model.py'}:build", DIGITS / "data", out=tmp_path / "again",
-                             progress=False)
-    assert again.model_path.read_bytes() == digits_bundle.model_path.read_bytes()
+    # another process (another hash seed) and another checkout location give the same bytes
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "digits"
+    shutil.copytree(DIGITS, copy)
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    subprocess.run([sys.executable, "-m", "edgequant.cli", "export", f"{copy / 'model.py'}:build", "--calibrate",
+                    str(copy / "data"), "-o", str(tmp_path / "again"), "--no-progress"], check=True, env=env,
+                   capture_output=True)
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == digits_bundle.model_path.read_bytes()
+    m = onnx.load(str(digits_bundle.model_path))
+    assert str(DIGITS) not in str(m)  # no build-machine paths inside the deployed model
 
 
 def test_dynamic_batch_axis(digits_bundle, digits_split):

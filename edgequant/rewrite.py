@@ -72,10 +72,17 @@ def global_average_pool(model: ir.Model) -> int:
     return count
 
 
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+
+
 def rewrite_for_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp32 ModelProto → a new ModelProto with the int8-friendly rewrites applied."""
     ir_model = ir.serde.deserialize_model(model)
     n = global_average_pool(ir_model)
     if n:
         log.info("rewrote %d spatial ReduceMean into GlobalAveragePool", n)
+        _drop_unused_initializers(ir_model.graph)
     return ir.serde.serialize_model(ir_model)

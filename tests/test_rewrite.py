@@ -38,6 +38,7 @@ def test_spatial_reduce_mean_becomes_global_average_pool():
                 ops = [n.op_type for n in new.graph.node]
                 assert "ReduceMean" not in ops and "GlobalAveragePool" in ops
                 assert ("Flatten" in ops) == (keepdims == 0)
+                assert [i.name for i in new.graph.initializer] == []  # the axes constant went with it
                 assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
                 np.testing.assert_allclose(run(new, x), run(model, x), rtol=1e-6, atol=1e-6)
                 assert [n.op_type for n in model.graph.node][0] == "ReduceMean"  # input untouched

@@ -16,7 +16,7 @@ from .bundle import Bundle, check_out_dir, write_bundle
 from .calibrate import METHODS, calibrate, tensors_to_calibrate
 from .data import ImagePreprocess, Samples, load_samples
 from .errors import CalibrationError, DataError, ExportError
-from .export import input_names_of, load_model, prepare_fp32, to_onnx
+from .export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
 from .quantize import quantize, skip_absurd_ranges
 from .rewrite import rewrite_for_int8
 from .targets import Target, load_target
@@ -52,7 +52,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     fp32_raw = _to_onnx(loaded, samples, opset or tgt.opset, not tgt.runtime.static_shapes)
     timings["export_s"] = time.perf_counter() - t0
 
-    fp32 = rewrite_for_int8(prepare_fp32(fp32_raw))
+    fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
     _check_data_fits(fp32, samples)
     t1 = time.perf_counter()
     tensors = tensors_to_calibrate(fp32, tgt.quantization.op_types)

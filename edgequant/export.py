@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from .errors import ExportError
 
-__all__ = ["input_names_of", "load_model", "prepare_fp32", "to_onnx"]
+__all__ = ["convert_opset", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_
     try:
         with _quiet():
             program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, external_data=False,
-                                        dynamic_shapes=dynamic, opset_version=opset, verbose=False,
+                                        dynamic_shapes=dynamic, opset_version=max(opset, 18), verbose=False,
                                         optimize=True)
     except Exception as exc:
         where = f"module '{stack[-1]}" if stack else f"{type(module).__name__}.forward"
@@ -134,6 +135,24 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_
         raise ExportError(f"{type(module).__name__} exports to {model.ByteSize() / 1e9:.1f} GB: ONNX files over 2 GB "
                           "need external data; export it yourself with external_data=True and pass the .onnx folder")
     return model
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """ONNX model → the same model at ``opset``. The dynamo exporter writes opset 18 at the lowest; older opsets
+    are reached with ONNX's converter after constant folding (it cannot move ReduceMean's axes otherwise)."""
+    if _opset(model) == opset:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+        return converted
+    except Exception as exc:  # the converter raises assorted types
+        raise ExportError(f"cannot convert the exported model from opset {_opset(model)} to {opset} "
+                          f"({_first_line(exc)}); use --opset {_opset(model)} or newer") from None
 
 
 def _trace_hooks(module: Any, stack: list[str]) -> list:
@@ -205,6 +224,7 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
         log.warning("ONNX shape inference failed (%s); continuing without it", _first_line(exc))
     optimized.producer_name = "edgequant"
     strip_debug_metadata(optimized)
+    prune_opset_imports(optimized)
     return optimized
 
 
@@ -212,6 +232,14 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
 # differ between checkouts and leak the build machine's paths into the device's model; only the module scope
 # (deterministic, and what a per-layer report needs to name PyTorch modules) is kept.
 _KEEP_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def prune_opset_imports(model: onnx.ModelProto) -> None:
+    """Keep only the opset domains the graph uses (ONNX Runtime's saved models list every domain it knows)."""
+    used = {"", *(n.domain for n in model.graph.node)}
+    keep = [o for o in model.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
 
 
 def strip_debug_metadata(model: onnx.ModelProto) -> None:

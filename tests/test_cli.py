@@ -209,3 +209,17 @@ def test_debug_shows_the_traceback(tiny):
     result = CliRunner().invoke(cli, ["--debug", "export", "nowhere.py:build", "--calibrate", str(tiny / "data"),
                                       "-o", str(tiny / "out")])
     assert result.exit_code == 1 and result.exception is not None
+
+
+def test_opset_is_honoured_or_refused_clearly(tiny):
+    import onnx
+
+    ok = invoke("export", f"{tiny / 'tiny.py'}:build", "--calibrate", tiny / "data", "-o", tiny / "o17",
+                "--opset", "17", "--no-progress")
+    assert ok.exit_code == 0, ok.output
+    model = onnx.load(str(tiny / "o17" / "model.onnx"))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    bad = invoke("export", f"{tiny / 'tiny.py'}:build", "--calibrate", tiny / "data", "-o", tiny / "o13",
+                 "--opset", "13", "--no-progress")
+    assert_user_error(bad, "cannot convert the exported model from opset 18 to 13")
+    assert not (tiny / "o13").exists()

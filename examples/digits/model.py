@@ -48,12 +48,18 @@ def preprocess(images: np.ndarray) -> np.ndarray:
     return ((x - MEAN) / STD).astype(np.float32)
 
 
-def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The fixed train/test split (75/25, stratified, seed 0) → x_train, y_train, x_test, y_test."""
+def load_raw_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed train/test split (75/25, stratified, seed 0) of the raw digits (N, 8, 8), pixels 0..16, and labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x_tr, x_te, y_tr, y_te = train_test_split(digits.images, digits.target, test_size=0.25, random_state=0,
                                               stratify=digits.target)
-    return preprocess(x_tr), y_tr.astype(np.int64), preprocess(x_te), y_te.astype(np.int64)
+    return x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64)
+
+
+def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed split, pre-processed → x_train (N, 1, 8, 8) float32, y_train, x_test, y_test (int64)."""
+    x_tr, y_tr, x_te, y_te = load_raw_split()
+    return preprocess(x_tr), y_tr, preprocess(x_te), y_te

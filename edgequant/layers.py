@@ -1,0 +1,301 @@
+"""Per-layer error: fp32 model + its int8 QDQ model + held-out samples → for every quantized activation tensor,
+how far its int8 value is from the fp32 one, both accumulated and added by its own layer.
+
+A row per tensor T that a QuantizeLinear node reads (activations; weights are stored already quantized):
+
+- **accumulated**: the full int8 model's T (dequantized) against fp32 T, so the error of everything up to T;
+- **alone**: only the layer that produces T is quantized (its int8 weights and the QDQ pair on T, fed with the
+  fp32 values of its inputs) against fp32 T, so the error that layer adds on its own. For a graph input,
+  QDQ(x) against x. Each QDQ pair belongs to exactly one row, so a badly chosen range shows up on the row of the
+  tensor it quantizes, not on the layers downstream of it.
+
+With x the fp32 values and x̂ the int8 ones, summed over all elements of all held-out samples:
+SQNR = 10·log10(Σx² / Σ(x − x̂)²) dB (capped at ``MAX_SQNR_DB`` when there is no error), MSE = Σ(x − x̂)² / n.
+
+Why not ``onnxruntime.quantization.qdq_loss_debug``: it keeps every activation of every sample in Python lists
+before comparing (memory grows with the data) and writes augmented models to files. Here two sessions run
+batch by batch and fold each batch into running sums, so memory is one batch of activations:
+
+- the int8 model with each QuantizeLinear output (integers) exposed and dequantized in numpy. ONNX Runtime's
+  QDQ fusion only requires that the DequantizeLinear outputs stay internal, so the exposed graph runs the same
+  int8 kernels and the values are those the device computes;
+- the fp32 model with, for every row, a quantized copy of the producing layer attached as a side branch reading
+  fp32 tensors: all layers "alone" in one pass instead of one model per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .calibrate import _np_dtype, batches
+
+__all__ = ["MAX_SQNR_DB", "LayerError", "format_layers", "layer_errors"]
+
+log = logging.getLogger(__name__)
+
+MAX_SQNR_DB = 200.0
+_PREFIX = "edgequant.alone/"
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Error of one quantized tensor on the held-out samples (see the module docstring for the two kinds)."""
+
+    tensor: str
+    node: str  # ONNX node that produces the tensor ("" for a graph input)
+    op_type: str
+    module: str  # PyTorch module scope of that node, from the exporter's metadata ("" where unknown)
+    index: int  # position of the tensor's QuantizeLinear in the int8 graph (graph order)
+    accumulated_sqnr_db: float
+    accumulated_mse: float
+    accumulated_max_abs_error: float
+    alone_sqnr_db: float
+    alone_mse: float
+    fp32_rms: float
+
+    def to_dict(self) -> dict:
+        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class _Row:
+    q_node: str
+    fp32_name: str  # the tensor in the fp32 graph
+    q_output: str  # integer output of the QuantizeLinear in the int8 graph
+    scale: np.ndarray
+    zero_point: np.ndarray
+    producer: onnx.NodeProto | None  # int8 node that writes the QuantizeLinear's input
+
+
+def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
+                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[LayerError]:
+    """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first."""
+    from .verify import session
+
+    rows = _rows(fp32, int8)
+    if not rows:
+        return []
+    acc_model = _exposed(int8, [r.q_output for r in rows])
+    alone_model, alone_out = _alone_model(fp32, int8, rows)
+    graph_inputs = {i.name for i in fp32.graph.input}
+    ref_names = sorted({r.fp32_name for r in rows if r.fp32_name not in graph_inputs})
+    s_acc, s_alone = session(acc_model), session(_exposed(alone_model, ref_names))
+    dtypes = {i.name: _np_dtype(i.type) for i in s_alone.get_inputs()}
+    alone_names = [alone_out[r.q_node] for r in rows]
+    sums = np.zeros((len(rows), 4))  # Σx², Σ(x - x̂acc)², Σ(x - x̂alone)², n
+    max_abs = np.zeros(len(rows))
+    for batch in batches(samples, batch_size, dtypes):
+        quantized = s_acc.run([r.q_output for r in rows], batch)
+        outs = s_alone.run(ref_names + alone_names, batch)
+        refs = {**dict(zip(ref_names, outs[:len(ref_names)])), **batch}
+        for i, (r, q, alone) in enumerate(zip(rows, quantized, outs[len(ref_names):])):
+            x = refs[r.fp32_name].astype(np.float64)
+            acc = (q.astype(np.float64) - r.zero_point) * r.scale
+            d_acc, d_alone = x - acc, x - alone.astype(np.float64)
+            sums[i] += (np.sum(x * x), np.sum(d_acc * d_acc), np.sum(d_alone * d_alone), x.size)
+            max_abs[i] = max(max_abs[i], float(np.abs(d_acc).max(initial=0.0)))
+        if progress:
+            progress(len(next(iter(batch.values()))))
+    meta = _scopes(int8)
+    out = []
+    for i, r in enumerate(rows):
+        sig, e_acc, e_alone, n = sums[i]
+        p = r.producer
+        out.append(LayerError(
+            tensor=r.fp32_name, node=p.name if p is not None else "", op_type=p.op_type if p is not None else "input",
+            module=meta.get(p.name, "") if p is not None else "", index=i,
+            accumulated_sqnr_db=_sqnr(sig, e_acc), accumulated_mse=e_acc / max(n, 1),
+            accumulated_max_abs_error=float(max_abs[i]), alone_sqnr_db=_sqnr(sig, e_alone),
+            alone_mse=e_alone / max(n, 1), fp32_rms=math.sqrt(sig / max(n, 1))))
+    return sorted(out, key=lambda e: (e.alone_sqnr_db, e.index))
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise <= 0.0 or signal <= 0.0:
+        return MAX_SQNR_DB if noise <= 0.0 else -MAX_SQNR_DB
+    return float(min(MAX_SQNR_DB, max(-MAX_SQNR_DB, 10.0 * math.log10(signal / noise))))
+
+
+def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
+    """One row per QuantizeLinear of an activation, in graph order, with its fp32 counterpart's name."""
+    inits = {i.name: i for i in int8.graph.initializer}
+    fp32_names = _tensor_names(fp32)
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in int8.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rows = []
+    for node in int8.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        if node.input[1] not in inits or node.input[2] not in inits:
+            continue
+        name = node.input[0]
+        if name not in fp32_names:
+            # The quantizer renames a graph output's producer (T → T_QuantizeLinear_Input); the fp32 tensor is
+            # the name its DequantizeLinear restores.
+            dq = [c.output[0] for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+            name = next((d for d in dq if d in fp32_names), None)
+            if name is None:
+                log.debug("no fp32 counterpart for %s; left out of the layer report", node.input[0])
+                continue
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        if scale.size != 1:
+            continue  # per-channel activations: not produced by our targets
+        rows.append(_Row(node.name, name, node.output[0], scale, zp, producers.get(node.input[0])))
+    return rows
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {v.name for v in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _exposed(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``names`` added to the graph outputs."""
+    out = _copy(model)
+    have = {o.name for o in out.graph.output}
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return out
+
+
+def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_Row]):
+    """fp32 model + one side branch per row (its quantized producer on fp32 inputs, then the row's QDQ)
+    → (model, {QuantizeLinear name: side-branch output})."""
+    model = _copy(fp32)
+    g = model.graph
+    fp32_names = _tensor_names(fp32)
+    int8_inits = {i.name: i for i in int8.graph.initializer}
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    added: set[str] = set()
+
+    def need(name: str) -> None:
+        if name and name not in fp32_names and name not in added and name in int8_inits:
+            g.initializer.append(int8_inits[name])
+            added.add(name)
+
+    def fp32_source(tensor: str) -> str | None:
+        """An activation the int8 node reads → the fp32 tensor it stands for (through DQ ← Q)."""
+        if tensor in fp32_names:
+            return tensor
+        dq = producers.get(tensor)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                return fp32_source(q.input[0])
+        return None
+
+    outputs: dict[str, str] = {}
+    for k, row in enumerate(rows):
+        pre = f"{_PREFIX}{k}/"
+        src = row.fp32_name
+        p = row.producer
+        if p is not None:
+            src = _branch_producer(g, p, pre, producers, int8_inits, fp32_source, need)
+        q = next(n for n in int8.graph.node if n.name == row.q_node)
+        for t in q.input[1:]:
+            need(t)
+        qn = _renamed(q, pre + "q", [src, *q.input[1:]], [pre + "q_out"])
+        dqn = onnx.helper.make_node("DequantizeLinear", [pre + "q_out", *q.input[1:]], [pre + "out"],
+                                    name=pre + "dq")
+        for a in q.attribute:
+            if a.name == "axis":
+                dqn.attribute.append(a)
+        g.node.extend([qn, dqn])
+        g.output.append(onnx.ValueInfoProto(name=pre + "out"))
+        outputs[row.q_node] = pre + "out"
+    del model.opset_import[:]
+    model.opset_import.extend(int8.opset_import)
+    return model, outputs
+
+
+def _branch_producer(g, p, pre, producers, int8_inits, fp32_source, need) -> str:
+    """Copy int8 node ``p`` into ``g`` reading fp32 activations and its own dequantized weights → its output."""
+    inputs = []
+    for j, t in enumerate(p.input):
+        if not t:
+            inputs.append(t)
+            continue
+        dq = producers.get(t)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in int8_inits:
+            for w in dq.input:  # a quantized weight or bias: the same integers as the int8 model
+                need(w)
+            g.node.append(_renamed(dq, f"{pre}w{j}", list(dq.input), [f"{pre}w{j}_out"]))
+            inputs.append(f"{pre}w{j}_out")
+            continue
+        src = fp32_source(t)
+        if src is not None:
+            inputs.append(src)
+            continue
+        need(t)
+        inputs.append(t)
+    outs = [f"{pre}p{j}" for j in range(len(p.output))]
+    g.node.append(_renamed(p, pre + "p", inputs, outs))
+    return outs[0]
+
+
+def _renamed(node: onnx.NodeProto, name: str, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.name = name
+    del out.input[:]
+    out.input.extend(inputs)
+    del out.output[:]
+    out.output.extend(outputs)
+    del out.metadata_props[:]
+    return out
+
+
+def _scopes(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name → the innermost PyTorch module it came from (``pkg.torch.onnx.name_scopes`` metadata)."""
+    import ast
+
+    out = {}
+    for n in model.graph.node:
+        for p in n.metadata_props:
+            if p.key != "pkg.torch.onnx.name_scopes":
+                continue
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                continue
+            mods = [s for s in scopes[:-1] if s] if isinstance(scopes, list) else []
+            out[n.name] = mods[-1] if mods else ""
+    return out
+
+
+def format_layers(rows: Sequence[dict], *, limit: int | None = None) -> str:
+    """Layer rows (``LayerError.to_dict()``, as in report.json) → a terminal table, worst "alone" first."""
+    if not rows:
+        return "layers   no quantized activations"
+    head = f"{'#':>3}  {'tensor':<24} {'node':<22} {'module':<18} {'alone dB':>9} {'accum dB':>9} {'accum MSE':>10}"
+    lines = [head, "-" * len(head)]
+    shown = list(rows)[:limit] if limit else list(rows)
+    for r in shown:
+        lines.append(f"{r['index']:>3}  {_cut(r['tensor'], 24):<24} {_cut(r['node'] or '(input)', 22):<22} "
+                     f"{_cut(r['module'] or '-', 18):<18} {r['alone_sqnr_db']:>9.2f} {r['accumulated_sqnr_db']:>9.2f} "
+                     f"{r['accumulated_mse']:>10.3g}")
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more")
+    lines.append("alone: only that layer quantized (fp32 inputs); accum: the full int8 model up to that tensor; "
+                 "SQNR on the held-out samples")
+    return "\n".join(lines)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -147,7 +147,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
     provider = _provider(provider)
     for label, values in (("batch", batches), ("threads", threads)):
         if not values or any(not isinstance(v, int) or v < 1 for v in values):
-            raise BenchError(f"{label} sizes must be positive integers, not {list(values)!r}")
+            raise BenchError(f"{label} values must be positive integers, not {list(values)!r}")
     if runs < 1 or warmup < 0:
         raise BenchError(f"runs must be at least 1 and warm-up at least 0, not {runs} and {warmup}")
     proto = onnx.load(str(next(iter(models.values()))), load_external_data=False)
@@ -158,13 +158,14 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
         times = interleaved_times(models, inputs, threads=t, runs=runs, warmup=warmup, provider=provider)
         for m, ts in times.items():
             st = latency_stats(ts)
-            rows.append({"model": m, "batch": b, "threads": t, **st.to_dict(),
+            stats = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in st.__dict__.items()}
+            rows.append({"model": m, "batch": b, "threads": t, **stats,
                          "throughput_per_s": round(b * 1e3 / st.mean_ms, 2)})
         if "fp32" in times and "int8" in times:
             paired = times["int8"] / times["fp32"]
             p10, p90 = np.percentile(paired, [10, 90])
             ratios.append({"batch": b, "threads": t,
-                           "int8_over_fp32_p50": round(float(np.median(times["int8"]) / np.median(times["fp32"])), 4),
+                           "int8_over_fp32_p50": float(f"{np.median(times['int8']) / np.median(times['fp32']):.6g}"),
                            "paired_ratio_p10": round(float(p10), 4), "paired_ratio_p90": round(float(p90), 4)})
     if memory:
         for m, path in models.items():

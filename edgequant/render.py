@@ -60,7 +60,7 @@ def layers_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     if plt is None or not rows:
         return None
     ordered = sorted(rows, key=lambda r: r["index"])
-    labels = [r["tensor"] if len(r["tensor"]) <= 28 else r["tensor"][:27] + "…" for r in ordered]
+    labels = [_cut(f"{r['tensor']} ({r['module']})" if r.get("module") else r["tensor"], 34) for r in ordered]
     x = list(range(len(ordered)))
     width = min(16.0, max(7.0, 0.35 * len(ordered) + 3))
     fig, ax = plt.subplots(figsize=(width, 4.6))
@@ -70,6 +70,7 @@ def layers_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     ax.bar(x, alone, color=colors, label="this layer alone")
     ax.plot(x, [r["accumulated_sqnr_db"] for r in ordered], color="#1b1f24", marker="o", ms=3,
             label="accumulated (full int8 model)")
+    ax.set_xlim(-0.6, len(x) - 0.4)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7 if len(x) > 30 else 8)
     ax.set_ylabel("SQNR (dB, higher is better)")
@@ -79,6 +80,10 @@ def layers_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), ax.get_ylim()[1] * 1.15)
     fig.tight_layout()
     return _png(fig, plt)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def report_html(report: dict[str, Any], png: bytes | None) -> str:

@@ -146,13 +146,19 @@ def _calibrate(fp32, calib, tensors, method, batch_size, progress):
     return ranges
 
 
-def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict]:
+def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
+    """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
     from tqdm import tqdm
 
     from .layers import layer_errors
 
-    with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress, leave=False) as bar:
-        rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update)
+    try:
+        with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
+                  leave=False) as bar:
+            rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update)
+    except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses
+        log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
+        return None
     return [r.to_dict() for r in rows]
 
 

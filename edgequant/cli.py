@@ -134,6 +134,11 @@ def summary(report: dict, path: Path) -> str:
                          + (" ..." if len(k["float_compute"]) > 8 else ""))
         else:
             lines.append("float    no Conv/MatMul/Gemm left in float")
+    if report.get("layers"):
+        w = report["layers"][0]
+        where = ", ".join(v for v in (w["node"], w["module"]) if v) or "graph input"
+        lines.append(f"layers   worst alone: {w['tensor']} ({where}) {w['alone_sqnr_db']:.1f} dB SQNR; "
+                     f"all {len(report['layers'])} in `edgequant inspect {path} --layers` and report.html")
     return "\n".join(lines)
 
 

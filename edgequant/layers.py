@@ -72,6 +72,7 @@ class _Row:
     scale: np.ndarray
     zero_point: np.ndarray
     producer: onnx.NodeProto | None  # int8 node that writes the QuantizeLinear's input
+    quantize: onnx.NodeProto  # the QuantizeLinear itself
 
 
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
@@ -151,7 +152,7 @@ def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
         zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         if scale.size != 1:
             continue  # per-channel activations: not produced by our targets
-        rows.append(_Row(node.name, name, node.output[0], scale, zp, producers.get(node.input[0])))
+        rows.append(_Row(node.name, name, node.output[0], scale, zp, producers.get(node.input[0]), node))
     return rows
 
 
@@ -207,7 +208,7 @@ def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_R
         p = row.producer
         if p is not None:
             src = _branch_producer(g, p, pre, producers, int8_inits, fp32_source, need)
-        q = next(n for n in int8.graph.node if n.name == row.q_node)
+        q = row.quantize
         for t in q.input[1:]:
             need(t)
         qn = _renamed(q, pre + "q", [src, *q.input[1:]], [pre + "q_out"])

@@ -100,3 +100,17 @@ def test_inspect_refuses_what_is_not_a_bundle(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"error: {tmp_path} is not an edgequant bundle: manifest.json "
                                                   "is missing"]
+
+
+def test_a_graph_the_analysis_refuses_costs_a_warning_not_the_bundle(digits_parts, monkeypatch, caplog):
+    import edgequant.layers
+    from edgequant.api import _layers
+
+    fp32, int8, _, holdout = digits_parts
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (n) Op (If) subgraph")
+
+    monkeypatch.setattr(edgequant.layers, "layer_errors", refuse)
+    assert _layers(fp32, int8, holdout, 16, False) is None
+    assert "per-layer error report skipped: RuntimeError" in caplog.text

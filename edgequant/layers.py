@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from .calibrate import _np_dtype, batches
@@ -176,90 +177,83 @@ def _exposed(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
 
 
 def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_Row]):
-    """fp32 model + one side branch per row (its quantized producer on fp32 inputs, then the row's QDQ)
-    → (model, {QuantizeLinear name: side-branch output})."""
-    model = _copy(fp32)
+    """fp32 model + one side branch per row (its quantized producer reading fp32 tensors, then the row's QDQ)
+    → (model, {QuantizeLinear name: side-branch output}). Built on onnx_ir: branches are new nodes wired to
+    the fp32 graph's values and to copies of the int8 graph's quantized weights; no fp32 node is touched."""
+    model = ir.serde.deserialize_model(fp32)
     g = model.graph
-    fp32_names = _tensor_names(fp32)
-    int8_inits = {i.name: i for i in int8.graph.initializer}
-    producers = {o: n for n in int8.graph.node for o in n.output}
-    added: set[str] = set()
+    src = ir.serde.deserialize_model(int8).graph
+    values: dict[str, ir.Value] = {v.name: v for v in (*g.inputs, *g.initializers.values())}
+    values.update({v.name: v for node in g for v in node.outputs})
+    copied: dict[str, ir.Value] = {}
 
-    def need(name: str) -> None:
-        if name and name not in fp32_names and name not in added and name in int8_inits:
-            g.initializer.append(int8_inits[name])
-            added.add(name)
+    def const(v: ir.Value) -> ir.Value:
+        """An int8-graph initializer (quantized weight, scale, zero point) → its copy in the new graph."""
+        if v.name not in copied:
+            name = f"{_PREFIX}{v.name}"
+            # a new tensor, not the int8 model's: serializing renames the tensor it writes
+            tensor = ir.Tensor(v.const_value.numpy(), name=name)
+            c = ir.Value(name=name, shape=v.shape, type=v.type, const_value=tensor)
+            g.register_initializer(c)
+            copied[v.name] = c
+        return copied[v.name]
 
-    def fp32_source(tensor: str) -> str | None:
-        """An activation the int8 node reads → the fp32 tensor it stands for (through DQ ← Q)."""
-        if tensor in fp32_names:
-            return tensor
-        dq = producers.get(tensor)
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            q = producers.get(dq.input[0])
+    def fp32_value(v: ir.Value) -> ir.Value | None:
+        """An activation the int8 node reads → the fp32 value it stands for (through DequantizeLinear ← Q)."""
+        node = v.producer()
+        if node is not None and node.op_type == "DequantizeLinear":
+            q = node.inputs[0].producer()
             if q is not None and q.op_type == "QuantizeLinear":
-                return fp32_source(q.input[0])
-        return None
+                return fp32_value(q.inputs[0])
+        return values.get(v.name)
 
+    def copy(node: ir.Node, name: str, inputs: Sequence[ir.Value | None]) -> ir.Node:
+        new = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                      num_outputs=len(node.outputs), version=node.version, name=name)
+        for i, out in enumerate(new.outputs):
+            out.name = f"{name}/{i}"
+        g.append(new)
+        return new
+
+    q_nodes = {n.name: n for n in src if n.op_type == "QuantizeLinear"}
     outputs: dict[str, str] = {}
     for k, row in enumerate(rows):
         pre = f"{_PREFIX}{k}/"
-        src = row.fp32_name
-        p = row.producer
-        if p is not None:
-            src = _branch_producer(g, p, pre, producers, int8_inits, fp32_source, need)
-        q = row.quantize
-        for t in q.input[1:]:
-            need(t)
-        qn = _renamed(q, pre + "q", [src, *q.input[1:]], [pre + "q_out"])
-        dqn = onnx.helper.make_node("DequantizeLinear", [pre + "q_out", *q.input[1:]], [pre + "out"],
-                                    name=pre + "dq")
-        for a in q.attribute:
-            if a.name == "axis":
-                dqn.attribute.append(a)
-        g.node.extend([qn, dqn])
-        g.output.append(onnx.ValueInfoProto(name=pre + "out"))
+        q = q_nodes[row.q_node]
+        x = values.get(row.fp32_name)
+        p = q.inputs[0].producer()
+        if p is not None and not _has_subgraph(p):
+            inputs = [_branch_input(v, pre, j, const, fp32_value, copy) for j, v in enumerate(p.inputs)]
+            if all(v is not None for v, orig in zip(inputs, p.inputs) if orig is not None):
+                x = copy(p, pre + "layer", inputs).outputs[q.inputs[0].index() or 0]
+        qq = copy(q, pre + "q", [x, *(const(v) for v in q.inputs[1:])])
+        dq = ir.Node("", "DequantizeLinear", [qq.outputs[0], *qq.inputs[1:]], name=pre + "dq",
+                     attributes=[a for a in q.attributes.values() if a.name == "axis"])
+        dq.outputs[0].name = pre + "out"
+        g.append(dq)
+        g.outputs.append(dq.outputs[0])
         outputs[row.q_node] = pre + "out"
-    del model.opset_import[:]
-    model.opset_import.extend(int8.opset_import)
-    return model, outputs
+    for domain, version in src.opset_imports.items():
+        model.opset_imports[domain] = max(version, model.opset_imports.get(domain, version))
+    return ir.serde.serialize_model(model), outputs
 
 
-def _branch_producer(g, p, pre, producers, int8_inits, fp32_source, need) -> str:
-    """Copy int8 node ``p`` into ``g`` reading fp32 activations and its own dequantized weights → its output."""
-    inputs = []
-    for j, t in enumerate(p.input):
-        if not t:
-            inputs.append(t)
-            continue
-        dq = producers.get(t)
-        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in int8_inits:
-            for w in dq.input:  # a quantized weight or bias: the same integers as the int8 model
-                need(w)
-            g.node.append(_renamed(dq, f"{pre}w{j}", list(dq.input), [f"{pre}w{j}_out"]))
-            inputs.append(f"{pre}w{j}_out")
-            continue
-        src = fp32_source(t)
-        if src is not None:
-            inputs.append(src)
-            continue
-        need(t)
-        inputs.append(t)
-    outs = [f"{pre}p{j}" for j in range(len(p.output))]
-    g.node.append(_renamed(p, pre + "p", inputs, outs))
-    return outs[0]
+def _branch_input(v, pre, j, const, fp32_value, copy):
+    """One input of a layer's int8 copy: its own quantized weight (DequantizeLinear of an initializer, copied),
+    else the fp32 value the int8 activation stands for, else a copied int8 constant."""
+    if v is None:
+        return None
+    node = v.producer()
+    if node is not None and node.op_type == "DequantizeLinear" and node.inputs[0].is_initializer():
+        return copy(node, f"{pre}w{j}", [const(i) if i is not None else None for i in node.inputs]).outputs[0]
+    found = fp32_value(v)
+    if found is not None:
+        return found
+    return const(v) if v.is_initializer() else None
 
 
-def _renamed(node: onnx.NodeProto, name: str, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.NodeProto:
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    out.name = name
-    del out.input[:]
-    out.input.extend(inputs)
-    del out.output[:]
-    out.output.extend(outputs)
-    del out.metadata_props[:]
-    return out
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
 
 def _scopes(model: onnx.ModelProto) -> dict[str, str]:

@@ -70,7 +70,10 @@ def test_a_broken_range_tops_the_alone_ranking(digits_parts):
 
     lo, hi = ranges["relu"]
     broken = dict(ranges, relu=(lo, hi / 20))  # first block's output clipped at 5% of its range
-    rows = layer_errors(fp32, quantize(fp32, broken, target), holdout)
+    int8 = quantize(fp32, broken, target)
+    before = fp32.SerializeToString(), int8.SerializeToString()
+    rows = layer_errors(fp32, int8, holdout)
+    assert (fp32.SerializeToString(), int8.SerializeToString()) == before  # the caller's models are untouched
     assert rows[0].tensor == "relu" and rows[0].module == "features.1"
     assert rows[0].alone_sqnr_db < clean["relu"].alone_sqnr_db - 15.0
     assert rows[0].alone_sqnr_db < rows[1].alone_sqnr_db - 10.0

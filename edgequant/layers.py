@@ -85,10 +85,10 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence
     if not rows:
         return []
     acc_model = _exposed(int8, [r.q_output for r in rows])
-    alone_model, alone_out = _alone_model(fp32, int8, rows)
     graph_inputs = {i.name for i in fp32.graph.input}
     ref_names = sorted({r.fp32_name for r in rows if r.fp32_name not in graph_inputs})
-    s_acc, s_alone = session(acc_model), session(_exposed(alone_model, ref_names))
+    alone_model, alone_out = _alone_model(fp32, int8, rows, ref_names)
+    s_acc, s_alone = session(acc_model), session(alone_model)
     dtypes = {i.name: _np_dtype(i.type) for i in s_alone.get_inputs()}
     alone_names = [alone_out[r.q_node] for r in rows]
     sums = np.zeros((len(rows), 4))  # Σx², Σ(x - x̂acc)², Σ(x - x̂alone)², n
@@ -176,9 +176,9 @@ def _exposed(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return out
 
 
-def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_Row]):
+def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_Row], refs: Sequence[str]):
     """fp32 model + one side branch per row (its quantized producer reading fp32 tensors, then the row's QDQ)
-    → (model, {QuantizeLinear name: side-branch output}). Built on onnx_ir: branches are new nodes wired to
+    + the fp32 tensors ``refs`` as outputs → (model, {QuantizeLinear name: side-branch output}). Built on onnx_ir: branches are new nodes wired to
     the fp32 graph's values and to copies of the int8 graph's quantized weights; no fp32 node is touched."""
     model = ir.serde.deserialize_model(fp32)
     g = model.graph
@@ -233,6 +233,8 @@ def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_R
         g.append(dq)
         g.outputs.append(dq.outputs[0])
         outputs[row.q_node] = pre + "out"
+    exposed = {id(v) for v in g.outputs}
+    g.outputs.extend(values[n] for n in refs if id(values[n]) not in exposed)
     for domain, version in src.opset_imports.items():
         model.opset_imports[domain] = max(version, model.opset_imports.get(domain, version))
     return ir.serde.serialize_model(model), outputs

@@ -162,11 +162,11 @@ def inspect(bundle, layers):
     from .layers import format_layers
 
     b = load_bundle(bundle)
+    if layers and "layers" not in b.report:
+        raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
+                             "this edgequant to get one")
     click.echo(summary(b.report, b.path))
     if layers:
-        if "layers" not in b.report:
-            raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
-                                 "this edgequant to get one")
         click.echo(format_layers(b.report["layers"]))
 
 

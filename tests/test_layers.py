@@ -117,3 +117,18 @@ def test_a_graph_the_analysis_refuses_costs_a_warning_not_the_bundle(digits_part
     monkeypatch.setattr(edgequant.layers, "layer_errors", refuse)
     assert _layers(fp32, int8, holdout, 16, False) is None
     assert "per-layer error report skipped: RuntimeError" in caplog.text
+
+
+def test_inspect_layers_of_a_bundle_without_the_table(digits_bundle, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(digits_bundle.path, old)
+    report = json.loads((old / "report.json").read_text())
+    del report["layers"]
+    (old / "report.json").write_text(json.dumps(report))
+    result = CliRunner().invoke(cli, ["inspect", str(old), "--layers"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"error: {old}: report.json has no per-layer table; export "
+                                                  "the bundle again with this edgequant to get one"]

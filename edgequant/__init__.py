@@ -10,6 +10,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchError",
+    "BenchResult",
     "Bundle",
     "BundleError",
     "CalibrationError",
@@ -17,20 +19,25 @@ __all__ = [
     "EdgeQuantError",
     "ExportError",
     "ImagePreprocess",
+    "LayerError",
     "QuantizationError",
     "Target",
     "TargetError",
     "UnsupportedOnTarget",
+    "bench",
     "export",
+    "layer_errors",
     "list_targets",
     "load_bundle",
     "load_target",
 ]
 
 from .api import export
+from .bench import BenchResult, bench
 from .bundle import Bundle, load_bundle
 from .data import ImagePreprocess
-from .errors import (BundleError, CalibrationError, DataError, EdgeQuantError, ExportError, QuantizationError,
-                     TargetError, UnsupportedOnTarget)
+from .errors import (BenchError, BundleError, CalibrationError, DataError, EdgeQuantError, ExportError,
+                     QuantizationError, TargetError, UnsupportedOnTarget)
+from .layers import LayerError, layer_errors
 from .targets import Target, list_targets, load_target
 

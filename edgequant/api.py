@@ -32,9 +32,10 @@ MAX_HOLDOUT = 256
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
            method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True) -> Bundle:
+           force: bool = False, progress: bool = True, layer_report: bool = True) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
-    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``."""
+    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
+    With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py)."""
     tgt = load_target(target)
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
@@ -62,6 +63,9 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     int8 = quantize(fp32, ranges, tgt, exclude_nodes=exclude_nodes)
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
+    t2 = time.perf_counter()
+    layers = _layers(fp32, int8, holdout, batch_size, progress) if layer_report else None
+    timings["layers_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
 
     int8_bytes = int8.SerializeToString(deterministic=True)
@@ -84,6 +88,9 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
+    if layers is not None:
+        report["layers"] = layers
+        files.update(_report_pages(report))
     return write_bundle(out, files, manifest, report, force=force)
 
 
@@ -137,6 +144,33 @@ def _calibrate(fp32, calib, tensors, method, batch_size, progress):
               leave=False) as bar:
         ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
     return ranges
+
+
+def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
+    """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
+    from tqdm import tqdm
+
+    from .layers import layer_errors
+
+    try:
+        with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
+                  leave=False) as bar:
+            rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update)
+    except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses
+        log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
+        return None
+    return [r.to_dict() for r in rows]
+
+
+def _report_pages(report: dict[str, Any]) -> dict[str, bytes]:
+    """report.json's layer table → {"layers.png": plot (when matplotlib is there), "report.html": page}."""
+    from .render import layers_png, report_html
+
+    png = layers_png(report["layers"])
+    files = {"report.html": report_html(report, png).encode("utf-8")}
+    if png is not None:
+        files["layers.png"] = png
+    return files
 
 
 def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[str, Any],

@@ -134,6 +134,11 @@ def summary(report: dict, path: Path) -> str:
                          + (" ..." if len(k["float_compute"]) > 8 else ""))
         else:
             lines.append("float    no Conv/MatMul/Gemm left in float")
+    if report.get("layers"):
+        w = report["layers"][0]
+        where = ", ".join(v for v in (w["node"], w["module"]) if v) or "graph input"
+        lines.append(f"layers   worst alone: {w['tensor']} ({where}) {w['alone_sqnr_db']:.1f} dB SQNR; "
+                     f"all {len(report['layers'])} in `edgequant inspect {path} --layers` and report.html")
     return "\n".join(lines)
 
 
@@ -145,6 +150,70 @@ def targets():
 
     for t in list_targets():
         click.echo(f"{t.name:<16} {t.description}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--layers", is_flag=True, help="Per-layer error table (SQNR of each quantized tensor), worst first.")
+@_handle_errors
+def inspect(bundle, layers):
+    """Show what a BUNDLE holds: sizes, output fidelity, int8 kernels, and with --layers the per-layer error."""
+    from .bundle import load_bundle
+    from .layers import format_layers
+
+    b = load_bundle(bundle)
+    if layers and "layers" not in b.report:
+        raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
+                             "this edgequant to get one")
+    click.echo(summary(b.report, b.path))
+    if layers:
+        click.echo(format_layers(b.report["layers"]))
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of positive integers, e.g. 1,8",
+                                 param_hint=what)
+    return values
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--batch", default="1", show_default=True, metavar="B[,B...]", help="Batch sizes, e.g. 1,8.")
+@click.option("--threads", default="1", show_default=True, metavar="T[,T...]", help="Intra-op threads, e.g. 1,2.")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result as JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG plot of the latencies to this file.")
+@_handle_errors
+def bench(model, batch, threads, provider, runs, warmup, no_memory, json_out, plot):
+    """Latency, throughput and peak memory of a bundle (fp32 vs int8, interleaved) or of one MODEL.onnx."""
+    import json
+
+    from .bench import bench as run_bench
+    from .bench import format_bench
+
+    result = run_bench(model, batches=_ints(batch, "--batch"), threads=_ints(threads, "--threads"),
+                       provider=provider, runs=runs, warmup=warmup, memory=not no_memory).to_dict()
+    click.echo(format_bench(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if plot:
+        from .render import bench_png
+
+        png = bench_png(result)
+        if png is None:
+            logging.getLogger(__name__).warning("matplotlib is not installed: no plot written to %s", plot)
+        else:
+            plot.write_bytes(png)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ file, tensor or node at fault and says how to fix it. The CLI prints ``error: <m
 from __future__ import annotations
 
 __all__ = [
+    "BenchError",
     "BundleError",
     "CalibrationError",
     "DataError",
@@ -45,3 +46,7 @@ class UnsupportedOnTarget(QuantizationError):
 
 class BundleError(EdgeQuantError):
     """A bundle is missing, tampered with, from a newer schema, or cannot be written."""
+
+
+class BenchError(EdgeQuantError):
+    """A benchmark cannot run as asked: not a model, an unknown execution provider, a batch the model refuses."""

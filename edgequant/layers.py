@@ -1,0 +1,298 @@
+"""Per-layer error: fp32 model + its int8 QDQ model + held-out samples → for every quantized activation tensor,
+how far its int8 value is from the fp32 one, both accumulated and added by its own layer.
+
+A row per tensor T that a QuantizeLinear node reads (activations; weights are stored already quantized):
+
+- **accumulated**: the full int8 model's T (dequantized) against fp32 T, so the error of everything up to T;
+- **alone**: only the layer that produces T is quantized (its int8 weights and the QDQ pair on T, fed with the
+  fp32 values of its inputs) against fp32 T, so the error that layer adds on its own. For a graph input,
+  QDQ(x) against x. Each QDQ pair belongs to exactly one row, so a badly chosen range shows up on the row of the
+  tensor it quantizes, not on the layers downstream of it.
+
+With x the fp32 values and x̂ the int8 ones, summed over all elements of all held-out samples:
+SQNR = 10·log10(Σx² / Σ(x − x̂)²) dB (capped at ``MAX_SQNR_DB`` when there is no error), MSE = Σ(x − x̂)² / n.
+
+Why not ``onnxruntime.quantization.qdq_loss_debug``: it keeps every activation of every sample in Python lists
+before comparing (memory grows with the data) and writes augmented models to files. Here two sessions run
+batch by batch and fold each batch into running sums, so memory is one batch of activations:
+
+- the int8 model with each QuantizeLinear output (integers) exposed and dequantized in numpy. ONNX Runtime's
+  QDQ fusion only requires that the DequantizeLinear outputs stay internal, so the exposed graph runs the same
+  int8 kernels and the values are those the device computes;
+- the fp32 model with, for every row, a quantized copy of the producing layer attached as a side branch reading
+  fp32 tensors: all layers "alone" in one pass instead of one model per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from .calibrate import _np_dtype, batches
+
+__all__ = ["MAX_SQNR_DB", "LayerError", "format_layers", "layer_errors"]
+
+log = logging.getLogger(__name__)
+
+MAX_SQNR_DB = 200.0
+_PREFIX = "edgequant.alone/"
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Error of one quantized tensor on the held-out samples (see the module docstring for the two kinds)."""
+
+    tensor: str
+    node: str  # ONNX node that produces the tensor ("" for a graph input)
+    op_type: str
+    module: str  # PyTorch module scope of that node, from the exporter's metadata ("" where unknown)
+    index: int  # position of the tensor's QuantizeLinear in the int8 graph (graph order)
+    accumulated_sqnr_db: float
+    accumulated_mse: float
+    accumulated_max_abs_error: float
+    alone_sqnr_db: float
+    alone_mse: float
+    fp32_rms: float
+
+    def to_dict(self) -> dict:
+        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class _Row:
+    q_node: str
+    fp32_name: str  # the tensor in the fp32 graph
+    q_output: str  # integer output of the QuantizeLinear in the int8 graph
+    scale: np.ndarray
+    zero_point: np.ndarray
+    producer: onnx.NodeProto | None  # int8 node that writes the QuantizeLinear's input
+    quantize: onnx.NodeProto  # the QuantizeLinear itself
+
+
+def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
+                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[LayerError]:
+    """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first."""
+    from .verify import session
+
+    rows = _rows(fp32, int8)
+    if not rows:
+        return []
+    acc_model = _exposed(int8, [r.q_output for r in rows])
+    graph_inputs = {i.name for i in fp32.graph.input}
+    ref_names = sorted({r.fp32_name for r in rows if r.fp32_name not in graph_inputs})
+    alone_model, alone_out = _alone_model(fp32, int8, rows, ref_names)
+    s_acc, s_alone = session(acc_model), session(alone_model)
+    dtypes = {i.name: _np_dtype(i.type) for i in s_alone.get_inputs()}
+    alone_names = [alone_out[r.q_node] for r in rows]
+    sums = np.zeros((len(rows), 4))  # Σx², Σ(x - x̂acc)², Σ(x - x̂alone)², n
+    max_abs = np.zeros(len(rows))
+    for batch in batches(samples, batch_size, dtypes):
+        quantized = s_acc.run([r.q_output for r in rows], batch)
+        outs = s_alone.run(ref_names + alone_names, batch)
+        refs = {**dict(zip(ref_names, outs[:len(ref_names)])), **batch}
+        for i, (r, q, alone) in enumerate(zip(rows, quantized, outs[len(ref_names):])):
+            x = refs[r.fp32_name].astype(np.float64)
+            acc = (q.astype(np.float64) - r.zero_point) * r.scale
+            d_acc, d_alone = x - acc, x - alone.astype(np.float64)
+            sums[i] += (np.sum(x * x), np.sum(d_acc * d_acc), np.sum(d_alone * d_alone), x.size)
+            max_abs[i] = max(max_abs[i], float(np.abs(d_acc).max(initial=0.0)))
+        if progress:
+            progress(len(next(iter(batch.values()))))
+    meta = _scopes(int8)
+    out = []
+    for i, r in enumerate(rows):
+        sig, e_acc, e_alone, n = sums[i]
+        p = r.producer
+        out.append(LayerError(
+            tensor=r.fp32_name, node=p.name if p is not None else "", op_type=p.op_type if p is not None else "input",
+            module=meta.get(p.name, "") if p is not None else "", index=i,
+            accumulated_sqnr_db=_sqnr(sig, e_acc), accumulated_mse=e_acc / max(n, 1),
+            accumulated_max_abs_error=float(max_abs[i]), alone_sqnr_db=_sqnr(sig, e_alone),
+            alone_mse=e_alone / max(n, 1), fp32_rms=math.sqrt(sig / max(n, 1))))
+    return sorted(out, key=lambda e: (e.alone_sqnr_db, e.index))
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise <= 0.0 or signal <= 0.0:
+        return MAX_SQNR_DB if noise <= 0.0 else -MAX_SQNR_DB
+    return float(min(MAX_SQNR_DB, max(-MAX_SQNR_DB, 10.0 * math.log10(signal / noise))))
+
+
+def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
+    """One row per QuantizeLinear of an activation, in graph order, with its fp32 counterpart's name."""
+    inits = {i.name: i for i in int8.graph.initializer}
+    fp32_names = _tensor_names(fp32)
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in int8.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rows = []
+    for node in int8.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        if node.input[1] not in inits or node.input[2] not in inits:
+            continue
+        name = node.input[0]
+        if name not in fp32_names:
+            # The quantizer renames a graph output's producer (T → T_QuantizeLinear_Input); the fp32 tensor is
+            # the name its DequantizeLinear restores.
+            dq = [c.output[0] for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+            name = next((d for d in dq if d in fp32_names), None)
+            if name is None:
+                log.debug("no fp32 counterpart for %s; left out of the layer report", node.input[0])
+                continue
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        if scale.size != 1:
+            continue  # per-channel activations: not produced by our targets
+        rows.append(_Row(node.name, name, node.output[0], scale, zp, producers.get(node.input[0]), node))
+    return rows
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {v.name for v in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _exposed(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``names`` added to the graph outputs."""
+    out = _copy(model)
+    have = {o.name for o in out.graph.output}
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return out
+
+
+def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_Row], refs: Sequence[str]):
+    """fp32 model + one side branch per row (its quantized producer reading fp32 tensors, then the row's QDQ)
+    + the fp32 tensors ``refs`` as outputs → (model, {QuantizeLinear name: side-branch output}). Built on onnx_ir: branches are new nodes wired to
+    the fp32 graph's values and to copies of the int8 graph's quantized weights; no fp32 node is touched."""
+    model = ir.serde.deserialize_model(fp32)
+    g = model.graph
+    src = ir.serde.deserialize_model(int8).graph
+    values: dict[str, ir.Value] = {v.name: v for v in (*g.inputs, *g.initializers.values())}
+    values.update({v.name: v for node in g for v in node.outputs})
+    copied: dict[str, ir.Value] = {}
+
+    def const(v: ir.Value) -> ir.Value:
+        """An int8-graph initializer (quantized weight, scale, zero point) → its copy in the new graph."""
+        if v.name not in copied:
+            name = f"{_PREFIX}{v.name}"
+            # a new tensor, not the int8 model's: serializing renames the tensor it writes
+            tensor = ir.Tensor(v.const_value.numpy(), name=name)
+            c = ir.Value(name=name, shape=v.shape, type=v.type, const_value=tensor)
+            g.register_initializer(c)
+            copied[v.name] = c
+        return copied[v.name]
+
+    def fp32_value(v: ir.Value) -> ir.Value | None:
+        """An activation the int8 node reads → the fp32 value it stands for (through DequantizeLinear ← Q)."""
+        node = v.producer()
+        if node is not None and node.op_type == "DequantizeLinear":
+            q = node.inputs[0].producer()
+            if q is not None and q.op_type == "QuantizeLinear":
+                return fp32_value(q.inputs[0])
+        return values.get(v.name)
+
+    def copy(node: ir.Node, name: str, inputs: Sequence[ir.Value | None]) -> ir.Node:
+        new = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                      num_outputs=len(node.outputs), version=node.version, name=name)
+        for i, out in enumerate(new.outputs):
+            out.name = f"{name}/{i}"
+        g.append(new)
+        return new
+
+    q_nodes = {n.name: n for n in src if n.op_type == "QuantizeLinear"}
+    outputs: dict[str, str] = {}
+    for k, row in enumerate(rows):
+        pre = f"{_PREFIX}{k}/"
+        q = q_nodes[row.q_node]
+        x = values.get(row.fp32_name)
+        p = q.inputs[0].producer()
+        if p is not None and not _has_subgraph(p):
+            inputs = [_branch_input(v, pre, j, const, fp32_value, copy) for j, v in enumerate(p.inputs)]
+            if all(v is not None for v, orig in zip(inputs, p.inputs) if orig is not None):
+                x = copy(p, pre + "layer", inputs).outputs[q.inputs[0].index() or 0]
+        qq = copy(q, pre + "q", [x, *(const(v) for v in q.inputs[1:])])
+        dq = ir.Node("", "DequantizeLinear", [qq.outputs[0], *qq.inputs[1:]], name=pre + "dq",
+                     attributes=[a for a in q.attributes.values() if a.name == "axis"])
+        dq.outputs[0].name = pre + "out"
+        g.append(dq)
+        g.outputs.append(dq.outputs[0])
+        outputs[row.q_node] = pre + "out"
+    exposed = {id(v) for v in g.outputs}
+    g.outputs.extend(values[n] for n in refs if id(values[n]) not in exposed)
+    for domain, version in src.opset_imports.items():
+        model.opset_imports[domain] = max(version, model.opset_imports.get(domain, version))
+    return ir.serde.serialize_model(model), outputs
+
+
+def _branch_input(v, pre, j, const, fp32_value, copy):
+    """One input of a layer's int8 copy: its own quantized weight (DequantizeLinear of an initializer, copied),
+    else the fp32 value the int8 activation stands for, else a copied int8 constant."""
+    if v is None:
+        return None
+    node = v.producer()
+    if node is not None and node.op_type == "DequantizeLinear" and node.inputs[0].is_initializer():
+        return copy(node, f"{pre}w{j}", [const(i) if i is not None else None for i in node.inputs]).outputs[0]
+    found = fp32_value(v)
+    if found is not None:
+        return found
+    return const(v) if v.is_initializer() else None
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+def _scopes(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name → the innermost PyTorch module it came from (``pkg.torch.onnx.name_scopes`` metadata)."""
+    import ast
+
+    out = {}
+    for n in model.graph.node:
+        for p in n.metadata_props:
+            if p.key != "pkg.torch.onnx.name_scopes":
+                continue
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                continue
+            mods = [s for s in scopes[:-1] if s] if isinstance(scopes, list) else []
+            out[n.name] = mods[-1] if mods else ""
+    return out
+
+
+def format_layers(rows: Sequence[dict], *, limit: int | None = None) -> str:
+    """Layer rows (``LayerError.to_dict()``, as in report.json) → a terminal table, worst "alone" first."""
+    if not rows:
+        return "layers   no quantized activations"
+    head = f"{'#':>3}  {'tensor':<24} {'node':<22} {'module':<18} {'alone dB':>9} {'accum dB':>9} {'accum MSE':>10}"
+    lines = [head, "-" * len(head)]
+    shown = list(rows)[:limit] if limit else list(rows)
+    for r in shown:
+        lines.append(f"{r['index']:>3}  {_cut(r['tensor'], 24):<24} {_cut(r['node'] or '(input)', 22):<22} "
+                     f"{_cut(r['module'] or '-', 18):<18} {r['alone_sqnr_db']:>9.2f} {r['accumulated_sqnr_db']:>9.2f} "
+                     f"{r['accumulated_mse']:>10.3g}")
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more")
+    lines.append("alone: only that layer quantized (fp32 inputs); accum: the full int8 model up to that tensor; "
+                 "SQNR on the held-out samples")
+    return "\n".join(lines)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -40,7 +40,7 @@ class NodePlacement:
 
     node: str
     op_type: str
-    precision: str  # "int8" or "float"
+    precision: str  # "int8", "float", or "fused" (no kernel of its own after ONNX Runtime's optimizer)
     provider: str  # "" when no provider of the chain is known to take it
     macs: int
     reason: str
@@ -148,14 +148,19 @@ def _dtype(zp: np.ndarray | None) -> str:
 
 def _place(node, graph: _Graph, providers, cpu: dict[str, tuple[bool, str]], level: str) -> tuple[str, str, str]:
     act = graph.dq_of(node.input[0]) if node.input else None
+    cpu_provider = next((p.name for p in providers if p.kernels == "ort-cpu"), None)
+    if cpu_provider and node.name not in cpu:
+        return "fused", cpu_provider, "removed by ONNX Runtime's optimizer (folded into a neighbouring node)"
     if act is None:
+        if cpu_provider and cpu[node.name][0]:  # ORT quantizes some float neighbours of QDQ groups itself
+            return "int8", cpu_provider, cpu[node.name][1]
         return "float", _float_provider(providers), "not quantized: no Q/DQ around it (op type not in the " \
                                                     "profile's op_types, excluded, or a float-only tensor)"
     weight = graph.dq_of(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     refusals = []
     for p in providers:
         if p.kernels == "ort-cpu":
-            int8, why = cpu.get(node.name, (False, "removed by ONNX Runtime's optimizer"))
+            int8, why = cpu[node.name]
             if int8:
                 return "int8", p.name, "; ".join([*refusals, why])
             refusals.append(f"{p.name}: {why}")

@@ -22,6 +22,7 @@ __all__ = [
     "TargetError",
     "UnsupportedOnTarget",
     "export",
+    "inspect_bundle",
     "list_targets",
     "load_bundle",
     "load_target",
@@ -32,5 +33,6 @@ from .bundle import Bundle, load_bundle
 from .data import ImagePreprocess
 from .errors import (BundleError, CalibrationError, DataError, EdgeQuantError, ExportError, QuantizationError,
                      TargetError, UnsupportedOnTarget)
+from .placement import inspect_bundle
 from .targets import Target, list_targets, load_target
 

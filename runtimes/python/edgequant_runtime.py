@@ -294,12 +294,18 @@ class Session:
         options = [self._options(declared.get(n, {})) for n in chain]
         so = self._session_options(ort, runtime, strict=not allow_fallback and CPU not in chain)
         model = str(self.path / self.manifest["model"]["file"])
-        try:
-            self._session = ort.InferenceSession(model, so, providers=list(zip(chain, options)))
-        except Exception as exc:  # ORT raises its own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ProviderError(f"{model}: onnxruntime could not place the model on {', '.join(chain)}: {first}")
-        self.placement = self._placement(ort, model, runtime, list(zip(chain, options)))
+        with tempfile.TemporaryDirectory(prefix="edgequant-rt-") as tmp:
+            # profiled for one run on zeros, which names the provider of every kernel; end_profiling() then
+            # switches the profiler off for the runs that follow
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "placement")
+            try:
+                self._session = ort.InferenceSession(model, so, providers=list(zip(chain, options)))
+            except Exception as exc:  # ORT raises its own exception types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ProviderError(f"{model}: onnxruntime could not place the model on {', '.join(chain)}: "
+                                    f"{first}") from None
+            self.placement = self._placement()
         outside = {p: n for p, n in self.placement.items() if p not in chain}
         if outside and not allow_fallback:
             raise ProviderError(f"{self.path}: onnxruntime placed {self._where(outside)} outside the requested chain "
@@ -334,20 +340,15 @@ class Session:
         so.log_severity_level = 4  # failures are raised as one line below; ORT's own log would repeat them
         return so
 
-    def _placement(self, ort, model: str, runtime: dict, providers: list) -> dict[str, list[str]]:
+    def _placement(self) -> dict[str, list[str]]:
         """{provider: [op types of the nodes it ran]} from ONNX Runtime's profiler, one run on zeros."""
-        with tempfile.TemporaryDirectory(prefix="edgequant-rt-") as tmp:
-            so = self._session_options(ort, runtime, strict=False)
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(tmp, "placement")
-            probe = ort.InferenceSession(model, so, providers=providers)
-            feed = {}
-            for i in probe.get_inputs():
-                shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-                feed[i.name] = np.zeros(shape, dtype=_ort_dtype(i.type))
-            probe.run(None, feed)
-            with open(probe.end_profiling(), encoding="utf-8") as fh:
-                events = json.load(fh)
+        feed = {}
+        for i in self._session.get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            feed[i.name] = np.zeros(shape, dtype=_ort_dtype(i.type))
+        self._session.run(None, feed)
+        with open(self._session.end_profiling(), encoding="utf-8") as fh:
+            events = json.load(fh)
         out: dict[str, list[str]] = {}
         for e in events:
             args = e.get("args") or {}

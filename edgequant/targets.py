@@ -88,7 +88,7 @@ class ProviderSpec:
 class RuntimeSpec:
     """How the device runs the bundle."""
 
-    providers: tuple[ProviderSpec, ...] = (ProviderSpec("CPUExecutionProvider"),)
+    providers: tuple[ProviderSpec, ...] = (ProviderSpec("CPUExecutionProvider", kernels="ort-cpu"),)
     graph_optimization_level: str = "all"
     intra_op_num_threads: int = 0
     session_config: tuple[tuple[str, str], ...] = ()
@@ -228,9 +228,12 @@ def _parse(text: str, source: str) -> Target:
         raise TargetError(f"{source}: opset {opset} is out of range; per-channel int8 needs opset >= 13 (use 17-21)")
     try:
         quant = QuantSpec(**q_kwargs)
+    except ValueError as exc:
+        raise TargetError(f"{source}: [quantization] {exc}") from None
+    try:
         runtime = RuntimeSpec(**r_kwargs)
     except ValueError as exc:
-        raise TargetError(f"{source}: {exc}") from None
+        raise TargetError(f"{source}: [runtime] {exc}") from None
     _check_primary(quant, runtime, source)
     return Target(
         name=_typed(data["name"], str, "name", source),

@@ -63,7 +63,7 @@ def test_provider_without_the_op_and_basic_level_cpu_leave_float(target_bundle):
 def test_cli_inspect_table_and_json(digits_bundle, target_bundle):
     out = invoke("inspect", digits_bundle.path)
     assert out.exit_code == 0, out.output
-    assert out.output.strip().splitlines()[-1] == f"7 of 7 nodes in int8; MACs in int8: 599,680 of 599,680 (100.0%)"
+    assert out.output.strip().splitlines()[-1] == "7 of 7 nodes in int8; MACs in int8: 599,680 of 599,680 (100.0%)"
     data = json.loads(invoke("inspect", target_bundle("jetson-orin").path, "--json").output)
     assert data["providers"][0] == "TensorrtExecutionProvider" and data["int8_mac_share"] == 1.0
     assert all(n["provider"] == "TensorrtExecutionProvider" for n in data["nodes"] if n["op_type"] == "Conv")

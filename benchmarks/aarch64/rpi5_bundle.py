@@ -117,7 +117,8 @@ def main() -> int:
         print(f"{side:4} {env['machine']:7} python {env['python']}  numpy {env['numpy']}  "
               f"onnxruntime {env['onnxruntime']}")
     print(f"arm  adapter: {figures['arm_placement']}")
-    print(f"bundle {bundle.path} (target {args.target}, {args.example}), {len(x)} digits, output step (scale) {scale:.4g}")
+    print(f"bundle {bundle.path} (target {args.target}, {args.example}), {len(x)} digits, "
+          f"output step (scale) {scale:.4g}")
     print(f"argmax agreement x86 vs aarch64: {100 * agree:.2f}% (pass >= {100 * AGREEMENT:.1f}%)")
     print(f"difference in output steps: histogram {hist}; max {steps.max()}; samples with a gap > 1 step: "
           f"{len(rows_over)}")

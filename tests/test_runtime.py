@@ -175,6 +175,11 @@ def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):
     sess = rt.Session(digits_bundle.path, providers=["AzureExecutionProvider"], allow_fallback=True)
     assert set(sess.placement) == {"CPUExecutionProvider"}
     assert "running on AzureExecutionProvider: 11 nodes on CPUExecutionProvider" in sess.describe()
+    # in the chain but given nothing: everything fell through to the CPU provider behind it
+    chain = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(rt.ProviderError, match="AzureExecutionProvider is available but onnxruntime gave it none"):
+        rt.Session(digits_bundle.path, providers=chain)
+    assert rt.Session(digits_bundle.path, providers=chain, allow_fallback=True).providers == chain
 
 
 def test_adapter_runs_where_there_is_no_torch(digits_bundle, tmp_path):

@@ -10,8 +10,9 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback]
 
-No silent fallback: a provider of the chain that this onnxruntime lacks, or nodes that ONNX Runtime placed on
-a provider outside the chain, are an error unless ``allow_fallback=True``, which logs exactly what runs where.
+No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
+provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
+``allow_fallback=True``, which logs exactly what runs where.
 ONNX Runtime itself only warns. Node placement is read from ONNX Runtime's profiler (one run on zeros).
 """
 
@@ -310,7 +311,12 @@ class Session:
         if outside and not allow_fallback:
             raise ProviderError(f"{self.path}: onnxruntime placed {self._where(outside)} outside the requested chain "
                                 f"{', '.join(chain)}; add that provider to the chain or pass allow_fallback=True")
-        if missing or outside:
+        idle = chain[0] if len(chain) > 1 and chain[0] not in self.placement else None
+        if idle and not allow_fallback:  # the preferred provider took nothing: everything fell down the chain
+            raise ProviderError(f"{self.path}: {idle} is available but onnxruntime gave it none of the nodes "
+                                f"({self._where(self.placement)}); check the bundle's target, or pass "
+                                "allow_fallback=True")
+        if missing or outside or idle:
             log.warning("%s", self.describe())
         self.inputs = {i.name: i for i in self._session.get_inputs()}
         self.output_names = [o.name for o in self._session.get_outputs()]

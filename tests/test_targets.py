@@ -113,6 +113,8 @@ def test_user_profile_file(tmp_path, digits_bundle):
     (('weight_symmetric = true', 'weight_symetric = true'), "unknown key quantization.'weight_symetric'"),
     (('per_channel = true', 'per_channel = "yes"'), "quantization.per_channel must be bool"),
     (('kernels = "ort-cpu"', 'kernels = "magic"'), "runtime.providers[1].kernels must be one of"),
+    (('dtypes = ["int8/int8", "uint8/uint8"]', 'dtypes = ["int8-int8"]'),
+     "runtime.providers[0].dtypes entry 'int8-int8' must be ACTIVATION/WEIGHT"),
     (('symmetric_weights = true', 'symmetric_weights = true\nfp8 = true'), "unknown key runtime.providers[0].'fp8'"),
     (('activation_dtype = "int8"', 'activation_dtype = "uint8"'),
      "quantization.activation_dtype/weight_dtype uint8/int8 is refused by XnnpackExecutionProvider"),

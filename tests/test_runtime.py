@@ -108,10 +108,14 @@ def test_png_reader_undoes_each_row_filter(tmp_path):
         rt.read_png(tmp_path / "g.png")
 
 
-def test_cli_runs_a_png_frame_and_benchmarks(image_bundle, capsys):
-    assert rt.main([str(image_bundle.path), "--input", str(DIGITS / "images" / "000.png"), "--bench"]) == 0
+def test_cli_runs_a_png_frame_and_benchmarks(image_bundle, capsys, tmp_path):
+    frame = DIGITS / "images" / "000.png"
+    saved = tmp_path / "out.npz"
+    assert rt.main([str(image_bundle.path), "--input", str(frame), "--bench", "--save", str(saved)]) == 0
     out = capsys.readouterr().out
     assert "linear: shape [1, 10] float32  argmax [" in out and "latency over 50 runs" in out
+    want = rt.Session(image_bundle.path).run(rt.read_png(frame))["linear"]
+    np.testing.assert_array_equal(np.load(saved)["linear"], want)
 
 
 def copy_of(bundle, tmp_path) -> Path:

@@ -8,7 +8,7 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     outputs = sess.run({"x": x})                   # or sess.run(x), or sess.run(camera_frame_uint8_hwc)
     print(sess.placement)                          # {provider: nodes it runs}
 
-    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback]
+    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
+    parser.add_argument("--save", metavar="OUT.npz", help="save the outputs here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
@@ -469,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         if value.ndim == 2 and value.shape[1] > 1:
             line += f"  argmax {np.argmax(value, axis=1).tolist()}"
         print(line)
+    if args.save:
+        np.savez(args.save, **outputs)
     if args.bench:
         ms = np.sort(np.array(times)) * 1e3
         print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")

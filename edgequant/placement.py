@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .bundle import Bundle, load_bundle
+from .errors import BundleError, TargetError
 from .targets import ProviderSpec, Target, load_target
 from .verify import INT8_OPS, session
 
@@ -95,7 +96,14 @@ def inspect_bundle(bundle: str | Path | Bundle, *, target: str | Path | Target |
     else:
         runtime = b.manifest["runtime"]
         name, level = b.manifest["target"]["name"], runtime["graph_optimization_level"]
-        providers = tuple(_provider(p) for p in runtime["providers"])
+        if all("kernels" in p for p in runtime["providers"]):
+            providers = tuple(_provider(p) for p in runtime["providers"])
+        else:  # written before profiles declared capabilities: take them from the profile of that name
+            try:
+                providers = load_target(name).runtime.providers
+            except TargetError:
+                raise BundleError(f"{b.path}: the manifest does not say what its providers run in int8 and "
+                                  f"{name!r} is not a built-in target; pass --target with its profile") from None
     cpu = _cpu_placement(model, level) if any(p.kernels == "ort-cpu" for p in providers) else {}
     macs = _macs(model)
     graph = _Graph(model)
@@ -103,7 +111,7 @@ def inspect_bundle(bundle: str | Path | Bundle, *, target: str | Path | Target |
     for node in model.graph.node:
         if node.op_type in _QDQ:
             continue
-        precision, provider, reason = _place(node, graph, providers, cpu, level)
+        precision, provider, reason = _place(node, graph, providers, cpu)
         rows.append(NodePlacement(node.name, node.op_type, precision, provider, macs.get(node.name, 0), reason))
     return Inspection(name, tuple(p.name for p in providers), tuple(rows))
 
@@ -116,14 +124,10 @@ def _provider(d: dict) -> ProviderSpec:
 
 
 class _Graph:
-    """Def-use lookups on the QDQ model: producer of each tensor, initializer values."""
+    """Lookups on the QDQ model: the producer of each tensor, constant values."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in model.graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
         self.inits = {i.name: i for i in model.graph.initializer}
 
     def dq_of(self, tensor: str) -> onnx.NodeProto | None:
@@ -146,29 +150,28 @@ def _dtype(zp: np.ndarray | None) -> str:
     return "uint8" if zp is None else str(zp.dtype)  # a Q/DQ without zero point is uint8 by the ONNX spec
 
 
-def _place(node, graph: _Graph, providers, cpu: dict[str, tuple[bool, str]], level: str) -> tuple[str, str, str]:
+def _place(node, graph: _Graph, providers, cpu: dict[str, tuple[bool, str]]) -> tuple[str, str, str]:
+    """Walk the chain: the first provider that runs the node in int8 takes it; otherwise it stays float."""
     act = graph.dq_of(node.input[0]) if node.input else None
-    cpu_provider = next((p.name for p in providers if p.kernels == "ort-cpu"), None)
-    if cpu_provider and node.name not in cpu:
-        return "fused", cpu_provider, "removed by ONNX Runtime's optimizer (folded into a neighbouring node)"
-    if act is None:
-        if cpu_provider and cpu[node.name][0]:  # ORT quantizes some float neighbours of QDQ groups itself
-            return "int8", cpu_provider, cpu[node.name][1]
-        return "float", _float_provider(providers), "not quantized: no Q/DQ around it (op type not in the " \
-                                                    "profile's op_types, excluded, or a float-only tensor)"
     weight = graph.dq_of(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     refusals = []
     for p in providers:
         if p.kernels == "ort-cpu":
-            int8, why = cpu[node.name]
+            if node.name not in cpu:
+                return "fused", p.name, "; ".join([*refusals, "removed by ONNX Runtime's optimizer (folded into a "
+                                                               "neighbouring node)"])
+            int8, why = cpu[node.name]  # ORT also quantizes some float neighbours of QDQ groups itself
             if int8:
                 return "int8", p.name, "; ".join([*refusals, why])
             refusals.append(f"{p.name}: {why}")
-            continue
-        why = _refusal(node, act, weight, graph, p)
-        if why is None:
-            return "int8", p.name, "; ".join([*refusals, f"runs QDQ {node.op_type} in int8 (profile declares it)"])
-        refusals.append(f"{p.name}: {why}")
+        elif act is None:
+            refusals.append(f"{p.name}: not quantized (no Q/DQ around it: op type not in the profile's op_types, "
+                            "excluded, or a float-only tensor)")
+        else:
+            why = _refusal(node, act, weight, graph, p)
+            if why is None:
+                return "int8", p.name, "; ".join([*refusals, f"runs QDQ {node.op_type} in int8 (profile declares it)"])
+            refusals.append(f"{p.name}: {why}")
     return "float", _float_provider(providers), "; ".join(refusals)
 
 
@@ -208,6 +211,7 @@ def _cpu_placement(model: onnx.ModelProto, level: str) -> dict[str, tuple[bool, 
         session(model, level=capped, optimized_path=path)
         optimized = onnx.load(path)
     inits = {i.name for i in optimized.graph.initializer}
+    producer = {o: n.op_type for n in optimized.graph.node for o in n.output}
     int8_tensors: set[str] = set()
     out = {}
     for n in optimized.graph.node:
@@ -223,9 +227,12 @@ def _cpu_placement(model: onnx.ModelProto, level: str) -> dict[str, tuple[bool, 
         elif data_in and all(i in int8_tensors for i in data_in):
             out[n.name] = (True, f"ONNX Runtime runs {n.op_type} directly on 8-bit data")
             int8_tensors.update(n.output)
-        else:
+        elif any(producer.get(i) == "DequantizeLinear" for i in data_in):
             fused = "" if capped == "extended" else f" (optimization level {level}: no QDQ fusion)"
             out[n.name] = (False, f"ONNX Runtime runs DQ -> float {n.op_type} -> Q{fused}")
+        else:
+            out[n.name] = (False, "not quantized (no Q/DQ around it: op type not in the profile's op_types, "
+                                  "excluded, or a float-only tensor)")
     return out
 
 

@@ -32,7 +32,7 @@ def test_float_conv_lowers_the_share_and_ort_decides_on_the_cpu(digits_bundle, t
 
     result = inspect_bundle(build("node_Conv_28"))
     first = next(r for r in result.nodes if r.node == "node_Conv_28")  # its input x gets no Q/DQ: float
-    assert first.precision == "float" and first.macs == CONV1 and first.reason.startswith("not quantized")
+    assert first.precision == "float" and first.macs == CONV1 and first.reason.startswith("CPUExecutionProvider: not quantized")
     assert abs(result.int8_mac_share - (CONV2 + CONV3 + LINEAR) / result.total_macs) < 1e-12
     # an excluded Conv that reads a quantized tensor: ONNX Runtime quantizes its weight itself and fuses it
     rows = {r.node: r for r in inspect_bundle(build("node_Conv_29")).nodes}

@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedOnTarget",
     "bench",
     "export",
+    "inspect_bundle",
     "layer_errors",
     "list_targets",
     "load_bundle",
@@ -39,5 +40,6 @@ from .data import ImagePreprocess
 from .errors import (BenchError, BundleError, CalibrationError, DataError, EdgeQuantError, ExportError,
                      QuantizationError, TargetError, UnsupportedOnTarget)
 from .layers import LayerError, layer_errors
+from .placement import inspect_bundle
 from .targets import Target, list_targets, load_target
 

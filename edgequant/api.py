@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .errors import CalibrationError, DataError, ExportError
 from .export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
 from .quantize import quantize, skip_absurd_ranges
 from .rewrite import rewrite_for_int8
+from .shapes import fix_input_shapes, resolve_input_shapes
 from .targets import Target, load_target
 from .verify import cpu_kernels, fidelity
 
@@ -32,10 +33,13 @@ MAX_HOLDOUT = 256
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
            method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True, layer_report: bool = True) -> Bundle:
+           force: bool = False, progress: bool = True, layer_report: bool = True,
+           input_shapes: Mapping[str, Sequence[int]] | None = None) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
     (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
-    With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py)."""
+    With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
+    Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
+    "" for the only input) get fixed input shapes, by default batch 1 and the data's shape."""
     tgt = load_target(target)
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
@@ -50,22 +54,26 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     loaded = load_model(model)
     samples = samples.bind(input_names_of(loaded))
     calib, holdout = split_holdout(samples, num_samples)
-    fp32_raw = _to_onnx(loaded, samples, opset or tgt.opset, not tgt.runtime.static_shapes)
+    fp32_raw = _to_onnx(loaded, samples, opset or tgt.opset, True)
     timings["export_s"] = time.perf_counter() - t0
 
     fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
     _check_data_fits(fp32, samples)
+    shapes = resolve_input_shapes(fp32, samples[0], input_shapes) if tgt.runtime.static_shapes or input_shapes \
+        else None
     t1 = time.perf_counter()
     tensors = tensors_to_calibrate(fp32, tgt.quantization.op_types)
     ranges = _calibrate(fp32, calib, tensors, method, batch_size, progress)
     timings["calibrate_s"] = time.perf_counter() - t1
 
     int8 = quantize(fp32, ranges, tgt, exclude_nodes=exclude_nodes)
-    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
     t2 = time.perf_counter()
     layers = _layers(fp32, int8, holdout, batch_size, progress) if layer_report else None
     timings["layers_s"] = time.perf_counter() - t2
+    if shapes:
+        fp32, int8 = fix_input_shapes(fp32, shapes), fix_input_shapes(int8, shapes)
+    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
     timings["total_s"] = time.perf_counter() - t0
 
     int8_bytes = int8.SerializeToString(deterministic=True)

@@ -96,9 +96,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Images: tensor layout.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the calibration progress bar.")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME:]D0,D1,...",
+              help="Fix an input's shape, batch axis included (repeatable; static-shape targets default to batch 1 "
+                   "and the data's shape).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress):
+           layout, force, no_progress, input_shape):
     """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
     from .api import export as run_export
     from .data import ImagePreprocess
@@ -109,8 +112,12 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
             resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
             mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
             channel_order=channels or "rgb", layout=layout or "nchw")
+    from .shapes import parse_input_shape
+
+    shapes = dict(parse_input_shape(s) for s in input_shape) or None
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
-                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress)
+                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
+                        input_shapes=shapes)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -149,25 +156,45 @@ def targets():
     from .targets import list_targets
 
     for t in list_targets():
-        click.echo(f"{t.name:<16} {t.description}")
+        chain = ">".join(p.name.removesuffix("ExecutionProvider") for p in t.runtime.providers)
+        click.echo(f"{t.name:<14} {chain:<20} {t.description}")
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--layers", is_flag=True, help="Per-layer error table (SQNR of each quantized tensor), worst first.")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--target", default=None, metavar="NAME|PATH.toml",
+              help="Inspect for another target than the bundle's own (what would run where).")
+@click.option("--layers", is_flag=True, help="Also the per-layer error table (SQNR of each quantized tensor), worst "
+              "first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_handle_errors
-def inspect(bundle, layers):
-    """Show what a BUNDLE holds: sizes, output fidelity, int8 kernels, and with --layers the per-layer error."""
-    from .bundle import load_bundle
-    from .layers import format_layers
+def inspect(bundle, target, layers, as_json):
+    """Show which nodes of BUNDLE run in int8 and which in float on its target's providers, and why; with --layers,
+    where the quantization error comes from."""
+    import json
 
-    b = load_bundle(bundle)
-    if layers and "layers" not in b.report:
-        raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
-                             "this edgequant to get one")
-    click.echo(summary(b.report, b.path))
+    from .layers import format_layers
+    from .placement import inspect_bundle
+
+    result = inspect_bundle(bundle, target=target)
+    report = None
     if layers:
-        click.echo(format_layers(b.report["layers"]))
+        from .bundle import load_bundle
+
+        report = load_bundle(bundle).report.get("layers")
+        if not report:
+            raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
+                                 "this edgequant to get one")
+    if as_json:
+        data = result.to_dict()
+        if layers:
+            data["layers"] = report
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo("\n".join(result.lines()))
+    if layers:
+        click.echo("")
+        click.echo(format_layers(report))
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # An 8-bit activation whose step is above this spans more than ±1e6: no real activation needs that, and such
 # ranges come from sentinel values (masks filled with the float minimum). Such tensors stay in float.
 MAX_ACTIVATION_SCALE = 1e4
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose weight (input 1) may be per-channel
 
 
 def skip_absurd_ranges(ranges: Mapping[str, tuple[float, float]]) -> tuple[dict[str, tuple[float, float]], list[str]]:
@@ -67,8 +68,9 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
         "QDQOpTypePerChannelSupportToAxis": per_channel_axes,
         "MinimumRealRange": 1e-4,
     }
-    if overrides:
-        extra["TensorQuantOverrides"] = dict(overrides)
+    per_tensor = _per_tensor_weights(model, q) if q.per_channel else {}
+    if overrides or per_tensor:
+        extra["TensorQuantOverrides"] = {**per_tensor, **dict(overrides or {})}
     work = onnx.ModelProto()
     work.CopyFrom(model)
     op_types = [op for op in q.op_types if op not in q.float_op_types]
@@ -83,6 +85,15 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     _drop_metadata(out)
     _check_scales(out)
     return out
+
+
+def _per_tensor_weights(model: onnx.ModelProto, q) -> dict[str, list[dict]]:
+    """Weights of quantized ops outside ``per_channel_op_types`` → per-tensor overrides (an override without
+    an ``axis`` is per-tensor in ONNX Runtime's quantizer), e.g. Gemm on a provider with per-channel Conv only."""
+    inits = {i.name for i in model.graph.initializer}
+    return {n.input[1]: [{}] for n in model.graph.node
+            if n.op_type in _WEIGHTED and n.op_type in q.op_types and n.op_type not in q.per_channel_op_types
+            and len(n.input) > 1 and n.input[1] in inits}
 
 
 def _consumers_of(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:

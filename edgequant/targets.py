@@ -19,6 +19,7 @@ __all__ = ["ProviderSpec", "QuantSpec", "RuntimeSpec", "Target", "list_targets",
 
 _DTYPES = ("int8", "uint8")
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+_KERNELS = ("ort-cpu", "declared")
 
 
 @dataclass(frozen=True)
@@ -47,20 +48,47 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class ProviderSpec:
-    """One ONNX Runtime execution provider and its options, in the order they are tried."""
+    """One ONNX Runtime execution provider, its options, and what it runs in int8.
+
+    ``kernels = "ort-cpu"``: which nodes run in int8 is read from ONNX Runtime's own optimized CPU graph.
+    ``kernels = "declared"``: from the fields below — the QDQ op types it runs in int8, the activation/weight
+    dtype pairs it accepts (``"uint8/int8"``), whether zero points must be 0, which ops may have per-channel
+    weights, and whether it needs fixed input shapes.
+    """
 
     name: str
     options: tuple[tuple[str, str], ...] = ()
+    kernels: str = "declared"
+    int8_op_types: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ("uint8/int8", "int8/int8", "uint8/uint8")
+    symmetric_activations: bool = False
+    symmetric_weights: bool = False
+    per_channel_op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    static_shapes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kernels not in _KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(_KERNELS)}, not {self.kernels!r}")
+        for pair in self.dtypes:
+            act, _, wt = pair.partition("/")
+            if act not in _DTYPES or wt not in _DTYPES:
+                raise ValueError(f"dtypes entry {pair!r} must be ACTIVATION/WEIGHT, e.g. \"uint8/int8\"")
 
     def options_dict(self) -> dict[str, str]:
         return dict(self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": self.options_dict(), "kernels": self.kernels,
+                "int8_op_types": list(self.int8_op_types), "dtypes": list(self.dtypes),
+                "symmetric_activations": self.symmetric_activations, "symmetric_weights": self.symmetric_weights,
+                "per_channel_op_types": list(self.per_channel_op_types), "static_shapes": self.static_shapes}
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
     """How the device runs the bundle."""
 
-    providers: tuple[ProviderSpec, ...] = (ProviderSpec("CPUExecutionProvider"),)
+    providers: tuple[ProviderSpec, ...] = (ProviderSpec("CPUExecutionProvider", kernels="ort-cpu"),)
     graph_optimization_level: str = "all"
     intra_op_num_threads: int = 0
     session_config: tuple[tuple[str, str], ...] = ()
@@ -106,7 +134,7 @@ class Target:
                 "float_op_types": list(q.float_op_types),
             },
             "runtime": {
-                "providers": [{"name": p.name, "options": p.options_dict()} for p in r.providers],
+                "providers": [p.to_dict() for p in r.providers],
                 "graph_optimization_level": r.graph_optimization_level,
                 "intra_op_num_threads": r.intra_op_num_threads,
                 "session_config": dict(r.session_config),
@@ -123,7 +151,7 @@ def _builtin_dir():
 def list_targets() -> list[Target]:
     """All built-in profiles, sorted by name."""
     out = []
-    for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
+    for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name.removesuffix(".toml")):
         if entry.name.endswith(".toml"):
             out.append(_parse(entry.read_text(encoding="utf-8"), entry.name))
     return out
@@ -150,7 +178,7 @@ def load_target(target: str | Path | Target) -> Target:
 _TOP = {"name", "description", "opset", "quantization", "runtime"}
 _Q = set(QuantSpec.__dataclass_fields__)
 _R = set(RuntimeSpec.__dataclass_fields__) - {"providers"} | {"providers"}
-_P = {"name", "options"}
+_P = set(ProviderSpec.__dataclass_fields__)
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, source: str) -> None:
@@ -184,11 +212,7 @@ def _parse(text: str, source: str) -> Target:
         raise TargetError(f"{source}: [quantization] and [runtime] must be tables")
     _check_keys(q_table, _Q, "quantization.", source)
     _check_keys(r_table, _R, "runtime.", source)
-    q_fields = QuantSpec.__dataclass_fields__
-    q_kwargs = {}
-    for key, value in q_table.items():
-        kind = tuple if "tuple" in str(q_fields[key].type) else {"str": str, "bool": bool}[str(q_fields[key].type)]
-        q_kwargs[key] = _typed(value, kind, f"quantization.{key}", source)
+    q_kwargs = _fields(q_table, QuantSpec, "quantization.", source)
     r_kwargs: dict[str, Any] = {}
     for key, value in r_table.items():
         if key == "providers":
@@ -198,16 +222,19 @@ def _parse(text: str, source: str) -> Target:
                 raise TargetError(f"{source}: runtime.session_config must be a table of strings")
             r_kwargs[key] = tuple(sorted((str(k), str(v)) for k, v in value.items()))
         else:
-            kind = {"str": str, "bool": bool, "int": int}[str(RuntimeSpec.__dataclass_fields__[key].type)]
-            r_kwargs[key] = _typed(value, kind, f"runtime.{key}", source)
+            r_kwargs.update(_fields({key: value}, RuntimeSpec, "runtime.", source))
     opset = _typed(data["opset"], int, "opset", source)
     if not 13 <= opset <= 23:
         raise TargetError(f"{source}: opset {opset} is out of range; per-channel int8 needs opset >= 13 (use 17-21)")
     try:
         quant = QuantSpec(**q_kwargs)
+    except ValueError as exc:
+        raise TargetError(f"{source}: [quantization] {exc}") from None
+    try:
         runtime = RuntimeSpec(**r_kwargs)
     except ValueError as exc:
-        raise TargetError(f"{source}: {exc}") from None
+        raise TargetError(f"{source}: [runtime] {exc}") from None
+    _check_primary(quant, runtime, source)
     return Target(
         name=_typed(data["name"], str, "name", source),
         description=str(data.get("description", "")),
@@ -229,5 +256,41 @@ def _providers(value: Any, source: str) -> tuple[ProviderSpec, ...]:
         options = item.get("options", {})
         if not isinstance(options, dict):
             raise TargetError(f"{source}: runtime.providers[{i}].options must be a table")
-        out.append(ProviderSpec(str(item["name"]), tuple(sorted((str(k), str(v)) for k, v in options.items()))))
+        rest = {k: v for k, v in item.items() if k not in ("name", "options")}
+        kwargs = _fields(rest, ProviderSpec, f"runtime.providers[{i}].", source)
+        try:
+            out.append(ProviderSpec(_typed(item["name"], str, f"runtime.providers[{i}].name", source),
+                                    tuple(sorted((str(k), str(v)) for k, v in options.items())), **kwargs))
+        except ValueError as exc:
+            raise TargetError(f"{source}: runtime.providers[{i}].{exc}") from None
     return tuple(out)
+
+
+def _fields(table: dict, cls: type, where: str, source: str) -> dict[str, Any]:
+    """TOML values → constructor keywords of dataclass ``cls``, each checked against the field's type."""
+    kinds = {"str": str, "bool": bool, "int": int, "tuple[str, ...]": tuple}
+    out = {}
+    for key, value in table.items():
+        out[key] = _typed(value, kinds[str(cls.__dataclass_fields__[key].type)], f"{where}{key}", source)
+    return out
+
+
+def _check_primary(q: QuantSpec, r: RuntimeSpec, source: str) -> None:
+    """The quantization must be one the first (preferred) provider accepts, as that provider declares it."""
+    p = r.providers[0]
+    pair = f"{q.activation_dtype}/{q.weight_dtype}"
+    if pair not in p.dtypes:
+        raise TargetError(f"{source}: quantization.activation_dtype/weight_dtype {pair} is refused by {p.name} "
+                          f"(it takes {', '.join(p.dtypes)}); change quantization.activation_dtype or weight_dtype")
+    if p.symmetric_activations and not q.activation_symmetric:
+        raise TargetError(f"{source}: quantization.activation_symmetric must be true: {p.name} needs activation "
+                          "zero points of 0")
+    if p.symmetric_weights and not q.weight_symmetric:
+        raise TargetError(f"{source}: quantization.weight_symmetric must be true: {p.name} needs weight zero "
+                          "points of 0")
+    extra = sorted(set(q.per_channel_op_types) - set(p.per_channel_op_types)) if q.per_channel else []
+    if extra:
+        raise TargetError(f"{source}: quantization.per_channel_op_types lists {', '.join(extra)}, but {p.name} takes "
+                          f"per-channel weights only for {', '.join(p.per_channel_op_types) or 'no op'}")
+    if p.static_shapes and not r.static_shapes:
+        raise TargetError(f"{source}: runtime.static_shapes must be true: {p.name} needs fixed input shapes")

@@ -46,3 +46,21 @@ def run_onnx(path, x: np.ndarray) -> np.ndarray:
 
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="session")
+def target_bundle(digits_bundle, tmp_path_factory):
+    """target name → the digits model built for that target (from the digits bundle's fp32 graph, so torch
+    export runs once); built on first use and kept for the session."""
+    import edgequant
+
+    built = {}
+    root = tmp_path_factory.mktemp("target-bundles")
+
+    def get(name: str):
+        if name not in built:
+            built[name] = edgequant.export(digits_bundle.fp32_model_path, DIGITS / "data", out=root / name,
+                                           target=name, progress=False)
+        return built[name]
+
+    return get

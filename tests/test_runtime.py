@@ -1,0 +1,213 @@
+"""The device runtime adapter (runtimes/python/edgequant_runtime.py): verified loading, the same outputs as the
+exporter's check, camera frames pre-processed as at calibration, no silent provider fallback, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import edgequant
+from edgequant._runtime import edgequant_runtime as rt
+from edgequant.data import ImagePreprocess, load_samples
+from edgequant.verify import compare_outputs
+
+from conftest import DIGITS, run_onnx
+
+
+def holdout(n_files: int = 300) -> np.ndarray:
+    """The exporter's held-out check set for the digits data: every 5th sample."""
+    return np.stack([np.load(DIGITS / "data" / f"{i:04d}.npy") for i in range(4, n_files, 5)])
+
+
+def test_round_trip_matches_the_exporters_own_check(digits_bundle):
+    sess = rt.Session(digits_bundle.path)
+    x = holdout()
+    out = sess.run({"x": x})["linear"]
+    np.testing.assert_array_equal(out, run_onnx(digits_bundle.model_path, x))
+    fp32 = run_onnx(digits_bundle.fp32_model_path, x)
+    fid = compare_outputs("linear", fp32, out).to_dict()
+    assert fid == digits_bundle.report["fidelity"][0]  # the report's figures, recomputed from the adapter
+    assert sess.placement.keys() == {"CPUExecutionProvider"}
+    assert "QLinearConv" in sess.placement["CPUExecutionProvider"]
+    assert sess._session.end_profiling() == ""  # the placement run's profiler is off for the real runs
+
+
+@pytest.fixture(scope="module")
+def image_bundle(digits_bundle, tmp_path_factory):
+    pre = ImagePreprocess(scale=1 / 255, mean=(0.3052,), std=(0.3760,), channel_order="gray")
+    out = tmp_path_factory.mktemp("img") / "digits-img"
+    return edgequant.export(digits_bundle.fp32_model_path, DIGITS / "images", out=out, preprocess=pre,
+                            progress=False)
+
+
+def test_camera_frame_becomes_the_calibration_input(image_bundle):
+    from PIL import Image
+
+    sess = rt.Session(image_bundle.path)
+    images = sorted((DIGITS / "images").glob("*.png"))
+    samples = load_samples(DIGITS / "images", preprocess=ImagePreprocess(
+        scale=1 / 255, mean=(0.3052,), std=(0.3760,), channel_order="gray"))
+    for i, path in enumerate(images):
+        frame = rt.read_png(path)
+        np.testing.assert_array_equal(frame, np.asarray(Image.open(path)))  # our PNG reader = PIL
+        want = run_onnx(image_bundle.model_path, samples[i][""][None])
+        np.testing.assert_array_equal(sess.run(frame)["linear"], want)
+    rgb = np.repeat(rt.read_png(images[0])[:, :, None], 3, axis=2)  # a colour frame is converted to gray
+    np.testing.assert_array_equal(sess.run(rgb)["linear"], sess.run(rt.read_png(images[0]))["linear"])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_png_reader_matches_pil_for_every_filter(tmp_path, mode):
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:41, 0:57]
+    rgb = np.stack([(xx * 7 + yy * 3) % 256, (xx * yy) % 256, np.random.default_rng(0).integers(0, 256, xx.shape)],
+                   axis=2).astype(np.uint8)  # gradients and noise: PIL's encoder picks all five row filters
+    img = Image.fromarray(rgb).convert(mode)
+    img.save(tmp_path / "f.png", optimize=True)
+    want = np.asarray(img.convert("RGB") if mode in ("P", "RGBA") else img)
+    got = rt.read_png(tmp_path / "f.png")
+    np.testing.assert_array_equal(got[:, :, :3] if mode == "RGBA" else got, want)
+
+
+def test_png_reader_undoes_each_row_filter(tmp_path):
+    """A PNG written here with row filters 0..4 in turn (PNG spec, section 9) reads back exactly."""
+    import struct
+    import zlib
+
+    img = np.random.default_rng(1).integers(0, 256, (10, 9, 3)).astype(np.int32)
+    rows, prev = [], np.zeros(27, np.int32)
+    for y, line in enumerate(img.reshape(10, 27)):
+        kind = y % 5
+        left = np.concatenate([np.zeros(3, np.int32), line[:-3]])
+        up_left = np.concatenate([np.zeros(3, np.int32), prev[:-3]])
+        p = left + prev - up_left
+        pa, pb, pc = abs(p - left), abs(p - prev), abs(p - up_left)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, up_left))
+        pred = [0, left, prev, (left + prev) // 2, paeth][kind]
+        rows.append(bytes([kind]) + ((line - pred) % 256).astype(np.uint8).tobytes())
+        prev = line
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9, 10, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    (tmp_path / "f.png").write_bytes(png)
+    np.testing.assert_array_equal(rt.read_png(tmp_path / "f.png"), img.astype(np.uint8))
+    (tmp_path / "g.png").write_bytes(png[:60])
+    with pytest.raises(rt.InputError, match="g.png"):
+        rt.read_png(tmp_path / "g.png")
+
+
+def test_cli_runs_a_png_frame_and_benchmarks(image_bundle, capsys, tmp_path):
+    frame = DIGITS / "images" / "000.png"
+    saved = tmp_path / "out.npz"
+    assert rt.main([str(image_bundle.path), "--input", str(frame), "--bench", "--save", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "linear: shape [1, 10] float32  argmax [" in out and "latency over 50 runs" in out
+    want = rt.Session(image_bundle.path).run(rt.read_png(frame))["linear"]
+    np.testing.assert_array_equal(np.load(saved)["linear"], want)
+
+
+def copy_of(bundle, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle.path, dst)
+    return dst
+
+
+def test_tampered_truncated_missing_and_newer_bundles_are_refused(digits_bundle, tmp_path):
+    b = copy_of(digits_bundle, tmp_path)
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (b / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(rt.BundleError, match="does not match its sha256"):
+        rt.Session(b)
+    (b / "model.onnx").write_bytes(bytes(data[:-10]))
+    with pytest.raises(rt.BundleError, match="is truncated or changed"):
+        rt.Session(b)
+    (b / "model.onnx").unlink()
+    with pytest.raises(rt.BundleError, match="model.onnx is missing from the bundle"):
+        rt.Session(b)
+    shutil.copy(digits_bundle.model_path, b / "model.onnx")
+    rt.Session(b)
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    with pytest.raises(rt.BundleError, match="schema_version 2, newer than this runtime reads"):
+        rt.Session(b)
+    assert rt.main([str(b), "--input", str(DIGITS / "data" / "0000.npy")]) == 1
+
+
+def test_wrong_inputs_are_one_clear_line(digits_bundle):
+    sess = rt.Session(digits_bundle.path)
+    with pytest.raises(rt.InputError, match=r"input 'x' has shape \[1, 8, 8\], the model takes \['batch', 1, 8, 8\]"):
+        sess.run(np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(rt.InputError, match="input 'x' is float64, the model takes float32"):
+        sess.run(np.zeros((1, 1, 8, 8)))
+    with pytest.raises(rt.InputError, match="y are not the model's"):
+        sess.run({"y": np.zeros((1, 1, 8, 8), np.float32)})
+
+
+def test_missing_provider_is_refused_or_explained(target_bundle):
+    bundle = target_bundle("jetson-orin")
+    assert "TensorrtExecutionProvider" not in ort.get_available_providers()
+    with pytest.raises(rt.ProviderError, match="asks for TensorrtExecutionProvider, CUDAExecutionProvider, which "
+                                               "this onnxruntime"):
+        rt.Session(bundle.path)
+    sess = rt.Session(bundle.path, allow_fallback=True)
+    assert sess.missing == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert sess.providers == ["CPUExecutionProvider"]
+    text = sess.describe()
+    assert "missing here: TensorrtExecutionProvider, CUDAExecutionProvider" in text
+    assert "nodes on CPUExecutionProvider (" in text and "QLinearConv 3" in text
+    x = holdout()[:1]
+    np.testing.assert_array_equal(sess.run(x)["linear"], run_onnx(bundle.model_path, x))
+
+
+def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):
+    # AzureExecutionProvider is in every onnxruntime wheel and runs none of these nodes: ORT puts them on the CPU
+    with pytest.raises(rt.ProviderError, match="could not place the model on AzureExecutionProvider"):
+        rt.Session(digits_bundle.path, providers=["AzureExecutionProvider"])
+    sess = rt.Session(digits_bundle.path, providers=["AzureExecutionProvider"], allow_fallback=True)
+    assert set(sess.placement) == {"CPUExecutionProvider"}
+    assert "running on AzureExecutionProvider: 11 nodes on CPUExecutionProvider" in sess.describe()
+    # in the chain but given nothing: everything fell through to the CPU provider behind it
+    chain = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(rt.ProviderError, match="AzureExecutionProvider is available but onnxruntime gave it none"):
+        rt.Session(digits_bundle.path, providers=chain)
+    assert rt.Session(digits_bundle.path, providers=chain, allow_fallback=True).providers == chain
+
+
+def test_adapter_runs_where_there_is_no_torch(digits_bundle, tmp_path):
+    """A venv without pip whose only packages are numpy and onnxruntime (linked from this environment)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    for module in (np, ort):
+        src = Path(module.__file__).parent
+        os.symlink(src, site / src.name)
+        for libs in src.parent.glob(f"{src.name}.libs"):  # vendored shared libraries of manylinux wheels
+            os.symlink(libs, site / libs.name)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert no_torch.returncode == 1 and "No module named 'torch'" in no_torch.stderr
+    x = tmp_path / "x.npy"
+    np.save(x, holdout()[:3])
+    run = subprocess.run([python, str(digits_bundle.path / "edgequant_runtime.py"), str(digits_bundle.path),
+                          "--input", str(x)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    want = np.argmax(run_onnx(digits_bundle.model_path, holdout()[:3]), axis=1).tolist()
+    assert f"linear: shape [3, 10] float32  argmax {want}" in run.stdout
+    imported = subprocess.run([python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import edgequant_runtime; "
+                               "print(sorted(m for m in sys.modules if m in ('torch', 'edgequant')))",
+                               str(digits_bundle.path)], capture_output=True, text=True, env=env)
+    assert imported.stdout.strip() == "[]", imported.stderr

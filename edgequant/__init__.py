@@ -25,6 +25,7 @@ __all__ = [
     "list_targets",
     "load_bundle",
     "load_target",
+    "qat",
 ]
 
 from .api import export
@@ -33,4 +34,5 @@ from .data import ImagePreprocess
 from .errors import (BundleError, CalibrationError, DataError, EdgeQuantError, ExportError, QuantizationError,
                      TargetError, UnsupportedOnTarget)
 from .targets import Target, list_targets, load_target
+from . import qat  # noqa: E402  (quantization-aware training; imports torch only when used)
 

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from .errors import CalibrationError, UnsupportedOnTarget
 
-__all__ = ["build_bundle", "fold_weight_quantization", "int32_bias"]
+__all__ = ["build_bundle", "fold_weight_quantization", "int32_bias", "int8_groups", "strip_qdq"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,25 @@ def int32_bias(model: ir.Model) -> int:
     return count
 
 
+def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exported QDQ ModelProto → the float graph it fake-quantizes (every QuantizeLinear → DequantizeLinear
+    pair bypassed): the same export, so the fp32 reference and the int8 graph share every float op."""
+    from .rewrite import _drop_unused_initializers
+
+    ir_model = ir.serde.deserialize_model(model)
+    graph = ir_model.graph
+    for node in list(graph):
+        q = node.inputs[0].producer() if node.op_type == "DequantizeLinear" and node.inputs else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        node.outputs[0].replace_all_uses_with(q.inputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if not q.outputs[0].uses():
+            graph.remove(q, safe=True)
+    _drop_unused_initializers(graph)
+    return ir.serde.serialize_model(ir_model)
+
+
 def int8_groups(model: onnx.ModelProto, output_names: list[str]) -> onnx.ModelProto:
     """The exported QDQ ModelProto → a new one with int8 weights, int32 biases and the outputs named as in the
     fp32 graph (the exporter names them after the last quantizer)."""
@@ -153,12 +172,34 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> 
     largest absolute difference, also in output quantization steps."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: one thread is fastest, and contention-free on busy machines
+    try:
+        outputs = _run_both(gm, int8, samples, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    from .verify import compare_outputs
+
+    steps = _output_steps(int8)
+    result = []
+    for name, (ref, got) in outputs.items():
+        fid = compare_outputs(name, ref, got).to_dict()
+        step = steps.get(name)
+        fid["output_step"] = step
+        fid["max_abs_error_steps"] = round(fid["max_abs_error"] / step, 4) if step else None
+        result.append(fid)
+    return result
+
+
+def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> dict[str, tuple]:
+    """Output name → (PyTorch outputs, ONNX Runtime outputs) over all samples."""
+    import torch
+
     from .calibrate import batches
-    from .verify import compare_outputs, session
+    from .verify import session
 
     sess = session(int8)
     names = [o.name for o in sess.get_outputs()]
-    steps = _output_steps(int8)
     ref: dict[str, list] = {n: [] for n in names}
     got: dict[str, list] = {n: [] for n in names}
     gm.eval()
@@ -169,14 +210,7 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> 
             for n, t, o in zip(names, outs, sess.run(names, batch)):
                 ref[n].append(t.numpy())
                 got[n].append(o)
-    result = []
-    for n in names:
-        fid = compare_outputs(n, np.concatenate(ref[n]), np.concatenate(got[n])).to_dict()
-        step = steps.get(n)
-        fid["output_step"] = step
-        fid["max_abs_error_steps"] = round(fid["max_abs_error"] / step, 4) if step else None
-        result.append(fid)
-    return result
+    return {n: (np.concatenate(ref[n]), np.concatenate(got[n])) for n in names}
 
 
 def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress: bool
@@ -187,7 +221,7 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     from .api import build_manifest
     from .export import convert_opset, input_names_of, prepare_fp32, prune_opset_imports, strip_debug_metadata, \
         to_onnx
-    from .qat_modules import ActQuant, fixed_copy, float_copy, quantize_dequantize_onnx
+    from .qat_modules import ActQuant, fixed_copy, quantize_dequantize_onnx
     from .rewrite import rewrite_for_int8
     from .verify import cpu_kernels, fidelity
 
@@ -202,8 +236,7 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     with torch.no_grad():
         raw = to_onnx(fixed_copy(gm), samples[0], opset=tgt.opset, dynamic_batch=dynamic,
                       custom_translation_table=table)
-        fp32_raw = to_onnx(float_copy(gm), samples[0], opset=tgt.opset, dynamic_batch=dynamic)
-    fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), tgt.opset)
+    fp32 = convert_opset(rewrite_for_int8(prepare_fp32(strip_qdq(raw))), tgt.opset)
     int8 = rewrite_for_int8(int8_groups(raw, [o.name for o in fp32.graph.output]))
     strip_debug_metadata(int8)
     prune_opset_imports(int8)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ActQuant", "FixedQuant", "QuantConv", "QuantLinear", "fixed_copy", "float_copy", "quantize_dequantize",
+__all__ = ["ActQuant", "FixedQuant", "QuantConv", "QuantLinear", "fixed_copy", "quantize_dequantize",
            "quantize_dequantize_onnx", "scale_zero_point", "weight_scale"]
 
 
@@ -252,12 +252,3 @@ def fixed_copy(module: nn.Module) -> nn.Module:
         setattr(out.get_submodule(parent) if parent else out, leaf, new)
     return out
 
-
-def float_copy(module: nn.Module) -> nn.Module:
-    """A prepared module → the float model it trains (folded weights, no quantizers): the bundle's reference."""
-    out = fixed_copy(module)
-    for name, child in list(out.named_modules()):
-        if isinstance(child, FixedQuant):
-            parent, _, leaf = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, leaf, nn.Identity())
-    return out

@@ -96,9 +96,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Images: tensor layout.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the calibration progress bar.")
+@click.option("--qat-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
+                   "learned scales; DATA gives shapes and check samples).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress):
+           layout, force, no_progress, qat_checkpoint):
     """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
     from .api import export as run_export
     from .data import ImagePreprocess
@@ -109,6 +112,13 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
             resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
             mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
             channel_order=channels or "rgb", layout=layout or "nchw")
+    if qat_checkpoint is not None:
+        from .qat import export_checkpoint
+
+        bundle = export_checkpoint(model, qat_checkpoint, data, out=out, preprocess=pre, force=force,
+                                   progress=not no_progress)
+        click.echo(summary(bundle.report, bundle.path))
+        return
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
                         preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress)
     click.echo(summary(bundle.report, bundle.path))

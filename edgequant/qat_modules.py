@@ -120,12 +120,22 @@ class _WeightQuant(nn.Module):
         super().__init__()
         self.w_qmin, self.w_qmax, self.per_channel = qmin, qmax, per_channel
 
-    def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
+    def quantized_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fake-quantized weight and its scale."""
         scale = weight_scale(w, self.w_qmin, self.w_qmax, self.per_channel)
         zp = torch.zeros(scale.shape, dtype=torch.int32)
         if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, self.w_qmin, self.w_qmax)
-        return torch.fake_quantize_per_tensor_affine(w, scale, zp, self.w_qmin, self.w_qmax)
+            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, self.w_qmin, self.w_qmax), scale
+        return torch.fake_quantize_per_tensor_affine(w, scale, zp, self.w_qmin, self.w_qmax), scale
+
+    @staticmethod
+    def rounded_bias(b: torch.Tensor | None, w_scale: torch.Tensor,
+                     input_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias on the int32 grid the device adds it on, s_x · s_w (straight-through gradient)."""
+        if b is None or input_scale is None:
+            return b
+        step = (input_scale.detach().reshape(()).float() * w_scale).double()
+        return b + (torch.round(b.detach().double() / step) * step - b.detach().double()).float()
 
 
 class QuantConv(_WeightQuant):
@@ -148,9 +158,10 @@ class QuantConv(_WeightQuant):
         b0 = b if b is not None else torch.zeros_like(bn.running_mean)
         return w * factor.reshape(-1, *[1] * (w.dim() - 1)), bn.bias + (b0 - bn.running_mean) * factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self.folded()
-        return self.conv._conv_forward(x, self.quantized_weight(w), b)
+        wq, w_scale = self.quantized_weight(w)
+        return self.conv._conv_forward(x, wq, self.rounded_bias(b, w_scale, input_scale))
 
 
 class QuantLinear(_WeightQuant):
@@ -163,8 +174,9 @@ class QuantLinear(_WeightQuant):
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(self.linear.weight), self.linear.bias)
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        wq, w_scale = self.quantized_weight(self.linear.weight)
+        return F.linear(x, wq, self.rounded_bias(self.linear.bias, w_scale, input_scale))
 
 
 @torch.library.custom_op("edgequant::quantize_dequantize", mutates_args=())
@@ -227,8 +239,8 @@ class _FixedLayer(nn.Module):
         self.wq = FixedQuant(scale, torch.zeros(scale.shape, dtype=torch.int32), False,
                              0 if layer.per_channel else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.wq(self.weight)
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.wq(self.weight)  # the bias is rounded by the ONNX clean-up (qat_export.int32_bias)
         if self.conv_args is None:
             return F.linear(x, w, self.bias)
         dims, stride, padding, dilation, groups = self.conv_args

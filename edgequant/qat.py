@@ -177,12 +177,17 @@ def _trace(module: Any) -> Any:
     from torch import fx
 
     stack: list[str] = []
+    failed: list[str] = []  # the innermost module being traced when tracing failed
 
     class _Tracer(fx.Tracer):
         def call_module(self, m, forward, args, kwargs):
             stack.append(f"{self.path_of_module(m) or type(module).__name__}' ({type(m).__name__})")
             try:
                 return super().call_module(m, forward, args, kwargs)
+            except Exception:
+                if not failed:
+                    failed.append(stack[-1])
+                raise
             finally:
                 stack.pop()
 
@@ -190,7 +195,7 @@ def _trace(module: Any) -> Any:
     try:
         graph = tracer.trace(module)
     except Exception as exc:
-        where = f"module '{stack[-1]}" if stack else f"{type(module).__name__}.forward"
+        where = f"module '{failed[0]}" if failed else f"{type(module).__name__}.forward"
         reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise ExportError(f"cannot prepare {type(module).__name__} for QAT: {where} cannot be traced by torch.fx: "
                           f"{type(exc).__name__}: {reason[:300]}. Remove data-dependent Python control flow from "

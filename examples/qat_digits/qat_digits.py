@@ -1,7 +1,7 @@
 """Quantization-aware training where post-training quantization falls short: the depthwise-separable digits CNN
 (`examples/digits_dw`) with 3-bit weights (15 levels per output channel, stored in int8) on the default target.
 
-    python examples/qat_digits/qat_digits.py [--epochs 5] [--weight-bits 3] [--target generic-cpu] [--out build/qat_digits]
+    python examples/qat_digits/qat_digits.py [--epochs 4] [--weight-bits 3] [--target generic-cpu] [--out build/qat_digits]
 
 Prints the epoch progress and a table of test-split accuracy: the fp32 model in PyTorch, the PTQ bundle (same
 quantizers, ranges calibrated on `examples/digits/data`, no training) and the QAT bundle (fine-tuned with the
@@ -39,7 +39,7 @@ dw = _load(EXAMPLES / "digits_dw" / "model.py", "_qat_digits_dw_model")
 evaluate = _load(EXAMPLES / "digits" / "evaluate.py", "_qat_digits_evaluate")
 
 
-def train(qmodel: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5, lr: float = 1e-3,
+def train(qmodel: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 4, lr: float = 1e-3,
           batch_size: int = 64, seed: int = 0, log: Callable[[str], None] = print,
           test_accuracy: Callable[[nn.Module], float] | None = None) -> nn.Module:
     """A plain training loop (Adam, cosine schedule) on a prepared module; the observers are frozen for the last
@@ -71,7 +71,7 @@ def train(qmodel: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5, l
     return qmodel.eval()
 
 
-def run(out: Path, *, epochs: int = 5, weight_bits: int = 3, target: str = "generic-cpu",
+def run(out: Path, *, epochs: int = 4, weight_bits: int = 3, target: str = "generic-cpu",
         log: Callable[[str], None] = print) -> dict:
     """fp32, PTQ and QAT accuracy (percent, test split) and the two bundles."""
     from edgequant import qat
@@ -101,7 +101,7 @@ def run(out: Path, *, epochs: int = 5, weight_bits: int = 3, target: str = "gene
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--weight-bits", type=int, default=3)
     parser.add_argument("--target", default="generic-cpu")
     parser.add_argument("--out", type=Path, default=Path("build/qat_digits"))

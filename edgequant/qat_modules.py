@@ -104,8 +104,11 @@ class ActQuant(nn.Module):
             self.observe(x)
         if not bool(self.initialized):
             return x
+        if self.learnable:  # keep the learned scale in bounds, so every reader of it (biases, export) agrees
+            with torch.no_grad():
+                self.scale.clamp_(min=1e-8, max=self.max_scale)
         if self.learnable and self.training and not bool(self.observing):
-            scale = torch.clamp(self.scale, min=1e-8, max=self.max_scale)
+            scale = self.scale
             grad_factor = 1.0 / math.sqrt(x.numel() * max(self.qmax, 1))
             return torch._fake_quantize_learnable_per_tensor_affine(
                 x, scale, self.zero_point.float(), self.qmin, self.qmax, grad_factor)

@@ -71,16 +71,40 @@ def test_int8_bundle_computes_what_the_qat_model_computes(qat_example, digits_sp
     assert reported["argmax_agreement"] >= 0.995 and reported["max_abs_error_steps"] <= 2.0
 
 
-def test_qat_and_ptq_quantize_the_same_ops(qat_example, digits_bundle, digits_module, digits_split, tmp_path):
+def _placement(bundle):
+    """What ONNX Runtime's CPU provider runs: int8 kernels, other ops, and the op types left in float."""
+    k = bundle.report["kernels"]
+    return k["int8"], k["other"], sorted(name.split(":")[0] for name in k["float_compute"])
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.bn(self.a(x)))) + x)
+
+
+def test_qat_and_ptq_quantize_the_same_ops(qat_example, tmp_path):
     _, r = qat_example
     ptq_dw = edgequant.export(f"{DW / 'model.py'}:build", DIGITS / "data", out=tmp_path / "ptq_dw", progress=False)
-    assert _kernels(r["qat_bundle"]) == _kernels(ptq_dw) == ({"QGemm": 1, "QLinearConv": 9,
-                                                              "QLinearGlobalAveragePool": 1}, [])
-    x_train, _, x_test, _ = digits_split
-    qmodel = qat.prepare(digits_module.build(), torch.from_numpy(x_train[:32]), calibration=DIGITS / "data")
-    bundle = qat.export(qmodel, out=tmp_path / "qat_cnn", calibration=x_test[:100], progress=False)
-    assert _kernels(bundle) == _kernels(digits_bundle)         # Conv+ReLU+MaxPool model: QLinearConv 3, QGemm 1
-    assert _kernels(bundle)[0]["QLinearConv"] == 3 and not _kernels(bundle)[1]
+    assert _placement(r["qat_bundle"]) == _placement(ptq_dw)
+    assert _placement(r["qat_bundle"])[0] == {"QGemm": 1, "QLinearConv": 9, "QLinearGlobalAveragePool": 1}
+
+    # residual blocks (BatchNorm, functional relu, Add), MaxPool, Flatten; u8 (generic-cpu) and s8 (arm64) activations
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), Block(16), Block(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    data = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(20)]
+    for target in ("generic-cpu", "arm64"):
+        ptq = edgequant.export(model, data, out=tmp_path / f"ptq_{target}", target=target, progress=False)
+        qmodel = qat.prepare(model, torch.from_numpy(np.stack(data[:4])), target=target, calibration=data)
+        bundle = qat.export(qmodel, out=tmp_path / f"qat_{target}", calibration=data, progress=False)
+        assert _placement(bundle) == _placement(ptq), target
+        agree = bundle.report["qat"]["agreement"][0]
+        assert agree["argmax_agreement"] >= 0.995 and agree["max_abs_error_steps"] <= 2.0, (target, agree)
 
 
 def test_ddp_two_processes_export_like_one(qat_example, digits_split, tmp_path):
@@ -156,18 +180,34 @@ def test_target_the_model_cannot_meet(digits_module):
         qat.prepare(nn.Sequential(nn.ReLU(), nn.Softmax(1)), x)
 
 
-def test_prepare_leaves_the_model_untouched(digits_module):
-    model = digits_module.build()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    qmodel = qat.prepare(model, torch.zeros(4, 1, 8, 8), bn="freeze", learn_scales=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+def test_frozen_bn_and_learned_scales_train_and_export_exactly(digits_module, digits_split, tmp_path):
     from edgequant.qat_modules import QuantConv
 
+    model = digits_module.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_train, y_train, x_test, _ = digits_split
+    qmodel = qat.prepare(model, torch.from_numpy(x_train[:64]), bn="freeze", learn_scales=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())          # model untouched
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     # input, three Conv+ReLU outputs (ReLU absorbed, MaxPool shares), pooled features, logits: six LSQ scales
-    assert sum(p.numel() for n, p in qmodel.named_parameters() if n.endswith(".scale")) == 6
+    scales = {n: p.detach().clone() for n, p in qmodel.named_parameters() if n.endswith(".scale")}
+    assert len(scales) == 6
     assert [m.bn is not None for m in qmodel.modules() if isinstance(m, QuantConv)] == [True] * 3   # BN frozen
     assert qat.freeze_observers(qmodel) == 6
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    for i in range(0, 640, 64):
+        loss = nn.functional.cross_entropy(qmodel(torch.from_numpy(x_train[i:i + 64])), torch.from_numpy(y_train[i:i + 64]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    learned = dict(qmodel.named_parameters())
+    assert all(not torch.equal(learned[n], s) for n, s in scales.items())                # the scales trained
+    bundle = qat.export(qmodel, out=tmp_path / "lsq", calibration=x_test[:200], progress=False)
+    assert bundle.report["qat"]["learn_scales"] and bundle.report["qat"]["bn"] == "freeze"
+    agree, steps = _check_agreement(qmodel, bundle.path / "model.onnx", x_test)
+    assert agree >= 0.995 and steps <= 2.0, (agree, steps)
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):

@@ -167,7 +167,8 @@ def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
     return steps
 
 
-def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> list[dict[str, Any]]:
+def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool = False
+              ) -> list[dict[str, Any]]:
     """The QAT module in PyTorch vs the int8 graph on ONNX Runtime (CPU), per output: argmax agreement and the
     largest absolute difference, also in output quantization steps."""
     import torch
@@ -175,7 +176,7 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small batches: one thread is fastest, and contention-free on busy machines
     try:
-        outputs = _run_both(gm, int8, samples, batch_size)
+        outputs = _run_both(gm, int8, samples, batch_size, progress)
     finally:
         torch.set_num_threads(threads)
     from .verify import compare_outputs
@@ -191,9 +192,10 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> 
     return result
 
 
-def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> dict[str, tuple]:
+def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool) -> dict[str, tuple]:
     """Output name → (PyTorch outputs, ONNX Runtime outputs) over all samples."""
     import torch
+    from tqdm import tqdm
 
     from .calibrate import batches
     from .verify import session
@@ -204,7 +206,9 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int) -> 
     got: dict[str, list] = {n: [] for n in names}
     gm.eval()
     with torch.no_grad():
-        for batch in batches(samples, batch_size, {i.name: np.float32 for i in sess.get_inputs()}):
+        for batch in tqdm(batches(samples, batch_size, {i.name: np.float32 for i in sess.get_inputs()}),
+                          total=-(-len(samples) // batch_size), desc="checking against PyTorch", unit="batch",
+                          disable=not progress, leave=False):
             outs = gm(**{k: torch.from_numpy(v) for k, v in batch.items()})
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
             for n, t, o in zip(names, outs, sess.run(names, batch)):
@@ -247,7 +251,7 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     if kernels is not None and kernels.float_compute:
         log.warning("these run in float on this machine's CPU provider: %s", ", ".join(kernels.float_compute[:8]))
     fid = fidelity(fp32, int8, samples, batch_size=batch_size)
-    agree = agreement(gm, int8, samples, batch_size)
+    agree = agreement(gm, int8, samples, batch_size, progress)
     n_act = sum(isinstance(m, ActQuant) for m in gm.modules())
     int8_bytes = int8.SerializeToString(deterministic=True)
     fp32_bytes = fp32.SerializeToString(deterministic=True)

@@ -9,7 +9,7 @@ model's own fake quantizers as QuantizeLinear/DequantizeLinear pairs (``torch.on
 custom op, see ``qat_modules``) instead of re-deriving scales with a second quantizer: the learned scales, zero
 points and integer grids are carried over bit for bit. Two small ONNX clean-ups then give ONNX Runtime the
 groups it fuses into int8 kernels: weights stored as int8 initializers, and biases as int32 with scale
-s_x · s_w (a float bias keeps Conv/Gemm in float). Placement comes from ``qat_place``, a mirror of ONNX
+s_x · s_w (the form ONNX Runtime's own quantizer writes for PTQ). Placement comes from ``qat_place``, a mirror of ONNX
 Runtime's QDQ rules driven by the target profile, so the QAT and PTQ graphs quantize the same ops. PT2E
 (``prepare_qat_pt2e``, in torchao) was not used: torch 2.13 lacks it, and torchao ships no quantizer for ONNX
 Runtime targets, so its placement would have been ours to write anyway.
@@ -73,7 +73,7 @@ class _State:
     quantized_ops: tuple[str, ...]
 
 
-def weight_range(config: QATConfig, target: Target) -> tuple[int, int]:
+def _weight_range(config: QATConfig, target: Target) -> tuple[int, int]:
     """The integer grid of the weights, as the target's quantizer uses it (symmetric, zero point 0)."""
     q = target.quantization
     if q.weight_dtype != "int8" or not q.weight_symmetric:
@@ -89,7 +89,7 @@ def weight_range(config: QATConfig, target: Target) -> tuple[int, int]:
     return -m, m
 
 
-def activation_range(target: Target) -> tuple[int, int]:
+def _activation_range(target: Target) -> tuple[int, int]:
     q = target.quantization
     if q.activation_dtype == "uint8":
         return 0, 255
@@ -111,7 +111,7 @@ def prepare(model: Any, example_inputs: Any, *, target: str | Path | Target = "g
     tgt = load_target(target)
     config = QATConfig(target=tgt.name if isinstance(target, Target) else str(target), bn=bn,
                        weight_bits=weight_bits, learn_scales=learn_scales, momentum=momentum)
-    w_range = weight_range(config, tgt)
+    w_range = _weight_range(config, tgt)
     examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"qat.prepare needs a torch.nn.Module, not a {type(model).__name__}")
@@ -128,7 +128,7 @@ def prepare(model: Any, example_inputs: Any, *, target: str | Path | Target = "g
     _swap_layers(gm, config, tgt, w_range)
     modules = dict(gm.named_modules())
     op_types = {op for op in tgt.quantization.op_types if op not in tgt.quantization.float_op_types}
-    qmin, qmax = activation_range(tgt)
+    qmin, qmax = _activation_range(tgt)
     nodes, caps, ops = place(gm.graph, modules, op_types, tgt.quantization.activation_symmetric)
     if not {"Conv", "Gemm", "MatMul"} & set(ops):
         raise UnsupportedOnTarget(f"target {tgt.name} quantizes none of the layers of {type(model).__name__}: it "

@@ -1,8 +1,10 @@
 """A prepared QAT module → the bundle's files, manifest and report (the QDQ graph carries the trained scales).
 
 The module's fake quantizers are exported as QuantizeLinear/DequantizeLinear pairs; two def-use edits on
-onnx_ir then give ONNX Runtime the groups it fuses into int8 kernels (its QDQ selectors accept a Conv/Gemm only
-with constant int8 weights and an int32 bias, or none):
+onnx_ir then write the groups in the form ONNX Runtime's QDQ selectors fuse into int8 kernels (constant int8
+weights, an int32 bias or none), the form ``onnxruntime.quantization`` writes for PTQ. Recent CPU builds can
+quantize a float bias themselves, but other providers and older runtimes cannot, and writing it here fixes its
+rounding to the one the QAT model trained with:
 
 - ``fold_weight_quantization``: QuantizeLinear on a constant weight → the int8 initializer it computes;
 - ``int32_bias``: a float bias of a Conv/Gemm whose input and weight come from DequantizeLinear → an int32
@@ -21,7 +23,7 @@ import onnx_ir as ir
 
 from .errors import CalibrationError
 
-__all__ = ["build_bundle", "fold_weight_quantization", "int32_bias", "int8_groups", "strip_qdq"]
+__all__ = ["agreement", "build_bundle", "fold_weight_quantization", "int32_bias", "int8_groups", "strip_qdq"]
 
 log = logging.getLogger(__name__)
 

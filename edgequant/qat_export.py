@@ -175,12 +175,13 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     largest absolute difference, also in output quantization steps."""
     import torch
 
-    threads = torch.get_num_threads()
+    threads, training = torch.get_num_threads(), gm.training
     torch.set_num_threads(1)  # small batches: one thread is fastest, and contention-free on busy machines
     try:
         outputs = _run_both(gm, int8, samples, batch_size, progress)
     finally:
         torch.set_num_threads(threads)
+        gm.train(training)
     from .verify import compare_outputs
 
     steps = _output_steps(int8)

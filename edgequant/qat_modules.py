@@ -1,7 +1,8 @@
 """The PyTorch side of quantization-aware training: fake quantizers and the Conv/Linear wrappers that
 ``edgequant.qat.prepare`` puts into a model.
 
-Fake quantization computes in float what the int8 graph computes: x̂ = (clamp(round(x / s) + z, qmin, qmax) − z) · s,
+Fake quantization computes in float what the int8 graph computes:
+x̂ = (clamp(round(x / s) + z, qmin, qmax) − z) · s,
 with a straight-through gradient. Activations use one scale per tensor, observed (min/max) from batches and then
 optionally learned (LSQ: the gradient of x̂ with respect to s, scaled by 1/√(numel · qmax)). Weights use one
 symmetric scale per output channel, s_c = 2·max|w_c| / (qmax − qmin), recomputed from the weights at each step,

@@ -198,7 +198,8 @@ def test_frozen_bn_and_learned_scales_train_and_export_exactly(digits_module, di
     opt = torch.optim.Adam(qmodel.parameters(), lr=1e-3)
     qmodel.train()
     for i in range(0, 640, 64):
-        loss = nn.functional.cross_entropy(qmodel(torch.from_numpy(x_train[i:i + 64])), torch.from_numpy(y_train[i:i + 64]))
+        x, y = torch.from_numpy(x_train[i:i + 64]), torch.from_numpy(y_train[i:i + 64])
+        loss = nn.functional.cross_entropy(qmodel(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,7 +1,8 @@
 """Quantization-aware training where post-training quantization falls short: the depthwise-separable digits CNN
 (`examples/digits_dw`) with 3-bit weights (15 levels per output channel, stored in int8) on the default target.
 
-    python examples/qat_digits/qat_digits.py [--epochs 4] [--weight-bits 3] [--target generic-cpu] [--out build/qat_digits]
+    python examples/qat_digits/qat_digits.py [--epochs 4] [--weight-bits 3] [--target generic-cpu]
+                                             [--out build/qat_digits]
 
 Prints the epoch progress and a table of test-split accuracy: the fp32 model in PyTorch, the PTQ bundle (same
 quantizers, ranges calibrated on `examples/digits/data`, no training) and the QAT bundle (fine-tuned with the

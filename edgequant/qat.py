@@ -21,7 +21,9 @@ occasional value by one step; ``report["qat"]["agreement"]`` measures it on the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -103,7 +105,6 @@ def prepare(model: Any, example_inputs: Any, *, target: str | Path | Target = "g
     quantization where the target's int8 graph quantizes; ``model`` is not changed. Activation ranges start
     from ``calibration`` (samples, as for ``edgequant.export``) or, without it, from ``example_inputs``."""
     import torch
-    from torch.fx.passes.shape_prop import ShapeProp
 
     from .qat_modules import ActQuant
     from .qat_place import place
@@ -113,18 +114,13 @@ def prepare(model: Any, example_inputs: Any, *, target: str | Path | Target = "g
                        weight_bits=weight_bits, learn_scales=learn_scales, momentum=momentum)
     w_range = _weight_range(config, tgt)
     examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    examples = tuple(torch.from_numpy(np.ascontiguousarray(e)) if isinstance(e, np.ndarray) else e for e in examples)
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"qat.prepare needs a torch.nn.Module, not a {type(model).__name__}")
     was_training = model.training
     work = copy.deepcopy(model).eval()
     gm = _trace(work)
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*examples)
-    except Exception as exc:
-        raise ExportError(f"cannot run {type(model).__name__} on the example inputs "
-                          f"({', '.join(str(tuple(getattr(e, 'shape', ()))) for e in examples)}): "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    _shapes(gm, examples, type(model).__name__)
     _swap_layers(gm, config, tgt, w_range)
     modules = dict(gm.named_modules())
     op_types = {op for op in tgt.quantization.op_types if op not in tgt.quantization.float_op_types}
@@ -151,6 +147,33 @@ def prepare(model: Any, example_inputs: Any, *, target: str | Path | Target = "g
     log.info("QAT placement for %s: %d activation quantizers, quantized ops %s", tgt.name, len(nodes), ops)
     _calibrate(gm, calibration, examples, batch_size)
     return gm.train(was_training)
+
+
+def _shapes(gm: Any, examples: tuple, model_name: str) -> None:
+    """Run the traced model once on the examples, recording each node's output shape and dtype (for placement);
+    a failure names the node's module and the reason."""
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    current: list[Any] = []
+
+    class _Prop(ShapeProp):
+        def run_node(self, n):
+            current[:] = [n]
+            return super().run_node(n)
+
+    try:  # ShapeProp prints the traceback of a failing node itself; the error below says it in one line
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            _Prop(gm).propagate(*examples)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        node = current[0] if current else None
+        where = f"module '{node.target}' ({type(gm.get_submodule(node.target)).__name__})" \
+            if node is not None and node.op == "call_module" else f"'{node.name if node is not None else 'forward'}'"
+        shapes = ", ".join(str(tuple(getattr(e, "shape", ()))) for e in examples)
+        reason = str(cause).splitlines()[0] if str(cause) else ""
+        raise ExportError(f"cannot run {model_name} on the example inputs {shapes}: {where} failed: "
+                          f"{type(cause).__name__}: {reason[:300]}") from exc
 
 
 def _link_input_scales(gm: Any) -> None:

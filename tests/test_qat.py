@@ -165,6 +165,12 @@ def test_untraceable_model_names_the_module():
     assert "\n" not in str(exc.value)
 
 
+def test_example_inputs_that_do_not_fit_name_the_module():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    with pytest.raises(edgequant.ExportError, match=r"module '0' \(Conv2d\) failed: RuntimeError: Given groups"):
+        qat.prepare(model, torch.zeros(2, 3, 8, 8))
+
+
 def test_export_of_an_unprepared_module_writes_nothing(digits_module, tmp_path):
     out = tmp_path / "bundle"
     with pytest.raises(edgequant.ExportError, match="needs a module returned by edgequant.qat.prepare"):

@@ -144,6 +144,12 @@ def summary(report: dict, path: Path) -> str:
                          + (" ..." if len(k["float_compute"]) > 8 else ""))
         else:
             lines.append("float    no Conv/MatMul/Gemm left in float")
+    for a in (report.get("qat") or {}).get("agreement", []):
+        steps = f", max|diff| {a['max_abs_error_steps']:.2f} output steps" if a.get("max_abs_error_steps") is not None \
+            else f", max|diff| {a['max_abs_error']:.4g}"
+        agree = f"argmax agreement {100 * a['argmax_agreement']:.2f}%" if a.get("argmax_agreement") is not None \
+            else f"cosine {a['cosine']:.5f}"
+        lines.append(f"qat      {a['output']} vs the QAT model in PyTorch: {agree}{steps}")
     return "\n".join(lines)
 
 

@@ -139,6 +139,7 @@ def test_fabric_training_and_cli_checkpoint_export(qat_example, digits_split, tm
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "qat" in res.output.splitlines()[0]
+    assert res.output.splitlines()[-1].startswith("qat      linear vs the QAT model in PyTorch: argmax agreement")
     assert np.array_equal(run_onnx(out / "model.onnx", x_test), run_onnx(bundle.path / "model.onnx", x_test))
 
 

@@ -158,9 +158,11 @@ class QuantConv(_WeightQuant):
         if self.bn is None:
             return w, b
         bn = self.bn
-        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
         b0 = b if b is not None else torch.zeros_like(bn.running_mean)
-        return w * factor.reshape(-1, *[1] * (w.dim() - 1)), bn.bias + (b0 - bn.running_mean) * factor
+        return w * factor.reshape(-1, *[1] * (w.dim() - 1)), beta + (b0 - bn.running_mean) * factor
 
     def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self.folded()

@@ -31,6 +31,7 @@ __all__ = [
     "list_targets",
     "load_bundle",
     "load_target",
+    "qat",
 ]
 
 from .api import export
@@ -42,4 +43,5 @@ from .errors import (BenchError, BundleError, CalibrationError, DataError, EdgeQ
 from .layers import LayerError, layer_errors
 from .placement import inspect_bundle
 from .targets import Target, list_targets, load_target
+from . import qat  # noqa: E402  (quantization-aware training; imports torch only when used)
 

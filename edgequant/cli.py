@@ -99,9 +99,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME:]D0,D1,...",
               help="Fix an input's shape, batch axis included (repeatable; static-shape targets default to batch 1 "
                    "and the data's shape).")
+@click.option("--qat-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
+                   "learned scales; DATA gives shapes and check samples).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress, input_shape):
+           layout, force, no_progress, input_shape, qat_checkpoint):
     """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
     from .api import export as run_export
     from .data import ImagePreprocess
@@ -112,6 +115,13 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
             resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
             mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
             channel_order=channels or "rgb", layout=layout or "nchw")
+    if qat_checkpoint is not None:
+        from .qat import export_checkpoint
+
+        bundle = export_checkpoint(model, qat_checkpoint, data, out=out, preprocess=pre, force=force,
+                                   progress=not no_progress)
+        click.echo(summary(bundle.report, bundle.path))
+        return
     from .shapes import parse_input_shape
 
     shapes = dict(parse_input_shape(s) for s in input_shape) or None
@@ -146,6 +156,12 @@ def summary(report: dict, path: Path) -> str:
         where = ", ".join(v for v in (w["node"], w["module"]) if v) or "graph input"
         lines.append(f"layers   worst alone: {w['tensor']} ({where}) {w['alone_sqnr_db']:.1f} dB SQNR; "
                      f"all {len(report['layers'])} in `edgequant inspect {path} --layers` and report.html")
+    for a in (report.get("qat") or {}).get("agreement", []):
+        steps = f", max|diff| {a['max_abs_error_steps']:.2f} output steps" if a.get("max_abs_error_steps") is not None \
+            else f", max|diff| {a['max_abs_error']:.4g}"
+        agree = f"argmax agreement {100 * a['argmax_agreement']:.2f}%" if a.get("argmax_agreement") is not None \
+            else f"cosine {a['cosine']:.5f}"
+        lines.append(f"qat      {a['output']} vs the QAT model in PyTorch: {agree}{steps}")
     return "\n".join(lines)
 
 

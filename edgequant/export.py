@@ -107,8 +107,10 @@ def input_names_of(model: Any) -> list[str]:
             and p.default is inspect.Parameter.empty] or [p.name for p in params][:1]
 
 
-def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_batch: bool = True) -> onnx.ModelProto:
-    """nn.Module + one sample per input (no batch axis) → fp32 ONNX with a dynamic batch axis."""
+def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_batch: bool = True,
+            custom_translation_table: dict | None = None) -> onnx.ModelProto:
+    """nn.Module + one sample per input (no batch axis) → fp32 ONNX with a dynamic batch axis.
+    ``custom_translation_table`` maps custom ops to their ONNX form (as in ``torch.onnx.export``)."""
     import torch
 
     batch = 2 if dynamic_batch else 1
@@ -120,7 +122,7 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_
         with _quiet():
             program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, external_data=False,
                                         dynamic_shapes=dynamic, opset_version=max(opset, 18), verbose=False,
-                                        optimize=True)
+                                        optimize=True, custom_translation_table=custom_translation_table)
     except Exception as exc:
         where = f"module '{stack[-1]}" if stack else f"{type(module).__name__}.forward"
         reason = _first_line(exc)

@@ -32,9 +32,17 @@ MAX_HOLDOUT = 256
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
            method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True) -> Bundle:
+           force: bool = False, progress: bool = True, task: str = "feature-extraction", max_length: int = 128,
+           dynamic: bool = False) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
-    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``."""
+    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
+    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.encoder.export_text`."""
+    if _is_text_job(model, calibration) or dynamic:
+        from .encoder import export_text
+
+        return export_text(model, calibration, out=out, target=target, method=method, num_samples=num_samples,
+                           opset=opset, task=task, max_length=max_length, dynamic=dynamic,
+                           exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress)
     tgt = load_target(target)
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
@@ -85,6 +93,13 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
     return write_bundle(out, files, manifest, report, force=force)
+
+
+def _is_text_job(model: Any, calibration: Any) -> bool:
+    from .hf import HFModel, is_hf_folder
+    from .text import is_text_path
+
+    return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(calibration)
 
 
 def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:

@@ -77,7 +77,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @cli.command()
 @click.argument("model")
 @click.option("--calibrate", "data", required=True, metavar="DATA",
-              help="Folder of .npy/.npz/image files (one sample each), or one stacked .npy/.npz file.")
+              help="Folder of .npy/.npz/image files (one sample each), or one stacked .npy/.npz file; for a "
+                   "Hugging Face text model, a .txt (one sample a line) or .jsonl file.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle folder to write.")
 @click.option("--target", default="generic-cpu", show_default=True, metavar="NAME|PATH.toml",
@@ -96,10 +97,17 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Images: tensor layout.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the calibration progress bar.")
+@click.option("--task", default="feature-extraction", show_default=True,
+              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).")
+@click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
+              help="Text: pad and truncate every sample to this many tokens.")
+@click.option("--dynamic", is_flag=True,
+              help="Hugging Face text models: dynamic int8 activations (scales computed per run; no ranges).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress):
-    """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
+           layout, force, no_progress, task, max_length, dynamic):
+    """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
+    int8 bundle in OUT."""
     from .api import export as run_export
     from .data import ImagePreprocess
 
@@ -110,7 +118,8 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
             mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
             channel_order=channels or "rgb", layout=layout or "nchw")
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
-                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress)
+                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress, task=task,
+                        max_length=max_length, dynamic=dynamic)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -123,6 +132,8 @@ def summary(report: dict, path: Path) -> str:
     for f in report["fidelity"]:
         agree = f"  argmax agreement {100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None \
             else ""
+        if f.get("spearman_pairwise") is not None:
+            agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
     k = report.get("kernels")

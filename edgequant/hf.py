@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 # Tokenizer files the device may need; tokenizer.json alone is enough for the ``tokenizers`` package.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class HFModel:
         with tempfile.TemporaryDirectory(prefix="edgequant-tok-") as tmp:
             for name, data in self.tokenizer_files.items():
                 Path(tmp, name).write_bytes(data)
-            with _offline(), _quiet():
+            with _offline(), quiet():
                 return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
@@ -104,7 +105,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def supported_tasks(model_type: str) -> list[str]:
     """The tasks optimum's ONNX exporter knows for a model type (empty if it does not know the type)."""
-    with _quiet():
+    with quiet():
         import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
         from optimum.exporters.tasks import TasksManager
 
@@ -132,7 +133,7 @@ def _tokenizer_files(folder: Path) -> dict[str, bytes]:
     if files and "tokenizer.json" not in files:
         from transformers import AutoTokenizer
 
-        with tempfile.TemporaryDirectory(prefix="edgequant-tok-") as tmp, _offline(), _quiet():
+        with tempfile.TemporaryDirectory(prefix="edgequant-tok-") as tmp, _offline(), quiet():
             try:
                 tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
                 tok.save_pretrained(tmp)
@@ -175,7 +176,7 @@ def read_pooling(folder: Path) -> dict[str, Any] | None:
 
 
 def _export(folder: Path, task: str, opset: int, out: str) -> None:
-    with _offline(), _quiet():
+    with _offline(), quiet():
         from optimum.exporters.onnx import main_export
 
         try:
@@ -206,18 +207,15 @@ def _offline():
 
 
 @contextlib.contextmanager
-def _quiet():
-    """optimum and transformers print tracer warnings and notices; keep the CLI's output ours."""
-    names = ("optimum", "transformers", "torch.onnx", "torch.jit")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+def quiet():
+    """optimum, transformers and the packages they import print tracer warnings and notices through logging,
+    warnings and stderr; keep the CLI's output ours (failures are re-raised as one ExportError line)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
+        logging.disable(previous)

@@ -19,6 +19,8 @@ that keeps activations in memory), hence this small rewrite, a def-use edit on o
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -72,16 +74,21 @@ def channel_ranges(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarra
     range, and short texts calibrate several times faster than at the full padded length."""
     import onnxruntime as ort
 
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in tensors:
-        if name not in existing:
-            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
+    # The tensors become extra graph outputs. Serialized protobuf messages merge when concatenated (repeated
+    # fields append), so the outputs are appended to the serialized model without copying its weights.
+    existing = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    extra.graph.output.extend(onnx.ValueInfoProto(name=n) for n in tensors if n not in existing)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
-    sess = ort.InferenceSession(augmented.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    so.add_session_config_entry("session.disable_prepacking", "1")  # one pass: no second copy of the weights
+    with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
+        path = os.path.join(tmp, "augmented.onnx")
+        with open(path, "wb") as fh:  # written in two parts: no second in-memory copy of the weights
+            fh.write(model.SerializeToString())
+            fh.write(extra.SerializeToString())
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     dtypes = {i.name: _np_dtype(i.type) for i in sess.get_inputs()}
     names = list(tensors)
     lo: dict[str, np.ndarray] = {}

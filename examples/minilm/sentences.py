@@ -11,13 +11,14 @@ import sys
 
 
 def sentences() -> list[str]:
-    """The help topics → sentences of 40-400 characters that are mostly letters (code listings dropped), in a
-    fixed order."""
+    """The help topics → distinct sentences of 40-400 characters that are mostly letters (code listings
+    dropped), in a fixed order."""
     from pydoc_data.topics import topics
 
     text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)))
     parts = re.split(r"(?<=[.!?])\s+", text)
-    return [p for p in parts if 40 < len(p) < 400 and sum(c.isalpha() for c in p) > 0.7 * len(p)]
+    keep = [p for p in parts if 40 < len(p) < 400 and sum(c.isalpha() for c in p) > 0.7 * len(p)]
+    return list(dict.fromkeys(keep))  # some sentences recur across topics
 
 
 def split() -> tuple[list[str], list[str]]:

@@ -32,7 +32,8 @@ sys.path.insert(0, examples)
 sys.path.insert(0, bundle)
 from sentences import split
 from edgequant_text import TextInputs
-from edgequant.encoder import LINEAR_OPS, _activation_products, _channel_ranges, _encoder_target, _linear_inputs
+from edgequant.encoder import (LINEAR_OPS, TEXT_BATCH, _activation_products, _channel_ranges, _encoder_target,
+                               _linear_inputs)
 from edgequant.quantize import quantize
 from edgequant.smooth import smooth
 from edgequant.targets import load_target
@@ -41,7 +42,7 @@ feeds = TextInputs(bundle).encode(split()[0][:count])
 samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
 before = hwm()
 t = time.perf_counter()
-stats = _channel_ranges(fp32, samples, _linear_inputs(fp32), 16, False, "attention_mask")
+stats = _channel_ranges(fp32, samples, _linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
 smoothed, ranges = smooth(fp32, stats)

@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "EdgeQuantError",
     "ExportError",
+    "HFModel",
     "ImagePreprocess",
     "QuantizationError",
     "Target",
@@ -24,6 +25,7 @@ __all__ = [
     "export",
     "list_targets",
     "load_bundle",
+    "load_hf",
     "load_target",
 ]
 
@@ -32,5 +34,6 @@ from .bundle import Bundle, load_bundle
 from .data import ImagePreprocess
 from .errors import (BundleError, CalibrationError, DataError, EdgeQuantError, ExportError, QuantizationError,
                      TargetError, UnsupportedOnTarget)
+from .hf import HFModel, load_hf
 from .targets import Target, list_targets, load_target
 

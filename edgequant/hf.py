@@ -47,6 +47,7 @@ class HFModel:
     onnx_model: onnx.ModelProto = field(repr=False)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict, repr=False)
     pooling: dict[str, Any] | None = None
+    max_positions: int | None = None  # the longest sequence the model's position embeddings cover
 
     @property
     def has_tokenizer(self) -> bool:
@@ -80,7 +81,9 @@ def load_hf(folder: str | Path, *, task: str = "feature-extraction", opset: int 
         _export(folder, task, opset, tmp)
         model = onnx.load(os.path.join(tmp, "model.onnx"))
     log.info("exported %s (%s, task %s) with optimum", folder, model_type, task)
-    return HFModel(str(folder), task, model_type, model, tok_files, pooling)
+    positions = config.get("max_position_embeddings")
+    return HFModel(str(folder), task, model_type, model, tok_files, pooling,
+                   positions if isinstance(positions, int) and positions > 0 else None)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

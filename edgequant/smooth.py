@@ -97,7 +97,13 @@ def channel_ranges(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarra
         if mask_input is not None and mask_input in batch:
             used = int(np.max(np.nonzero(batch[mask_input].any(axis=0))[0], initial=0)) + 1
             batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
-        for name, value in zip(names, sess.run(names, batch)):
+        try:
+            values = sess.run(names, batch)
+        except Exception as exc:  # onnxruntime raises its own assorted types
+            line = next((s for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
+            raise CalibrationError(f"ONNX Runtime failed on the calibration data: {line[:300]}; check that the "
+                                   "data fits the model's inputs") from None
+        for name, value in zip(names, values):
             if value.dtype.kind != "f" or value.size == 0:
                 continue
             flat = value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1)

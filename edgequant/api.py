@@ -99,7 +99,9 @@ def _is_text_job(model: Any, calibration: Any) -> bool:
     from .hf import HFModel, is_hf_folder
     from .text import is_text_path
 
-    return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(calibration)
+    texts = isinstance(calibration, (list, tuple)) and bool(calibration) and all(
+        isinstance(t, str) for t in calibration)
+    return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(calibration) or texts
 
 
 def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:

@@ -10,8 +10,8 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
   8 bits cannot hold. Quantizing them drops the embedding cosine from 0.990 to 0.935.
 - The MatMul inputs are smoothed (``smooth.py``) before calibration: per-tensor activation scales then fit
   every channel (cosine 0.990 → 0.998).
-- ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (per-token activation scales computed at run time, per-channel
-  weights), no calibration ranges; the data only checks the result.
+- ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (each activation's scale computed from its range at every
+  run, per-channel weights), no calibration ranges; the data only checks the result.
 """
 
 from __future__ import annotations

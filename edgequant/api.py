@@ -21,6 +21,7 @@ from .quantize import quantize, skip_absurd_ranges
 from .rewrite import rewrite_for_int8
 from .targets import Target, load_target
 from .verify import cpu_kernels, fidelity
+from .weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
 
@@ -32,9 +33,19 @@ MAX_HOLDOUT = 256
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
            method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True) -> Bundle:
+           force: bool = False, progress: bool = True, weights: str | None = None,
+           block_size: int | None = None) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
-    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``."""
+    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
+
+    ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
+    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.weight_only``)."""
+    wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
+                       num_samples=num_samples)
+    if wo is not None:
+        return export_weight_only(model, calibration, out=out, target=target, config=wo, num_samples=num_samples,
+                                  opset=opset, preprocess=preprocess, exclude_nodes=exclude_nodes,
+                                  batch_size=batch_size, force=force, progress=progress)
     tgt = load_target(target)
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")

@@ -96,12 +96,24 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Images: tensor layout.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the calibration progress bar.")
+@click.option("--weights", default=None, metavar="q8|q4|q4-gptq",
+              help="Weight-only: block-quantize MatMul/Gemm weights to 8 or 4 bits (GPTQ: from the calibration "
+                   "data); activations stay float.")
+@click.option("--block-size", type=int, default=None, metavar="32|64|128",
+              help="Weight-only: weights per scale along the input axis (default 32).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress):
+           layout, force, no_progress, weights, block_size):
     """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
+    from click.core import ParameterSource
+
     from .api import export as run_export
     from .data import ImagePreprocess
+    from .weight_only import check_options
+
+    method_source = click.get_current_context().get_parameter_source("method")
+    check_options(weights=weights, block_size=block_size, num_samples=num_samples,
+                  method_given=method_source == ParameterSource.COMMANDLINE)
 
     pre = None
     if any(v is not None for v in (resize, scale, mean, std, channels, layout)):
@@ -110,7 +122,8 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
             mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
             channel_order=channels or "rgb", layout=layout or "nchw")
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
-                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress)
+                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
+                        weights=weights, block_size=block_size)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -125,6 +138,11 @@ def summary(report: dict, path: Path) -> str:
             else ""
         lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
+    w = report.get("weights")
+    if w:
+        lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "
+                     f"({w['method']}): {w['fp32_bytes'] / 1024:.1f} KiB -> {w['quantized_bytes'] / 1024:.1f} KiB "
+                     f"({100 * w['ratio']:.1f}%)")
     k = report.get("kernels")
     if k:
         ops = ", ".join(f"{op} {n}" for op, n in k["int8"].items()) or "none"

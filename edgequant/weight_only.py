@@ -90,7 +90,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             w = np.ascontiguousarray(w.T)
         w_val = ir.Value(name=f"{b.name}_kn", const_value=ir.tensor(w, name=f"{b.name}_kn"))
         graph.register_initializer(w_val)
-        matmul = ir.Node("", "MatMul", [node.inputs[0], w_val], name=f"{node.name}_matmul")
+        matmul = ir.Node("", "MatMul", [node.inputs[0], w_val], name=node.name)  # --exclude still finds it
         new_nodes = [matmul]
         result = matmul.outputs[0]
         if len(node.inputs) > 2 and node.inputs[2] is not None:

@@ -137,20 +137,24 @@ def test_gemm_becomes_matmulnbits(digits_bundle, digits_split):
 
 
 def test_cli_weight_only_bundle(lm_fp32, tmp_path):
-    """int64 token windows (one stacked .npy) through the CLI: q4 at block 64, a bundle with MatMulNBits."""
-    _, path = lm_fp32
+    """int64 token windows (one stacked .npy) through the CLI: q4 at block 64, a bundle with MatMulNBits; the
+    output head kept in float with --exclude."""
+    fp32, path = lm_fp32
+    head = [n.name for n in fp32.graph.node if n.op_type == "MatMul"][-1]
     out = tmp_path / "lm-q4"
     res = CliRunner().invoke(cli, ["export", str(path), "--calibrate", str(TINY_LM / "calibration.npy"), "-o",
-                                   str(out), "--weights", "q4", "--block-size", "64", "--no-progress"])
+                                   str(out), "--weights", "q4", "--block-size", "64", "--exclude", head,
+                                   "--no-progress"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["format"] == "onnx-weight-only"
     assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["block_size"] == 64
-    assert report["weights"]["cpu_matmulnbits_nodes"] == 13
+    assert report["weights"]["cpu_matmulnbits_nodes"] == 12
     assert report["weights"]["ratio"] <= 0.16  # 4 bits + a float32 scale and a 4-bit zero point per 64
     assert report["fidelity"][0]["cosine"] >= 0.98
-    assert "13 MatMul weights 4-bit in blocks of 64" in res.output
+    assert "12 MatMul weights 4-bit in blocks of 64" in res.output
+    assert head in {n.name for n in onnx.load(out / "model.onnx").graph.node}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -199,17 +199,17 @@ def _gptq(model: onnx.ModelProto, config: WeightOnly, layers: list, samples, bat
     m = ir.serde.deserialize_model(model)
     graph = m.graph
     nodes = {n.name: n for n in graph}
-    for name, inp, weight, (k, n) in tqdm(layers, desc="GPTQ layers", unit="layer", disable=not progress,
+    for name, inp, _weight, (k, n) in tqdm(layers, desc="GPTQ layers", unit="layer", disable=not progress,
                                           leave=False):
         node = nodes[name]
-        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        w = node.inputs[1].const_value.numpy()
         q, scales, zeros = gptq(w, h[inp], bits=config.bits, block_size=config.block_size, damp=config.damp)
         packed, zp = pack_nbits(q, zeros, bits=config.bits, block_size=config.block_size)
+        scales = scales.astype(w.dtype if w.dtype == np.float16 else np.float32)  # MatMulNBits: scales as A
         consts = []
-        for suffix, arr in (("_Q", packed), ("_scales", scales), ("_zero_points", zp)):
-            v = ir.Value(name=f"{weight}{suffix}{config.bits}", const_value=ir.tensor(arr, name=f"{weight}{suffix}"
-                                                                                     f"{config.bits}"))
-            graph.register_initializer(v)
+        for suffix, arr in ((f"_Q{config.bits}", packed), ("_scales", scales), ("_zero_points", zp)):
+            v = ir.Value(name=f"{name}{suffix}", const_value=ir.tensor(arr, name=f"{name}{suffix}"))
+            graph.register_initializer(v)  # named after the node: a weight shared by two MatMuls stays unique
             consts.append(v)
         attrs = [ir.AttrInt64(a, v) for a, v in (("K", k), ("N", n), ("bits", config.bits),
                                                   ("block_size", config.block_size))]

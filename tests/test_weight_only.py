@@ -184,3 +184,23 @@ def test_no_constant_weight_says_so():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(QuantizationError, match="no MatMul or Gemm with a constant weight"):
         quantize_weights(model, WeightOnly("q4"))
+
+
+def test_gptq_on_a_shared_weight():
+    """One initializer read by two MatMuls: each gets its own MatMulNBits; the float weight is dropped."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="first"),
+         helper.make_node("MatMul", ["h", "W"], ["y"], name="second")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+        [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    q = quantize_weights(model, WeightOnly("q4-gptq", block_size=32), [{"x": r} for r in x[:128]], progress=False)
+    assert [n.op_type for n in q.graph.node] == ["MatMulNBits", "MatMulNBits"]
+    assert "W" not in {i.name for i in q.graph.initializer}
+    ref, out = _run(model, x[128:]), _run(q, x[128:])
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel < 0.15, rel

@@ -175,6 +175,12 @@ def _quiet_ort_quantizer():
 
 
 def _rtn(model: onnx.ModelProto, config: WeightOnly, include: set[str]) -> onnx.ModelProto:
+    import onnxruntime as ort
+
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if config.bits == 8 and version < (1, 22):
+        raise QuantizationError(f"--weights q8 needs onnxruntime 1.22 or newer (8-bit MatMulNBits), this is "
+                                f"{ort.__version__}: upgrade onnxruntime or use --weights q4")
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include]
     with _quiet_ort_quantizer() as mnq:
         quantizer = mnq.MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size,

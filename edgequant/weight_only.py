@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -263,8 +264,9 @@ def check_options(*, weights: str | None, block_size: int | None, method_given: 
     return config
 
 
-def export_weight_only(model, calibration, *, out, target, config: WeightOnly, num_samples, opset, preprocess,
-                       exclude_nodes, batch_size, force, progress):
+def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, config: WeightOnly,
+                       num_samples: int | None, opset: int | None, preprocess: Any, exclude_nodes: Sequence[str],
+                       batch_size: int, force: bool, progress: bool) -> Any:
     """A model and samples → a weight-only bundle at ``out`` (``edgequant.export`` with ``weights=``)."""
     import time
     from pathlib import Path

@@ -22,6 +22,7 @@ from .rewrite import rewrite_for_int8
 from .shapes import fix_input_shapes, resolve_input_shapes
 from .targets import Target, load_target
 from .verify import cpu_kernels, fidelity
+from .weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
 
@@ -35,13 +36,22 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
            force: bool = False, progress: bool = True, layer_report: bool = True,
            input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
-           max_length: int = 128, dynamic: bool = False) -> Bundle:
+           max_length: int = 128, dynamic: bool = False, weights: str | None = None,
+           block_size: int | None = None) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
     (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
     With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
     Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
     "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
-    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.encoder.export_text`."""
+    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.encoder.export_text`.
+    ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
+    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.weight_only``)."""
+    wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
+                       num_samples=num_samples, dynamic=dynamic)
+    if wo is not None:
+        return export_weight_only(model, calibration, out=out, target=target, config=wo, num_samples=num_samples,
+                                  opset=opset, preprocess=preprocess, exclude_nodes=exclude_nodes,
+                                  batch_size=batch_size, force=force, progress=progress)
     if _is_text_job(model, calibration) or dynamic:
         from .encoder import export_text
 

@@ -109,13 +109,25 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="Text: pad and truncate every sample to this many tokens.")
 @click.option("--dynamic", is_flag=True,
               help="Hugging Face text models: dynamic int8 activations (scales computed per run; no ranges).")
+@click.option("--weights", default=None, metavar="q8|q4|q4-gptq",
+              help="Weight-only: block-quantize MatMul/Gemm weights to 8 or 4 bits (GPTQ: from the calibration "
+                   "data); activations stay float.")
+@click.option("--block-size", type=int, default=None, metavar="32|64|128",
+              help="Weight-only: weights per scale along the input axis (default 32).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic):
+           layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size):
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
     int8 bundle in OUT."""
+    from click.core import ParameterSource
+
     from .api import export as run_export
     from .data import ImagePreprocess
+    from .weight_only import check_options
+
+    method_source = click.get_current_context().get_parameter_source("method")
+    check_options(weights=weights, block_size=block_size, num_samples=num_samples,
+                  method_given=method_source == ParameterSource.COMMANDLINE, dynamic=dynamic)
 
     pre = None
     if any(v is not None for v in (resize, scale, mean, std, channels, layout)):
@@ -135,7 +147,8 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
     shapes = dict(parse_input_shape(s) for s in input_shape) or None
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
                         preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
-                        input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic)
+                        input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic,
+                        weights=weights, block_size=block_size)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -152,6 +165,11 @@ def summary(report: dict, path: Path) -> str:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
+    w = report.get("weights")
+    if w:
+        lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "
+                     f"({w['method']}): {w['fp32_bytes'] / 1024:.1f} KiB -> {w['quantized_bytes'] / 1024:.1f} KiB "
+                     f"({100 * w['ratio']:.1f}%)")
     k = report.get("kernels")
     if k:
         ops = ", ".join(f"{op} {n}" for op, n in k["int8"].items()) or "none"

@@ -365,3 +365,28 @@ def test_text_bundle_without_its_tokenizer_is_refused(minilm_bundle, digits_bund
     (digits / "manifest.json").write_text(json.dumps({**manifest, "reference_model": None}))
     with pytest.raises(rt.BundleError, match="has no fp32 reference model"):
         rt.Session(digits, reference=True)
+
+
+def test_tokenization_recipe_for_other_languages(minilm_bundle):
+    """runtimes/README.md's recipe for bindings without padding options (the tokenizer.json's own truncation,
+    padding by hand) gives the inputs edgequant_text.py gives."""
+    from tokenizers import Tokenizer
+
+    import edgequant_text
+
+    spec = minilm_bundle.manifest["tokenizer"]
+    length = spec["max_length"]
+    blob = json.loads((minilm_bundle.path / spec["file"]).read_text())
+    blob["truncation"] = {"direction": "Right", "max_length": length, "strategy": "LongestFirst", "stride": 0}
+    blob["padding"] = None
+    tok = Tokenizer.from_str(json.dumps(blob))
+    texts = ["A robot arm picks up a red cup.", " ".join(["gripper"] * 300), "Héllo wörld, naïve café!"]
+    want = edgequant_text.TextInputs(str(minilm_bundle.path)).encode(texts)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text).ids
+        pad = length - len(ids)
+        assert ids + [spec["pad_id"]] * pad == want["input_ids"][i].tolist()
+        assert [1] * len(ids) + [0] * pad == want["attention_mask"][i].tolist()
+        assert want["token_type_ids"][i].tolist() == [0] * len(ids) + [spec["pad_type_id"]] * pad
+    assert len(tok.encode(texts[1]).ids) == length  # the long text was cut, [SEP] kept
+    assert tok.encode(texts[1]).ids[-1] == tok.token_to_id("[SEP]")

@@ -10,7 +10,7 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     print(sess.placement)                          # {provider: nodes it runs}
 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
-    python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper"
+    python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
 
 Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
 only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from conftest import DIGITS, ROOT, load_example_module
 
 from test_cli import assert_user_error, invoke
+from test_runtime import device_venv, link
 
 sys.path.insert(0, str(ROOT / "runtimes" / "python"))
 
@@ -266,3 +270,123 @@ def test_smoothing_fires_on_own_weights_and_refuses_shared_ones():
         run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
                for m in (model, smoothed)]
         assert all(np.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(*run))
+
+
+# --- the device runtime takes text ----------------------------------------------------------------------------
+
+
+def test_runtime_session_takes_text(minilm_bundle, minilm_folder, sentences):
+    """Session.run_text: the fp32 reference gives sentence-transformers' embeddings, int8 agrees with it."""
+    from sentence_transformers import SentenceTransformer
+
+    from edgequant._runtime import edgequant_runtime as rt
+
+    texts = sentences[1][64:96] + [" ".join(sentences[1][:12])]  # held out; the last one is cut at 128 tokens
+    fp32, outputs = rt.Session(minilm_bundle.path, reference=True).run_text(texts)
+    assert outputs["last_hidden_state"].shape == (33, 128, 384) and fp32.shape == (33, 384)
+    reference = SentenceTransformer(str(minilm_folder), device="cpu")
+    reference.max_seq_length = 128
+    assert np.max(np.abs(fp32 - reference.encode(texts, convert_to_numpy=True))) < 1e-4
+
+    sess = rt.Session(minilm_bundle.path)
+    int8, _ = sess.run_text(texts)
+    cosine = np.sum(int8 * fp32, axis=1) / (np.linalg.norm(int8, axis=1) * np.linalg.norm(fp32, axis=1))
+    assert cosine.min() >= 0.99, cosine
+    single, _ = sess.run_text(texts[0])
+    assert single.shape == (1, 384) and np.max(np.abs(single[0] - int8[0])) < 1e-5
+    with pytest.raises(rt.InputError, match="a string or a non-empty list of strings"):
+        sess.run_text([])
+
+
+def test_runtime_cli_takes_text_without_torch_or_transformers(minilm_bundle, tmp_path):
+    import tokenizers
+
+    from edgequant._runtime import edgequant_runtime as rt
+
+    python, site, env = device_venv(tmp_path)
+    cli = [python, str(minilm_bundle.path / "edgequant_runtime.py"), str(minilm_bundle.path)]
+    texts = ["A robot arm picks up a red cup.", "The gripper closes around the mug.", "Interest rates rose again."]
+    args = [a for t in texts for a in ("--text", t)]
+    run = subprocess.run(cli + args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"error: {minilm_bundle.path} takes text, which needs the tokenizers "
+                                               "package here: pip install tokenizers"]
+
+    link(site, tokenizers)
+    for module in ("torch", "transformers"):
+        missing = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, env=env)
+        assert f"No module named '{module}'" in missing.stderr
+    run = subprocess.run(cli + args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "embeddings: shape [3, 384] float32 (last_hidden_state, mean pooling, normalized)" in run.stdout
+    embeddings, _ = rt.Session(minilm_bundle.path).run_text(texts)
+    similarity = embeddings @ embeddings.T
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert f"cosine text {i + 1} ~ text {j + 1}: {similarity[i, j]:.4f}" in run.stdout
+    assert similarity[0, 1] > similarity[0, 2] + 0.2  # cup ~ mug, not interest rates
+
+
+def test_text_bundle_without_its_tokenizer_is_refused(minilm_bundle, digits_bundle, tmp_path, capsys):
+    from edgequant._runtime import edgequant_runtime as rt
+
+    bundle = tmp_path / "copy"
+    bundle.mkdir()
+    for item in minilm_bundle.path.iterdir():  # the models linked, the small files copied
+        if item.suffix == ".onnx":
+            os.symlink(item, bundle / item.name)
+        else:
+            (bundle / item.name).write_bytes(item.read_bytes())
+    tok = bundle / "tokenizer.json"
+    good = tok.read_bytes()
+    tok.unlink()
+    with pytest.raises(rt.BundleError, match="tokenizer.json is missing from the bundle; copy the whole bundle"):
+        rt.Session(bundle)
+    assert rt.main([str(bundle), "--text", "a cup"]) == 1
+    assert capsys.readouterr().err.strip().endswith("tokenizer.json is missing from the bundle; copy the whole "
+                                                    "bundle folder")
+    tok.write_bytes(good.replace(b'"[PAD]"', b'"[PAX]"', 1))
+    with pytest.raises(rt.BundleError, match="tokenizer.json does not match its sha256"):
+        rt.Session(bundle)
+    tok.write_bytes(good)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("tokenizer.json", "vocab.txt", "edgequant_text.py"):
+        files = {k: v for k, v in manifest["files"].items() if k != name}
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+        with pytest.raises(rt.BundleError, match=f"lists no checksum for '{name}', which the bundle needs"):
+            rt.Session(bundle)
+
+    with pytest.raises(rt.InputError, match="takes arrays, not text: its manifest has no tokenizer"):
+        rt.Session(digits_bundle.path).run_text(["a cup"])
+    assert rt.main([str(digits_bundle.path), "--text", "a cup"]) == 1
+    assert "takes arrays, not text" in capsys.readouterr().err
+    digits = tmp_path / "digits"
+    shutil.copytree(digits_bundle.path, digits)
+    manifest = json.loads((digits / "manifest.json").read_text())
+    (digits / "manifest.json").write_text(json.dumps({**manifest, "reference_model": None}))
+    with pytest.raises(rt.BundleError, match="has no fp32 reference model"):
+        rt.Session(digits, reference=True)
+
+
+def test_tokenization_recipe_for_other_languages(minilm_bundle):
+    """runtimes/README.md's recipe for bindings without padding options (the tokenizer.json's own truncation,
+    padding by hand) gives the inputs edgequant_text.py gives."""
+    from tokenizers import Tokenizer
+
+    import edgequant_text
+
+    spec = minilm_bundle.manifest["tokenizer"]
+    length = spec["max_length"]
+    blob = json.loads((minilm_bundle.path / spec["file"]).read_text())
+    blob["truncation"] = {"direction": "Right", "max_length": length, "strategy": "LongestFirst", "stride": 0}
+    blob["padding"] = None
+    tok = Tokenizer.from_str(json.dumps(blob))
+    texts = ["A robot arm picks up a red cup.", " ".join(["gripper"] * 300), "Héllo wörld, naïve café!"]
+    want = edgequant_text.TextInputs(str(minilm_bundle.path)).encode(texts)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text).ids
+        pad = length - len(ids)
+        assert ids + [spec["pad_id"]] * pad == want["input_ids"][i].tolist()
+        assert [1] * len(ids) + [0] * pad == want["attention_mask"][i].tolist()
+        assert want["token_type_ids"][i].tolist() == [0] * len(ids) + [spec["pad_type_id"]] * pad
+    assert len(tok.encode(texts[1]).ids) == length  # the long text was cut, [SEP] kept
+    assert tok.encode(texts[1]).ids[-1] == tok.token_to_id("[SEP]")

@@ -186,18 +186,28 @@ def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):
     assert rt.Session(digits_bundle.path, providers=chain, allow_fallback=True).providers == chain
 
 
-def test_adapter_runs_where_there_is_no_torch(digits_bundle, tmp_path):
-    """A venv without pip whose only packages are numpy and onnxruntime (linked from this environment)."""
+def device_venv(tmp_path: Path) -> tuple[str, Path, dict[str, str]]:
+    """A venv without pip whose only packages are numpy and onnxruntime (linked from this environment) →
+    (its python, its site-packages, an environment for subprocesses); ``link(site, module)`` adds a package."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
     for module in (np, ort):
-        src = Path(module.__file__).parent
-        os.symlink(src, site / src.name)
-        for libs in src.parent.glob(f"{src.name}.libs"):  # vendored shared libraries of manylinux wheels
-            os.symlink(libs, site / libs.name)
-    python = str(venv / "bin" / "python")
+        link(site, module)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return str(venv / "bin" / "python"), site, env
+
+
+def link(site: Path, module) -> None:
+    src = Path(module.__file__).parent
+    os.symlink(src, site / src.name)
+    for libs in src.parent.glob(f"{src.name}.libs"):  # vendored shared libraries of manylinux wheels
+        os.symlink(libs, site / libs.name)
+
+
+def test_adapter_runs_where_there_is_no_torch(digits_bundle, tmp_path):
+    """A venv without pip whose only packages are numpy and onnxruntime (linked from this environment)."""
+    python, _, env = device_venv(tmp_path)
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert no_torch.returncode == 1 and "No module named 'torch'" in no_torch.stderr
     x = tmp_path / "x.npy"

@@ -6,9 +6,14 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
 
     sess = Session("path/to/bundle")              # verifies every file's sha256, builds the provider chain
     outputs = sess.run({"x": x})                   # or sess.run(x), or sess.run(camera_frame_uint8_hwc)
+    embeddings, outputs = sess.run_text(["a robot arm", "a gripper"])   # bundles with a tokenizer
     print(sess.placement)                          # {provider: nodes it runs}
 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
+    python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
+
+Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
+only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -37,6 +43,7 @@ __all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", 
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+TEXT_ADAPTER = "edgequant_text.py"
 CPU = "CPUExecutionProvider"
 
 log = logging.getLogger("edgequant_runtime")
@@ -157,9 +164,14 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
         raise BundleError(f"{mpath} has schema_version {version}, newer than this runtime reads ({SCHEMA_VERSION}): "
                           "use the edgequant_runtime.py shipped inside that bundle")
     files = manifest.get("files") or {}
-    model_file = (manifest.get("model") or {}).get("file")
-    if model_file not in files:
-        raise BundleError(f"{mpath} lists no checksum for its model file {model_file!r}; export the bundle again")
+    needed = [(manifest.get("model") or {}).get("file")]
+    if manifest.get("tokenizer"):  # a text bundle: its tokenizer and text adapter are verified like the model
+        tok = manifest["tokenizer"]
+        needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
+    for name in needed:
+        if name not in files:
+            raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
+                              "again")
     for name, meta in files.items():
         path = root / name
         if not path.is_file():
@@ -267,14 +279,20 @@ class Session:
     ``providers``: "auto" (the manifest's chain) or a list of provider names (options still come from the
     manifest when it names the provider). ``allow_fallback``: run anyway when a provider is missing or nodes
     land outside the chain, and log what runs where; otherwise that is a :class:`ProviderError`.
+    ``reference``: open the bundle's fp32 reference model instead of the int8 one (to check int8 on the device).
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, providers: str | list[str] = "auto", *,
-                 allow_fallback: bool = False) -> None:
+                 allow_fallback: bool = False, reference: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = Path(bundle_dir)
         self.manifest = verify_bundle(self.path)
+        self._text = None
+        entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
+        if not entry or entry.get("file") not in self.manifest["files"]:
+            raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
+                              "--reference)")
         runtime = self.manifest.get("runtime") or {}
         declared = {p["name"]: dict(p.get("options") or {}) for p in runtime.get("providers") or []}
         names = list(declared) if providers == "auto" else list(providers)
@@ -294,7 +312,7 @@ class Session:
         self.requested, self.missing, self.providers = names, missing, chain
         options = [self._options(declared.get(n, {})) for n in chain]
         so = self._session_options(ort, runtime, strict=not allow_fallback and CPU not in chain)
-        model = str(self.path / self.manifest["model"]["file"])
+        model = str(self.path / entry["file"])
         with tempfile.TemporaryDirectory(prefix="edgequant-rt-") as tmp:
             # profiled for one run on zeros, which names the provider of every kernel; end_profiling() then
             # switches the profiler off for the runs that follow
@@ -413,6 +431,45 @@ class Session:
         feed = {n: self._prepare(n, v) for n, v in inputs.items()}
         return dict(zip(self.output_names, self._session.run(self.output_names, feed)))
 
+    def run_text(self, texts) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """One text or a list (bundles with a ``tokenizer``) → (embeddings (batch, dim) float32 pooled per the
+        manifest's ``pooling``, or None when it records none; {output name: array})."""
+        text = self._text_inputs()
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch or not all(isinstance(t, str) for t in batch):
+            raise InputError("run_text takes a string or a non-empty list of strings")
+        feeds = text.encode(batch)
+        outputs = self.run(feeds)
+        pooling = text.pooling
+        return (text.pool(outputs[pooling["output"]], feeds) if pooling else None), outputs
+
+    def _text_inputs(self):
+        """The bundle's own (verified) edgequant_text.py, imported on first use, with its tokenizer loaded."""
+        if self._text is not None:
+            return self._text
+        if not self.manifest.get("tokenizer"):
+            raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
+                             "run() (--input)")
+        name = "_edgequant_text_" + self.manifest["files"][TEXT_ADAPTER]["sha256"][:16]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, self.path / TEXT_ADAPTER)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        try:
+            self._text = module.TextInputs(str(self.path), self.manifest)
+        except ImportError as exc:
+            if exc.name != "tokenizers":
+                raise
+            raise RuntimeAdapterError(f"{self.path} takes text, which needs the tokenizers package here: pip "
+                                      "install tokenizers") from None
+        except Exception as exc:  # the tokenizers package raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{self.path / self.manifest['tokenizer']['file']}: the tokenizers package cannot load "
+                              f"it ({first}); install a newer tokenizers") from None
+        return self._text
+
 
 # --- command line ---------------------------------------------------------------------------------------------
 
@@ -438,28 +495,50 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _print_embeddings(embeddings: np.ndarray | None, pooling: dict | None) -> None:
+    if embeddings is None:
+        print("embeddings: none, the manifest records no pooling (the outputs above are per token)")
+        return
+    how = f"{pooling['output']}, {pooling['mode']} pooling{', normalized' if pooling.get('normalize') else ''}"
+    print(f"embeddings: shape {list(embeddings.shape)} {embeddings.dtype} ({how})")
+    e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    for i in range(len(e)):
+        for j in range(i + 1, len(e)):
+            print(f"cosine text {i + 1} ~ text {j + 1}: {float(e[i] @ e[j]):.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgequant_runtime.py", description="Run an edgequant bundle.")
     parser.add_argument("bundle", help="bundle folder (with manifest.json)")
-    parser.add_argument("--input", required=True, help=".npy / .npz (one array per input) / 8-bit .png frame")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", help=".npy / .npz (one array per input) / 8-bit .png frame")
+    given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
-    parser.add_argument("--save", metavar="OUT.npz", help="save the outputs here")
+    parser.add_argument("--save", metavar="OUT.npz", help="save the outputs (and text embeddings) here")
+    parser.add_argument("--reference", action="store_true", help="run the fp32 reference model, not the int8 one")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         providers = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",") if p.strip()]
-        sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback)
-        feed = _read_input(args.input, sess)
-        outputs = sess.run(feed)
+        sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference)
+        if args.text:
+            def step():  # tokenization is part of what a text bundle costs
+                return sess.run_text(args.text)
+        else:
+            feed = _read_input(args.input, sess)
+
+            def step():
+                return None, sess.run(feed)
+        embeddings, outputs = step()
         if args.bench:
             for _ in range(5):
-                sess.run(feed)
+                step()
             times = []
             for _ in range(50):
                 t0 = time.perf_counter()
-                sess.run(feed)
+                step()
                 times.append(time.perf_counter() - t0)
     except RuntimeAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -470,8 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         if value.ndim == 2 and value.shape[1] > 1:
             line += f"  argmax {np.argmax(value, axis=1).tolist()}"
         print(line)
+    if args.text:
+        _print_embeddings(embeddings, sess.manifest.get("pooling"))
     if args.save:
-        np.savez(args.save, **outputs)
+        np.savez(args.save, **outputs, **({"embeddings": embeddings} if embeddings is not None else {}))
     if args.bench:
         ms = np.sort(np.array(times)) * 1e3
         print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")

@@ -10,6 +10,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyBudget",
+    "Algorithms",
+    "BudgetError",
     "Bundle",
     "BundleError",
     "CalibrationError",
@@ -27,8 +30,11 @@ __all__ = [
     "load_target",
 ]
 
+from .algorithms import Algorithms
 from .api import export
+from .budget import AccuracyBudget
 from .bundle import Bundle, load_bundle
+from .errors import BudgetError
 from .data import ImagePreprocess
 from .errors import (BundleError, CalibrationError, DataError, EdgeQuantError, ExportError, QuantizationError,
                      TargetError, UnsupportedOnTarget)

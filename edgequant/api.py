@@ -13,6 +13,7 @@ import onnx
 
 from . import __version__
 from .bundle import Bundle, check_out_dir, write_bundle
+from .algorithms import Algorithms
 from .calibrate import METHODS, calibrate, tensors_to_calibrate
 from .data import ImagePreprocess, Samples, load_samples
 from .errors import CalibrationError, DataError, ExportError
@@ -32,12 +33,21 @@ MAX_HOLDOUT = 256
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
            method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
            preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True) -> Bundle:
+           force: bool = False, progress: bool = True, algorithms: Algorithms | None = None,
+           accuracy_budget: Any = None, labels: Any = None) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
-    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``."""
+    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
+
+    ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
+    tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
+    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets."""
+    from .budget import AccuracyBudget
+
     tgt = load_target(target)
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+    budget = AccuracyBudget.parse(accuracy_budget) if isinstance(accuracy_budget, str) else accuracy_budget
+    algo = algorithms or Algorithms()
+    if method not in METHODS and method != "auto":
+        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
     if num_samples is not None and num_samples < 1:
         raise DataError(f"--num-samples must be at least 1, not {num_samples}")
     out = Path(out)
@@ -55,11 +65,28 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
     _check_data_fits(fp32, samples)
     t1 = time.perf_counter()
-    tensors = tensors_to_calibrate(fp32, tgt.quantization.op_types)
-    ranges = _calibrate(fp32, calib, tensors, method, batch_size, progress)
+    work, algo_report = _apply_fp32_algorithms(fp32, calib, algo, batch_size)
+    tensors = tensors_to_calibrate(work, tgt.quantization.op_types)
+    quantize_fn = _quantizer(work, tgt, algo, calib, batch_size)
+    if method == "auto":
+        from .algorithms import auto_ranges
+
+        ranges, picked = auto_ranges(work, calib, tensors, lambda r: quantize(work, r, tgt), batch_size=batch_size,
+                                     limit=algo.max_samples)
+        algo_report["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
+    else:
+        ranges = _calibrate(work, calib, tensors, method, batch_size, progress)
     timings["calibrate_s"] = time.perf_counter() - t1
 
-    int8 = quantize(fp32, ranges, tgt, exclude_nodes=exclude_nodes)
+    int8 = quantize_fn(ranges, exclude_nodes)
+    budget_report = None
+    if budget is not None:
+        from .budget import keep_float_until, labels_for
+
+        held_labels = labels_for(labels, len(samples), holdout_indices(len(samples)))
+        int8, budget_report = keep_float_until(
+            budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
+            labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress)
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
     timings["total_s"] = time.perf_counter() - t0
@@ -82,6 +109,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "fidelity": [f.to_dict() for f in fid],
         "kernels": kernels.to_dict() if kernels else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "algorithms": algo_report,
+        "accuracy_budget": budget_report,
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
     return write_bundle(out, files, manifest, report, force=force)
@@ -93,12 +122,47 @@ def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, S
     n = len(samples)
     if n < 5:
         return samples, samples
-    held = [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
+    held = holdout_indices(n)
     held_set = set(held)
     calib = [i for i in range(n) if i not in held_set]
     if num_samples is not None:
         calib = calib[:num_samples]
     return samples.subset(calib), samples.subset(held)
+
+
+def holdout_indices(n: int) -> list[int]:
+    """Indices of the held-out samples among ``n`` (all of them when fewer than 5)."""
+    return list(range(n)) if n < 5 else [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
+
+
+def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorithms,
+                           batch_size: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
+    from .algorithms import equalize_cross_layer, smooth_quant
+
+    report: dict[str, Any] = algo.to_dict()
+    work = fp32
+    if algo.equalize:
+        work, report["equalized_pairs"] = equalize_cross_layer(work)
+    if algo.smooth_quant:
+        work, report["smoothed_activations"] = smooth_quant(work, calib, alpha=algo.smooth_quant_alpha,
+                                                            batch_size=batch_size, limit=algo.max_samples)
+    return work, report
+
+
+def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
+    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
+    from .algorithms import correct_bias, smooth_mul_nodes
+
+    keep_float = smooth_mul_nodes(work)
+
+    def run(ranges, exclude):
+        int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
+        if algo.bias_correction:
+            int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
+        return int8
+
+    return run
 
 
 def _ids(samples: Samples) -> list[str]:

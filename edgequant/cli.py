@@ -82,8 +82,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="Bundle folder to write.")
 @click.option("--target", default="generic-cpu", show_default=True, metavar="NAME|PATH.toml",
               help="Built-in profile (see `edgequant targets`) or your own .toml.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen from the calibration data.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen from the calibration data (auto: per "
+              "tensor, the method with the least output error).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="Calibrate on at most N samples (the held-out check set is kept apart).")
 @click.option("--opset", type=click.IntRange(13, 23), default=None, help="ONNX opset (default: the target's).")
@@ -96,12 +97,30 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Images: tensor layout.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the calibration progress bar.")
+@click.option("--accuracy-budget", default=None, metavar="METRIC>=X|METRIC<=X",
+              help="Keep the most sensitive nodes in float until this holds on the held-out samples, e.g. "
+              "cosine>=0.995, sqnr>=25, argmax>=99, top1>=97, top1-drop<=0.5 (top1 needs --labels).")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False, path_type=Path), metavar="LABELS.npy",
+              help="Integer class per calibration sample, in the order the samples are read (sorted names).")
+@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv pairs before calibration.")
+@click.option("--bias-correction", is_flag=True, help="Correct Conv/Gemm biases by the mean int8 output shift.")
+@click.option("--smooth-quant", is_flag=True, help="Move MatMul activation outliers into the weights.")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress):
+           layout, force, no_progress, accuracy_budget, labels, equalize, bias_correction, smooth_quant):
     """Quantize MODEL (file.py:factory, package.module:factory or model.onnx) to an int8 bundle in OUT."""
+    from .algorithms import Algorithms
     from .api import export as run_export
+    from .budget import AccuracyBudget
     from .data import ImagePreprocess
+    from .errors import BudgetError
+
+    budget = None
+    if accuracy_budget is not None:
+        try:
+            budget = AccuracyBudget.parse(accuracy_budget)
+        except BudgetError as exc:
+            raise click.BadParameter(str(exc), param_hint="--accuracy-budget") from None
 
     pre = None
     if any(v is not None for v in (resize, scale, mean, std, channels, layout)):
@@ -110,7 +129,10 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
             mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
             channel_order=channels or "rgb", layout=layout or "nchw")
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
-                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress)
+                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
+                        algorithms=Algorithms(equalize=equalize, bias_correction=bias_correction,
+                                              smooth_quant=smooth_quant),
+                        accuracy_budget=budget, labels=labels)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -134,6 +156,10 @@ def summary(report: dict, path: Path) -> str:
                          + (" ..." if len(k["float_compute"]) > 8 else ""))
         else:
             lines.append("float    no Conv/MatMul/Gemm left in float")
+    if report.get("accuracy_budget"):
+        from .budget import describe
+
+        lines += describe(report["accuracy_budget"])
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ file, tensor or node at fault and says how to fix it. The CLI prints ``error: <m
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "BundleError",
     "CalibrationError",
     "DataError",
@@ -45,3 +46,7 @@ class UnsupportedOnTarget(QuantizationError):
 
 class BundleError(EdgeQuantError):
     """A bundle is missing, tampered with, from a newer schema, or cannot be written."""
+
+
+class BudgetError(QuantizationError):
+    """An accuracy budget that is malformed, cannot be met, or whose metric function fails."""

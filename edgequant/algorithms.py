@@ -47,7 +47,7 @@ class Algorithms:
     equalize: bool = False
     bias_correction: bool = False
     smooth_quant: bool = False
-    smooth_quant_alpha: float = 0.5
+    smooth_quant_alpha: float = 0.8  # migration strength; 0.8 measured better than 0.5 on MiniLM-L6
     max_samples: int = 64  # calibration samples used by bias correction and method="auto"
 
     def __post_init__(self) -> None:
@@ -190,7 +190,7 @@ def _channel_absmax(model: onnx.ModelProto, samples, tensors: Sequence[str], bat
     return acc
 
 
-def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = 0.5, batch_size: int = 16,
+def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = 0.8, batch_size: int = 16,
                  limit: int = 64) -> tuple[onnx.ModelProto, int]:
     """fp32 ModelProto + samples → (a new ModelProto with activation outliers moved into MatMul weights,
     computing the same function, number of smoothed activations)."""
@@ -407,7 +407,9 @@ def auto_ranges(fp32: onnx.ModelProto, samples, tensors: Sequence[str], quantize
     best = scores[start]
     for t, sc, zp in params:
         for m in METHODS:
-            if m == choice[t] or np.array_equal(per_method[m][sc], per_method[choice[t]][sc]):
+            cur, new = per_method[choice[t]], per_method[m]
+            if m == choice[t] or (np.allclose(new[sc], cur[sc], rtol=0.01)
+                                  and np.array_equal(new[zp], cur[zp])):
                 continue
             trial = dict(choice, **{t: m})
             e = error(feeds_for(trial))

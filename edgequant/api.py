@@ -56,6 +56,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     t0 = time.perf_counter()
 
     samples = load_samples(calibration, preprocess=preprocess)
+    held_labels = _budget_labels(budget, labels, len(samples))
     loaded = load_model(model)
     samples = samples.bind(input_names_of(loaded))
     calib, holdout = split_holdout(samples, num_samples)
@@ -81,9 +82,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     int8 = quantize_fn(ranges, exclude_nodes)
     budget_report = None
     if budget is not None:
-        from .budget import keep_float_until, labels_for
+        from .budget import keep_float_until
 
-        held_labels = labels_for(labels, len(samples), holdout_indices(len(samples)))
         int8, budget_report = keep_float_until(
             budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
             labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress)
@@ -133,6 +133,17 @@ def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, S
 def holdout_indices(n: int) -> list[int]:
     """Indices of the held-out samples among ``n`` (all of them when fewer than 5)."""
     return list(range(n)) if n < 5 else [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
+
+
+def _budget_labels(budget: Any, labels: Any, n: int):
+    """The held-out samples' labels, checked before any work is done."""
+    from .budget import labels_for
+    from .errors import BudgetError
+
+    if budget is not None and budget.needs_labels and labels is None:
+        raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
+                          "integer class per calibration sample, in the order the samples are read)")
+    return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
 
 
 def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorithms,

@@ -34,8 +34,8 @@ from .algorithms import Algorithms
 from .api import export
 from .budget import AccuracyBudget
 from .bundle import Bundle, load_bundle
-from .errors import BudgetError
 from .data import ImagePreprocess
+from .errors import BudgetError
 from .errors import (BundleError, CalibrationError, DataError, EdgeQuantError, ExportError, QuantizationError,
                      TargetError, UnsupportedOnTarget)
 from .targets import Target, list_targets, load_target

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .bundle import Bundle, check_out_dir, write_bundle
 from .algorithms import Algorithms
+from .bundle import Bundle, check_out_dir, write_bundle
 from .calibrate import METHODS, calibrate, tensors_to_calibrate
 from .data import ImagePreprocess, Samples, load_samples
 from .errors import CalibrationError, DataError, ExportError

@@ -67,6 +67,8 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
         "QDQOpTypePerChannelSupportToAxis": per_channel_axes,
         "MinimumRealRange": 1e-4,
     }
+    if q.float_output_op_types:
+        extra["OpTypesToExcludeOutputQuantization"] = list(q.float_output_op_types)
     if overrides:
         extra["TensorQuantOverrides"] = dict(overrides)
     work = onnx.ModelProto()

@@ -34,6 +34,8 @@ class QuantSpec:
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
     float_op_types: tuple[str, ...] = ()
+    # ops whose output stays float (DQ → MatMul → float: ORT's MatMulIntegerToFloat), no output requantization
+    float_output_op_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("activation_dtype", "weight_dtype"):
@@ -104,6 +106,7 @@ class Target:
                 "reduce_range": q.reduce_range,
                 "op_types": list(q.op_types),
                 "float_op_types": list(q.float_op_types),
+                "float_output_op_types": list(q.float_output_op_types),
             },
             "runtime": {
                 "providers": [{"name": p.name, "options": p.options_dict()} for p in r.providers],

@@ -109,11 +109,27 @@ def minilm_runs(minilm, tmp_path_factory):
     path, samples = minilm
     tmp = tmp_path_factory.mktemp("minilm_runs")
     runs = {}
-    for name, method in (("minmax", "minmax"), ("auto", "auto")):
-        b = edgequant.export(path, samples, out=tmp / name, method=method, algorithms=Algorithms(max_samples=16),
-                             opset=20, progress=False)
+    for name, method, target, smooth in (("minmax", "minmax", "x86-vnni", False), ("auto", "auto", "x86-vnni", False),
+                                         ("tf", "minmax", "x86-vnni-transformer", False),
+                                         ("tf-smooth", "minmax", "x86-vnni-transformer", True)):
+        b = edgequant.export(path, samples, out=tmp / name, method=method, target=target, opset=20, progress=False,
+                             algorithms=Algorithms(max_samples=16, smooth_quant=smooth))
         runs[name] = b.report
     return runs
+
+
+def test_transformer_profile_keeps_matmul_outputs_float(minilm_runs):
+    tf = minilm_runs["tf"]
+    # all 8 MatMuls in int8; only the one feeding another MatMul (scores → softmax · V) requantizes its output
+    assert tf["kernels"]["int8"].get("MatMulIntegerToFloat", 0) >= 7 and tf["kernels"]["int8_nodes"] == 8
+    assert tf["kernels"]["float_compute"] == []
+    assert 1 - tf["fidelity"][0]["cosine"] < 0.5 * (1 - minilm_runs["minmax"]["fidelity"][0]["cosine"])
+
+
+def test_smooth_quant_helps_end_to_end(minilm_runs):
+    base, smooth = minilm_runs["tf"]["fidelity"][0], minilm_runs["tf-smooth"]["fidelity"][0]
+    assert minilm_runs["tf-smooth"]["algorithms"]["smoothed_activations"] == 4
+    assert 1 - smooth["cosine"] < 0.8 * (1 - base["cosine"])
 
 
 def test_method_auto_helps(minilm_runs):

@@ -36,6 +36,8 @@ class QuantSpec:
     float_op_types: tuple[str, ...] = ()
     # ops whose output stays float (DQ → MatMul → float: ORT's MatMulIntegerToFloat), no output requantization
     float_output_op_types: tuple[str, ...] = ()
+    # MatMul/Gemm only where an input is a constant weight (activation × activation products stay float)
+    constant_weight_only: bool = False
 
     def __post_init__(self) -> None:
         for key in ("activation_dtype", "weight_dtype"):
@@ -107,6 +109,7 @@ class Target:
                 "op_types": list(q.op_types),
                 "float_op_types": list(q.float_op_types),
                 "float_output_op_types": list(q.float_output_op_types),
+                "constant_weight_only": q.constant_weight_only,
             },
             "runtime": {
                 "providers": [{"name": p.name, "options": p.options_dict()} for p in r.providers],

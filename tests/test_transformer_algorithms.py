@@ -120,9 +120,8 @@ def minilm_runs(minilm, tmp_path_factory):
 
 def test_transformer_profile_keeps_matmul_outputs_float(minilm_runs):
     tf = minilm_runs["tf"]
-    # all 8 MatMuls in int8; only the one feeding another MatMul (scores → softmax · V) requantizes its output
-    assert tf["kernels"]["int8"].get("MatMulIntegerToFloat", 0) >= 7 and tf["kernels"]["int8_nodes"] == 8
-    assert tf["kernels"]["float_compute"] == []
+    # the 6 MatMuls with a constant weight run in int8 with float outputs; the 2 attention products stay float
+    assert tf["kernels"]["int8"] == {"MatMulIntegerToFloat": 6} and len(tf["kernels"]["float_compute"]) == 2
     assert 1 - tf["fidelity"][0]["cosine"] < 0.5 * (1 - minilm_runs["minmax"]["fidelity"][0]["cosine"])
 
 

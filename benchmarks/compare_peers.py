@@ -259,7 +259,7 @@ def minilm_setup(tmp: Path, n_calib: int = 32, n_held: int = 64):
                       dynamo=True, input_names=["input_ids", "attention_mask"],
                       dynamic_shapes=({0: batch}, {0: batch}), verbose=False).save(str(raw))
     b = edgequant.export(str(raw), calib[:5], out=tmp / "minilm_prep", opset=20, progress=False)
-    _write(tmp / "minilm", b.fp32_model_path, calib, opset=20, transformer=True, auto_samples=4,
+    _write(tmp / "minilm", b.fp32_model_path, calib, opset=20, transformer=True, auto_samples=n_calib,
            target="x86-vnni-transformer", tuned={"method": "minmax", "smooth_quant": True})
     feeds = {"input_ids": held["input_ids"], "attention_mask": held["attention_mask"]}
     mask = held["attention_mask"][..., None].astype(np.float64)

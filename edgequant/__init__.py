@@ -10,8 +10,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyBudget",
+    "Algorithms",
     "BenchError",
     "BenchResult",
+    "BudgetError",
     "Bundle",
     "BundleError",
     "CalibrationError",
@@ -36,15 +39,17 @@ __all__ = [
     "qat",
 ]
 
+from .algorithms import Algorithms
 from .api import export
 from .bench import BenchResult, bench
+from .budget import AccuracyBudget
 from .bundle import Bundle, load_bundle
 from .data import ImagePreprocess
-from .errors import (BenchError, BundleError, CalibrationError, DataError, EdgeQuantError, ExportError,
+from .errors import (BenchError, BudgetError, BundleError, CalibrationError, DataError, EdgeQuantError, ExportError,
                      QuantizationError, TargetError, UnsupportedOnTarget)
+from .hf import HFModel, load_hf
 from .layers import LayerError, layer_errors
 from .placement import inspect_bundle
-from .hf import HFModel, load_hf
 from .targets import Target, list_targets, load_target
 from . import qat  # noqa: E402  (quantization-aware training; imports torch only when used)
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .algorithms import Algorithms
 from .bundle import Bundle, check_out_dir, write_bundle
 from .calibrate import METHODS, calibrate, tensors_to_calibrate
 from .data import ImagePreprocess, Samples, load_samples
@@ -37,15 +38,22 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
            force: bool = False, progress: bool = True, layer_report: bool = True,
            input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
            max_length: int = 128, dynamic: bool = False, weights: str | None = None,
-           block_size: int | None = None) -> Bundle:
+           block_size: int | None = None, algorithms: Algorithms | None = None, accuracy_budget: Any = None,
+           labels: Any = None) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
     (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
+
     With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
     Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
     "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
     A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.encoder.export_text`.
     ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
-    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.weight_only``)."""
+    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.weight_only``).
+    ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
+    tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
+    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets."""
+    from .budget import AccuracyBudget
+
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
                        num_samples=num_samples, dynamic=dynamic)
     if wo is not None:
@@ -59,8 +67,10 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
                            opset=opset, task=task, max_length=max_length, dynamic=dynamic,
                            exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress)
     tgt = load_target(target)
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+    budget = AccuracyBudget.parse(accuracy_budget) if isinstance(accuracy_budget, str) else accuracy_budget
+    algo = algorithms or Algorithms()
+    if method not in METHODS and method != "auto":
+        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
     if num_samples is not None and num_samples < 1:
         raise DataError(f"--num-samples must be at least 1, not {num_samples}")
     out = Path(out)
@@ -69,6 +79,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     t0 = time.perf_counter()
 
     samples = load_samples(calibration, preprocess=preprocess)
+    held_labels = _budget_labels(budget, labels, len(samples))
     loaded = load_model(model)
     samples = samples.bind(input_names_of(loaded))
     calib, holdout = split_holdout(samples, num_samples)
@@ -80,14 +91,30 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     shapes = resolve_input_shapes(fp32, samples[0], input_shapes) if tgt.runtime.static_shapes or input_shapes \
         else None
     t1 = time.perf_counter()
-    tensors = tensors_to_calibrate(fp32, tgt.quantization.op_types)
-    ranges = _calibrate(fp32, calib, tensors, method, batch_size, progress)
+    work, algo_report = _apply_fp32_algorithms(fp32, calib, algo, batch_size)
+    tensors = tensors_to_calibrate(work, tgt.quantization.op_types)
+    quantize_fn = _quantizer(work, tgt, algo, calib, batch_size)
+    if method == "auto":
+        from .algorithms import auto_ranges
+
+        ranges, picked = auto_ranges(work, calib, tensors, lambda r: quantize(work, r, tgt), batch_size=batch_size,
+                                     limit=algo.max_samples)
+        algo_report["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
+    else:
+        ranges = _calibrate(work, calib, tensors, method, batch_size, progress)
     timings["calibrate_s"] = time.perf_counter() - t1
 
-    int8 = quantize(fp32, ranges, tgt, exclude_nodes=exclude_nodes)
+    int8 = quantize_fn(ranges, exclude_nodes)
+    budget_report = None
+    if budget is not None:
+        from .budget import keep_float_until
+
+        int8, budget_report = keep_float_until(
+            budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
+            labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress)
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
     t2 = time.perf_counter()
-    layers = _layers(fp32, int8, holdout, batch_size, progress) if layer_report else None
+    layers = _layers(work, int8, holdout, batch_size, progress) if layer_report else None
     timings["layers_s"] = time.perf_counter() - t2
     if shapes:
         fp32, int8 = fix_input_shapes(fp32, shapes), fix_input_shapes(int8, shapes)
@@ -112,6 +139,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "fidelity": [f.to_dict() for f in fid],
         "kernels": kernels.to_dict() if kernels else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "algorithms": algo_report,
+        "accuracy_budget": budget_report,
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
     if layers is not None:
@@ -135,12 +164,58 @@ def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, S
     n = len(samples)
     if n < 5:
         return samples, samples
-    held = [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
+    held = holdout_indices(n)
     held_set = set(held)
     calib = [i for i in range(n) if i not in held_set]
     if num_samples is not None:
         calib = calib[:num_samples]
     return samples.subset(calib), samples.subset(held)
+
+
+def holdout_indices(n: int) -> list[int]:
+    """Indices of the held-out samples among ``n`` (all of them when fewer than 5)."""
+    return list(range(n)) if n < 5 else [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
+
+
+def _budget_labels(budget: Any, labels: Any, n: int):
+    """The held-out samples' labels, checked before any work is done."""
+    from .budget import labels_for
+    from .errors import BudgetError
+
+    if budget is not None and budget.needs_labels and labels is None:
+        raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
+                          "integer class per calibration sample, in the order the samples are read)")
+    return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
+
+
+def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorithms,
+                           batch_size: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
+    from .algorithms import equalize_cross_layer, smooth_quant
+
+    report: dict[str, Any] = algo.to_dict()
+    work = fp32
+    if algo.equalize:
+        work, report["equalized_pairs"] = equalize_cross_layer(work)
+    if algo.smooth_quant:
+        work, report["smoothed_activations"] = smooth_quant(work, calib, alpha=algo.smooth_quant_alpha,
+                                                            batch_size=batch_size, limit=algo.max_samples)
+    return work, report
+
+
+def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
+    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
+    from .algorithms import correct_bias, smooth_mul_nodes
+
+    keep_float = smooth_mul_nodes(work)
+
+    def run(ranges, exclude):
+        int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
+        if algo.bias_correction:
+            int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
+        return int8
+
+    return run
 
 
 def _ids(samples: Samples) -> list[str]:

@@ -83,8 +83,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="Bundle folder to write.")
 @click.option("--target", default="generic-cpu", show_default=True, metavar="NAME|PATH.toml",
               help="Built-in profile (see `edgequant targets`) or your own .toml.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen from the calibration data.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen from the calibration data (auto: per "
+              "tensor, the method with the least output error).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="Calibrate on at most N samples (the held-out check set is kept apart).")
 @click.option("--opset", type=click.IntRange(13, 23), default=None, help="ONNX opset (default: the target's).")
@@ -114,20 +115,39 @@ def _size(text: str | None) -> tuple[int, int] | None:
                    "data); activations stay float.")
 @click.option("--block-size", type=int, default=None, metavar="32|64|128",
               help="Weight-only: weights per scale along the input axis (default 32).")
+@click.option("--accuracy-budget", default=None, metavar="METRIC>=X|METRIC<=X",
+              help="Keep the most sensitive nodes in float until this holds on the held-out samples, e.g. "
+              "cosine>=0.995, sqnr>=25, argmax>=99, top1>=97, top1-drop<=0.5 (top1 needs --labels).")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False, path_type=Path), metavar="LABELS.npy",
+              help="Integer class per calibration sample, in the order the samples are read (sorted names).")
+@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv pairs before calibration.")
+@click.option("--bias-correction", is_flag=True, help="Correct Conv/Gemm biases by the mean int8 output shift.")
+@click.option("--smooth-quant", is_flag=True, help="Move MatMul activation outliers into the weights.")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size):
+           layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size,
+           accuracy_budget, labels, equalize, bias_correction, smooth_quant):
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
     int8 bundle in OUT."""
     from click.core import ParameterSource
 
+    from .algorithms import Algorithms
     from .api import export as run_export
+    from .budget import AccuracyBudget
     from .data import ImagePreprocess
     from .weight_only import check_options
 
     method_source = click.get_current_context().get_parameter_source("method")
     check_options(weights=weights, block_size=block_size, num_samples=num_samples,
                   method_given=method_source == ParameterSource.COMMANDLINE, dynamic=dynamic)
+    from .errors import BudgetError
+
+    budget = None
+    if accuracy_budget is not None:
+        try:
+            budget = AccuracyBudget.parse(accuracy_budget)
+        except BudgetError as exc:
+            raise click.BadParameter(str(exc), param_hint="--accuracy-budget") from None
 
     pre = None
     if any(v is not None for v in (resize, scale, mean, std, channels, layout)):
@@ -148,7 +168,10 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
                         preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
                         input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic,
-                        weights=weights, block_size=block_size)
+                        weights=weights, block_size=block_size,
+                        algorithms=Algorithms(equalize=equalize, bias_correction=bias_correction,
+                                              smooth_quant=smooth_quant),
+                        accuracy_budget=budget, labels=labels)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -190,6 +213,10 @@ def summary(report: dict, path: Path) -> str:
         agree = f"argmax agreement {100 * a['argmax_agreement']:.2f}%" if a.get("argmax_agreement") is not None \
             else f"cosine {a['cosine']:.5f}"
         lines.append(f"qat      {a['output']} vs the QAT model in PyTorch: {agree}{steps}")
+    if report.get("accuracy_budget"):
+        from .budget import describe
+
+        lines += describe(report["accuracy_budget"])
     return "\n".join(lines)
 
 
@@ -199,9 +226,11 @@ def targets():
     """List the built-in target profiles."""
     from .targets import list_targets
 
-    for t in list_targets():
-        chain = ">".join(p.name.removesuffix("ExecutionProvider") for p in t.runtime.providers)
-        click.echo(f"{t.name:<14} {chain:<20} {t.description}")
+    rows = [(t.name, ">".join(p.name.removesuffix("ExecutionProvider") for p in t.runtime.providers),
+             t.description) for t in list_targets()]
+    width = max(len(name) for name, _, _ in rows)
+    for name, chain, description in rows:
+        click.echo(f"{name:<{width}}  {chain:<18} {description}")
 
 
 @cli.command()

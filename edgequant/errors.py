@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "BenchError",
+    "BudgetError",
     "BundleError",
     "CalibrationError",
     "DataError",
@@ -50,3 +51,7 @@ class BundleError(EdgeQuantError):
 
 class BenchError(EdgeQuantError):
     """A benchmark cannot run as asked: not a model, an unknown execution provider, a batch the model refuses."""
+
+
+class BudgetError(QuantizationError):
+    """An accuracy budget that is malformed, cannot be met, or whose metric function fails."""

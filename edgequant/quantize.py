@@ -60,6 +60,10 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
         log.info("keeping %d tensors in float (ranges beyond any 8-bit scale, e.g. masks): %s",
                  len(absurd), ", ".join(absurd[:5]))
     exclude = set(exclude_nodes) | _consumers_of(model, absurd)
+    if q.constant_weight_only:
+        inits = {i.name for i in model.graph.initializer}
+        exclude |= {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name
+                    and not any(i in inits for i in n.input[:2])}
     dtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     tensors = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
@@ -74,8 +78,9 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     per_tensor = _per_tensor_weights(model, q) if q.per_channel else {}
     if overrides or per_tensor:
         extra["TensorQuantOverrides"] = {**per_tensor, **dict(overrides or {})}
-    if float_outputs:
-        extra["OpTypesToExcludeOutputQuantization"] = list(float_outputs)
+    excluded_outputs = sorted(set(float_outputs or ()) | set(q.float_output_op_types))
+    if excluded_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = excluded_outputs
     work = onnx.ModelProto()
     work.CopyFrom(model)
     op_types = [op for op in q.op_types if op not in q.float_op_types]

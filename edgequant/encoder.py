@@ -59,9 +59,10 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
                 method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
                 task: str = "feature-extraction", max_length: int = 128, dynamic: bool = False,
                 exclude_nodes: Sequence[str] = (), batch_size: int = 16, force: bool = False,
-                progress: bool = True) -> Bundle:
+                progress: bool = True, weights: Any = None) -> Bundle:
     """A Hugging Face model folder (or :class:`HFModel`) and text (.txt/.jsonl or a list of strings) → an int8
-    bundle that carries the tokenizer."""
+    bundle that carries the tokenizer. ``weights`` (a :class:`edgequant.weight_only.WeightOnly`) quantizes only the
+    MatMul/Gemm weights instead (activations float; GPTQ's Hessians come from the calibration text)."""
     from .api import build_manifest, split_holdout
 
     tgt = load_target(target)
@@ -95,7 +96,13 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
     timings["export_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    if dynamic:
+    if weights is not None:
+        from .weight_only import quantize_weights
+
+        int8, float_tensors = quantize_weights(fp32, weights, calib if weights.method == "gptq" else None,
+                                               exclude_nodes=exclude_nodes, batch_size=min(batch_size, TEXT_BATCH),
+                                               progress=progress), []
+    elif dynamic:
         int8, float_tensors = _dynamic(fp32, tgt, exclude_nodes), []
     else:
         tensors = _linear_inputs(fp32)
@@ -131,7 +138,13 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
                 "calibration_samples": 0 if dynamic else len(calib),
                 **_encoder_target(tgt).to_dict()["quantization"],
                 "float_outputs": [] if dynamic else list(LINEAR_OPS), "smoothing_alpha": None if dynamic else ALPHA}
+    if weights is not None:
+        kind = weights.preset
+        settings = {"source": "weight-only", **weights.to_dict(),
+                    "calibration_samples": len(calib) if weights.method == "gptq" else 0}
     manifest = build_manifest(int8, tgt, settings, None, reference=True)
+    if weights is not None:
+        manifest["model"]["format"] = "onnx-weight-only"
     manifest["tokenizer"] = tokenizer_manifest(tokenizer, list(hf.tokenizer_files), inputs, pre)
     manifest["pooling"] = pooling
     manifest["source_model"] = {"kind": "huggingface", "model_type": hf.model_type, "task": hf.task}
@@ -149,6 +162,10 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         "kernels": kernels.to_dict() if kernels else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    if weights is not None:
+        from .weight_only import weight_bytes
+
+        report["weights"] = {**weights.to_dict(), **weight_bytes(int8)}
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
              TEXT_RUNTIME: resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()}
     return write_bundle(out, files, manifest, report, force=force)

@@ -70,6 +70,19 @@ def _agreement(bundle, samples):
                                bundle.manifest["pooling"])
 
 
+def test_q8_weight_only_matches_fp32_and_keeps_the_tokenizer(minilm, sentences, held_out, tmp_path):
+    import edgequant
+
+    bundle = edgequant.export(minilm, sentences[0][:20], out=tmp_path / "q8", weights="q8", progress=False)
+    agree = _agreement(bundle, held_out)
+    assert agree["cosine"] >= 0.998, agree
+    assert agree["spearman_pairwise"] >= 0.99, agree
+    assert bundle.manifest["model"]["format"] == "onnx-weight-only"
+    assert bundle.manifest["tokenizer"] and bundle.manifest["pooling"]
+    w = bundle.report["weights"]
+    assert w["layers"] == 36 and w["bits"] == 8 and w["ratio"] <= 0.30  # 8-bit codes + per-block scales
+
+
 def test_static_int8_matches_fp32_on_held_out_sentences(minilm_bundle, held_out, sentences):
     import onnx
 

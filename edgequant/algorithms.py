@@ -6,12 +6,9 @@
   Relu(x / s) = Relu(x) / s keeps the fp32 graph exact; a Clip(0, m) becomes Relu then Min with the
   per-channel bound m / s_i (Clip only takes scalars). It pays where weights are quantized per tensor
   (depthwise convolutions, whose channels have very different ranges).
-- ``smooth_quant`` (Xiao et al. 2023): for a MatMul with a constant weight W [K, N] and activation X, with
-  s_k = max|X_k|^α / max|W_k|^(1−α): X / s goes to the activation, s · W to the weight. The division is
-  folded into a LayerNormalization's scale and bias when all its users are such MatMuls, else a float Mul
-  is inserted (and kept out of int8). ONNX Runtime's ``SmoothQuant`` option delegates to Intel Neural
-  Compressor (not a dependency here) and to ORT's in-memory calibrators, so it is done here with one
-  streaming pass of per-channel maxima.
+- ``smooth_quant`` (Xiao et al. 2023): activation outliers of MatMuls with constant weights move into the
+  weights; the statistics pass and the rewrite are :mod:`edgequant.smooth`'s (shared with the Hugging Face
+  text path), the inserted float Muls stay out of int8.
 - ``bias_correction`` (empirical): after quantization, each Conv/Gemm bias (int32) is corrected, in graph
   order, by the per-channel mean output shift E[y_int8] − E[y_fp32] on calibration samples.
 - ``method="auto"``: per tensor, the range among minmax/percentile/entropy/mse that gives the least model
@@ -34,6 +31,7 @@ from onnx import numpy_helper
 
 from .calibrate import METHODS, HistogramObserver, batches
 from .errors import CalibrationError
+from .smooth import ALPHA, channel_ranges, smooth_graph, smoothable
 
 __all__ = ["Algorithms", "auto_ranges", "correct_bias", "equalize_cross_layer", "smooth_quant"]
 
@@ -47,7 +45,7 @@ class Algorithms:
     equalize: bool = False
     bias_correction: bool = False
     smooth_quant: bool = False
-    smooth_quant_alpha: float = 0.8  # migration strength; 0.8 measured better than 0.5 on MiniLM-L6
+    smooth_quant_alpha: float = ALPHA  # migration strength (see edgequant.smooth)
     max_samples: int = 64  # calibration samples used by bias correction and method="auto"
 
     def __post_init__(self) -> None:
@@ -170,80 +168,18 @@ def _clip_to_relu_min(graph: ir.Graph, clip: ir.Node, s: np.ndarray, rank: int) 
 
 
 # ------------------------------------------------------------------------------------------------ SmoothQuant
-def _channel_absmax(model: onnx.ModelProto, samples, tensors: Sequence[str], batch_size: int,
-                    limit: int) -> dict[str, np.ndarray]:
-    """Per last-axis-channel max |x| of ``tensors``, streamed over at most ``limit`` samples."""
-    from .verify import _dtype, session
-
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    have = {o.name for o in work.graph.output}
-    work.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
-    s = session(work, level="basic")
-    dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
-    acc: dict[str, np.ndarray] = {}
-    subset = [samples[i] for i in range(min(limit, len(samples)))]
-    for batch in batches(subset, batch_size, dtypes):
-        for t, v in zip(tensors, s.run(list(tensors), batch)):
-            m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
-            acc[t] = np.maximum(acc[t], m) if t in acc else m
-    return acc
-
-
-def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = 0.8, batch_size: int = 16,
-                 limit: int = 64) -> tuple[onnx.ModelProto, int]:
+def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = ALPHA, batch_size: int = 16,
+                 limit: int = 64, progress: Callable[[int], None] | None = None) -> tuple[onnx.ModelProto, int]:
     """fp32 ModelProto + samples → (a new ModelProto with activation outliers moved into MatMul weights,
-    computing the same function, number of smoothed activations)."""
-    m = ir.serde.deserialize_model(model)
-    graph = m.graph
-    groups: dict[str, list[ir.Node]] = {}
-    values: dict[str, ir.Value] = {}
-    for node in graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        x, wv = node.inputs[0], node.inputs[1]
-        if x is None or x.name is None or x.const_value is not None or wv is None or wv.const_value is None \
-                or len(wv.uses()) != 1 or wv.const_value.numpy().ndim != 2:
-            continue
-        groups.setdefault(x.name, []).append(node)
-        values[x.name] = x
-    if not groups:
+    computing the same function, number of smoothed activations): per-channel ranges over at most ``limit``
+    samples, then :func:`edgequant.smooth.smooth_graph`."""
+    tensors = smoothable(model)
+    if not tensors:
         return model, 0
-    amax = _channel_absmax(model, samples, list(groups), batch_size, limit)
-    count = 0
-    for name, users in groups.items():
-        x = values[name]
-        wmax = np.max([np.abs(u.inputs[1].const_value.numpy()).max(axis=1) for u in users], axis=0)
-        a = amax[name].astype(np.float64)
-        s = np.where((a > 0) & (wmax > 0), a ** alpha / np.maximum(wmax, 1e-30) ** (1 - alpha), 1.0)
-        s = np.clip(s, 1e-4, 1e4)
-        for u in users:
-            wv = u.inputs[1]
-            wv.const_value = ir.tensor((wv.const_value.numpy() * s[:, None]).astype(np.float32), name=wv.name)
-        producer = x.producer()
-        all_smoothed = {id(us.node) for us in x.uses()} == {id(u) for u in users} and not x.is_graph_output()
-        if producer is not None and producer.op_type == "LayerNormalization" and all_smoothed \
-                and all(v is not None and v.const_value is not None and len(v.uses()) == 1
-                        for v in producer.inputs[1:]):
-            for v in producer.inputs[1:]:
-                v.const_value = ir.tensor((v.const_value.numpy() / s).astype(np.float32), name=v.name)
-        else:
-            inv = ir.Value(name=f"{name}_smooth", const_value=ir.tensor((1.0 / s).astype(np.float32),
-                                                                        name=f"{name}_smooth"))
-            graph.register_initializer(inv)
-            mul = ir.Node("", "Mul", inputs=[x, inv], name=f"{name}_smooth_mul")
-            mul.outputs[0].shape, mul.outputs[0].dtype = x.shape, x.dtype
-            graph.insert_before(users[0], [mul])
-            for u in users:
-                u.replace_input_with(0, mul.outputs[0])
-        count += 1
-    log.info("smoothed %d MatMul activations (alpha %.2f)", count, alpha)
-    return ir.serde.serialize_model(m), count
-
-
-def smooth_mul_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the Mul nodes smooth_quant inserted (they stay in float)."""
-    return [n.name for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth_mul")]
+    subset = [samples[i] for i in range(min(limit, len(samples)))]
+    stats = channel_ranges(model, subset, tensors, batch_size=batch_size, progress=progress)
+    smoothed, _, count = smooth_graph(model, stats, alpha=alpha)
+    return smoothed, count
 
 
 # --------------------------------------------------------------------------- trials on one session (helpers)

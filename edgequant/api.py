@@ -206,9 +206,10 @@ def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorith
 
 def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
     """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
-    from .algorithms import correct_bias, smooth_mul_nodes
+    from .algorithms import correct_bias
+    from .smooth import smooth_muls
 
-    keep_float = smooth_mul_nodes(work)
+    keep_float = smooth_muls(work)
 
     def run(ranges, exclude):
         int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])

@@ -8,12 +8,15 @@ y = x·W with x of shape (..., C) and W of shape (C, N), and any s > 0 of length
     y = (x · diag(1/s)) · (diag(s) · W),     s_j = max|x_j|^α / max|W_j,:|^(1-α)
 
 so an elementwise ``Mul(x, 1/s)`` in front of the MatMul (cheap next to the MatMul it feeds) and rows of W
-scaled by s give the same function with a flat activation. Channel maxima come from one streaming pass;
+scaled by s give the same function with a flat activation. Where x is a LayerNormalization output read only by
+such MatMuls, 1/s goes into its scale and bias instead (exact, and no extra node). Channel maxima come from one streaming pass;
 since the smoothed tensor is x/s, its per-tensor range (min_j lo_j/s_j, max_j hi_j/s_j) follows from the same
 per-channel statistics, so min-max calibration needs no second pass.
 
 ONNX Runtime's quantizer offers SmoothQuant only through Intel Neural Compressor (an extra, heavy dependency
-that keeps activations in memory), hence this small rewrite, a def-use edit on onnx_ir.
+that keeps activations in memory), hence this small rewrite, a def-use edit on onnx_ir. It serves both the
+Hugging Face text path (``encoder.py``) and the ``smooth_quant`` option of the generic export
+(``algorithms.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import onnx_ir as ir
 from .calibrate import _np_dtype, batches
 from .errors import CalibrationError
 
-__all__ = ["ALPHA", "channel_ranges", "smooth", "smoothable"]
+__all__ = ["ALPHA", "channel_ranges", "smooth", "smooth_graph", "smooth_muls", "smoothable"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ def _groups(graph: ir.Graph) -> dict[str, list[ir.Node]]:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
         x = node.inputs[0]
-        if x is None or x.name is None or x.is_initializer() or _weight(node) is None:
+        if x is None or x.name is None or x.is_initializer() or x.const_value is not None or _weight(node) is None:
             continue
         groups.setdefault(x.name, []).append(node)
     return groups  # other readers of an activation (residual Add, ...) keep reading the unscaled x
@@ -121,36 +124,70 @@ def channel_ranges(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarra
     return {n: (lo[n], hi[n]) for n in names if n in lo}
 
 
-def smooth(model: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray]], *, alpha: float = ALPHA
-           ) -> tuple[onnx.ModelProto, dict[str, tuple[float, float]]]:
-    """fp32 model + per-channel stats → (a new model with ``Mul(x, 1/s)`` before each smoothable MatMul group
-    and W·diag(s) weights, per-tensor min-max ranges of every tensor in ``stats`` in the new model)."""
+def _scales(lo: np.ndarray, hi: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
+    """s_j = max|x_j|^α / max|W_j,:|^(1-α) over the group's weights; 1 where a channel or its weights are all
+    zero (a channel silent on the calibration data keeps its scale, so it cannot blow up later)."""
+    x_max = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
+    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
+    s = np.where((x_max > 0) & (w_max > 0),
+                 np.maximum(x_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1.0 - alpha), 1.0)
+    return np.clip(s, 1e-4, 1e4)
+
+
+def _foldable(x: ir.Value, nodes: Sequence[ir.Node], size: int) -> ir.Node | None:
+    """The LayerNormalization producing ``x`` when x/s can go into its scale and bias exactly: every reader of
+    x is smoothed, x is no graph output, and scale/bias are constants of shape [C] of its own."""
+    producer = x.producer()
+    if producer is None or producer.op_type != "LayerNormalization" or producer.outputs[0] is not x \
+            or x.is_graph_output() or {id(u.node) for u in x.uses()} != {id(n) for n in nodes}:
+        return None
+    params = producer.inputs[1:]
+    if not all(v is not None and v.const_value is not None and v.is_initializer() and len(v.uses()) == 1
+               and v.const_value.numpy().shape == (size,) for v in params):
+        return None
+    return producer
+
+
+def smooth_graph(model: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                 alpha: float = ALPHA) -> tuple[onnx.ModelProto, dict[str, tuple[float, float]], int]:
+    """fp32 model + per-channel stats → (a new model computing the same function with each smoothable MatMul
+    group's input divided by s and its weight rows multiplied by s, per-tensor min-max ranges of every tensor in
+    ``stats`` and of each smoothed tensor in the new model, the number of groups smoothed).
+
+    x/s is folded into a LayerNormalization's scale and bias where that is exact (:func:`_foldable`), else it
+    is a ``Mul(x, 1/s)`` named ``<x>_smooth`` (see :func:`smooth_muls`) with output ``<x>_smoothed``."""
     if not 0.0 <= alpha <= 1.0:
         raise CalibrationError(f"smoothing alpha must be within [0, 1], not {alpha}")
     ir_model = ir.serde.deserialize_model(model)
     graph = ir_model.graph
     ranges = {n: (min(float(lo.min()), 0.0), max(float(hi.max()), 0.0)) for n, (lo, hi) in stats.items()}
-    count = 0
+    count = folded = 0
     for name, nodes in _groups(graph).items():
         if name not in stats or stats[name][0].shape[0] != _weight(nodes[0]).shape[0]:
             continue
         lo, hi = (s.astype(np.float64) for s in stats[name])
-        x_max = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), 1e-5)
-        w_max = np.max([np.abs(_weight(n)).max(axis=1) for n in nodes], axis=0).astype(np.float64)
-        s = x_max ** alpha / np.maximum(w_max, 1e-5) ** (1.0 - alpha)
-        s = np.clip(s, 1e-4, 1e4)
+        s = _scales(lo, hi, [_weight(n) for n in nodes], alpha)
         x = nodes[0].inputs[0]
-        inv = ir.Value(name=f"{name}_smooth_inv", const_value=ir.tensor((1.0 / s).astype(np.float32)),
-                       shape=ir.Shape([s.size]), type=ir.TensorType(ir.DataType.FLOAT))
-        graph.register_initializer(inv)
-        mul = ir.Node("", "Mul", inputs=[x, inv], name=f"{name}_smooth")
-        out = mul.outputs[0]
-        out.name, out.shape, out.dtype = f"{name}_smoothed", x.shape, x.dtype
-        producer = x.producer()
-        if producer is not None:
-            graph.insert_after(producer, mul)
+        norm = _foldable(x, nodes, s.size)
+        if norm is not None:  # LayerNorm(x)·γ/s + β/s = LayerNorm(x)·γ + β, then /s
+            for v in norm.inputs[1:]:
+                v.const_value = ir.tensor((v.const_value.numpy() / s).astype(np.float32), name=v.name)
+            out = x
+            folded += 1
         else:
-            graph.insert_before(nodes[0], mul)
+            inv = ir.Value(name=f"{name}_smooth_inv", const_value=ir.tensor((1.0 / s).astype(np.float32)),
+                           shape=ir.Shape([s.size]), type=ir.TensorType(ir.DataType.FLOAT))
+            graph.register_initializer(inv)
+            mul = ir.Node("", "Mul", inputs=[x, inv], name=f"{name}_smooth")
+            out = mul.outputs[0]
+            out.name, out.shape = f"{name}_smoothed", x.shape
+            if x.dtype is not None:  # an intermediate without value_info has none; a None dtype won't serialize
+                out.dtype = x.dtype
+            producer = x.producer()
+            if producer is not None:
+                graph.insert_after(producer, mul)
+            else:
+                graph.insert_before(nodes[0], mul)
         for node in nodes:
             w = node.inputs[1]
             scaled = ir.Value(name=f"{w.name}_smoothed", const_value=ir.tensor(
@@ -162,5 +199,20 @@ def smooth(model: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray
                 del graph.initializers[w.name]
         ranges[out.name] = (min(float((lo / s).min()), 0.0), max(float((hi / s).max()), 0.0))
         count += 1
-    log.info("smoothed %d MatMul inputs (alpha %.2f)", count, alpha)
-    return ir.serde.serialize_model(ir_model), ranges
+    log.info("smoothed %d MatMul inputs, %d folded into a LayerNormalization (alpha %.2f)", count, folded, alpha)
+    return ir.serde.serialize_model(ir_model), ranges, count
+
+
+def smooth(model: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray]], *, alpha: float = ALPHA
+           ) -> tuple[onnx.ModelProto, dict[str, tuple[float, float]]]:
+    """fp32 model + per-channel stats → (the smoothed model, per-tensor ranges in it): :func:`smooth_graph`
+    without the count."""
+    smoothed, ranges, _ = smooth_graph(model, stats, alpha=alpha)
+    return smoothed, ranges
+
+
+def smooth_muls(model: onnx.ModelProto) -> list[str]:
+    """Names of the ``Mul(x, 1/s)`` nodes :func:`smooth_graph` inserted (to keep out of int8: a per-channel
+    float multiply in front of an int8 MatMul is cheap, quantizing its output would undo the smoothing)."""
+    return [n.name for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")
+            and n.output[0] == n.input[0] + "_smoothed"]

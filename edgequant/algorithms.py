@@ -172,7 +172,8 @@ def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = ALPHA, batch
                  limit: int = 64, progress: Callable[[int], None] | None = None) -> tuple[onnx.ModelProto, int]:
     """fp32 ModelProto + samples → (a new ModelProto with activation outliers moved into MatMul weights,
     computing the same function, number of smoothed activations): per-channel ranges over at most ``limit``
-    samples, then :func:`edgequant.smooth.smooth_graph`."""
+    samples, then :func:`edgequant.smooth.smooth_graph`. Padding positions count here (no ``mask_input``): the
+    generic check compares every output position, padded ones included."""
     tensors = smoothable(model)
     if not tensors:
         return model, 0

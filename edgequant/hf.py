@@ -12,12 +12,10 @@ which the plain encoder graph leaves to the caller.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,12 +211,12 @@ def _offline():
 def quiet():
     """optimum, transformers and the packages they import print tracer warnings and notices through logging,
     warnings and stderr; keep the CLI's output ours (failures are re-raised as one ExportError line)."""
+    from .export import _quiet
+
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with _quiet():
             yield
     finally:
         logging.disable(previous)

@@ -7,7 +7,6 @@ only when complete, so an interrupted or failed run leaves the output folder as 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
 from .errors import BundleError
 
 __all__ = ["MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "load_bundle", "sha256_file", "write_bundle"]
@@ -43,14 +43,6 @@ class Bundle:
     def fp32_model_path(self) -> Path | None:
         ref = self.manifest.get("reference_model")
         return self.path / ref["file"] if ref else None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -120,13 +112,13 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{mpath}: schema_version {version!r} is newer than this edgequant reads "
                           f"({SCHEMA_VERSION}); upgrade edgequant")
     if verify:
-        for name, meta in manifest.get("files", {}).items():
-            fpath = path / name
-            if not fpath.is_file():
-                raise BundleError(f"{fpath} is missing from the bundle; copy the whole bundle folder")
-            if sha256_file(fpath) != meta.get("sha256"):
-                raise BundleError(f"{fpath} does not match its sha256 in {MANIFEST}: the file was changed or "
-                                  "truncated; export the bundle again")
+        # The device adapter's check is the contract (sizes, sha256, the files a bundle must list); use it here too.
+        from ._runtime import edgequant_runtime as device
+
+        try:
+            device.verify_bundle(path)
+        except device.BundleError as exc:
+            raise BundleError(str(exc)) from None
     rpath = path / REPORT
     report = json.loads(rpath.read_text(encoding="utf-8")) if rpath.is_file() else {}
     return Bundle(path, manifest, report)

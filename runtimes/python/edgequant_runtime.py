@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION", "Session",
-           "preprocess_image", "read_png", "resize_bilinear", "to_channels", "verify_bundle"]
+           "preprocess_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
+           "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -138,7 +139,8 @@ def preprocess_image(image: np.ndarray, spec: dict) -> np.ndarray:
 # --- the bundle -----------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """File → its sha256 hex digest, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -180,7 +182,7 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
         if "bytes" in meta and size != meta["bytes"]:
             raise BundleError(f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or "
                               "changed; copy the bundle again")
-        if _sha256(path) != meta.get("sha256"):
+        if sha256_file(path) != meta.get("sha256"):
             raise BundleError(f"{path} does not match its sha256 in {MANIFEST}: the file was changed; copy the "
                               "bundle again")
     return manifest

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import edgequant  # noqa: E402
 from edgequant.bench import interleaved_latency  # noqa: E402
-from edgequant.verify import cpu_kernels, session  # noqa: E402
+from edgequant.check.fidelity import cpu_kernels, session  # noqa: E402
 
 
 def ort_quantize(fp32_path: Path, samples: list[dict], out: Path, **settings) -> onnx.ModelProto:

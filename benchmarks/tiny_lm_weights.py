@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_LM = ROOT / "examples" / "tiny_lm"
 
 from edgequant.bench import interleaved_latency  # noqa: E402
-from edgequant.export import prepare_fp32, to_onnx  # noqa: E402
-from edgequant.verify import session  # noqa: E402
-from edgequant.weight_only import WeightOnly, quantize_weights, weight_bytes  # noqa: E402
+from edgequant.frontend.torch_export import prepare_fp32, to_onnx  # noqa: E402
+from edgequant.check.fidelity import session  # noqa: E402
+from edgequant.quantize.weight_only import WeightOnly, quantize_weights, weight_bytes  # noqa: E402
 
 
 def _example():

@@ -39,17 +39,17 @@ __all__ = [
     "qat",
 ]
 
-from .algorithms import Algorithms
-from .api import export
+from .transforms.algorithms import Algorithms
+from .jobs.ptq import export
 from .bench import BenchResult, bench
-from .budget import AccuracyBudget
-from .bundle import Bundle, load_bundle
-from .data import ImagePreprocess
+from .check.budget import AccuracyBudget
+from .bundle.core import Bundle, load_bundle
+from .data.samples import ImagePreprocess
 from .errors import (BenchError, BudgetError, BundleError, CalibrationError, DataError, EdgeQuantError, ExportError,
                      QuantizationError, TargetError, UnsupportedOnTarget)
-from .hf import HFModel, load_hf
-from .layers import LayerError, layer_errors
-from .placement import inspect_bundle
+from .frontend.hf import HFModel, load_hf
+from .check.layers import LayerError, layer_errors
+from .inspection import inspect_bundle
 from .targets import Target, list_targets, load_target
 from . import qat  # noqa: E402  (quantization-aware training; imports torch only when used)
 

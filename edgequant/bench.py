@@ -214,7 +214,7 @@ def format_bench(result: dict) -> str:
 
 
 def _models_of(path: Path) -> tuple[dict[str, Path], str]:
-    from .bundle import MANIFEST, load_bundle
+    from .bundle.core import MANIFEST, load_bundle
 
     if path.is_dir():
         if not (path / MANIFEST).is_file():

@@ -131,11 +131,11 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
     int8 bundle in OUT."""
     from click.core import ParameterSource
 
-    from .algorithms import Algorithms
-    from .api import export as run_export
-    from .budget import AccuracyBudget
-    from .data import ImagePreprocess
-    from .weight_only import check_options
+    from .transforms.algorithms import Algorithms
+    from .jobs.ptq import export as run_export
+    from .check.budget import AccuracyBudget
+    from .data.samples import ImagePreprocess
+    from .quantize.weight_only import check_options
 
     method_source = click.get_current_context().get_parameter_source("method")
     check_options(weights=weights, block_size=block_size, num_samples=num_samples,
@@ -162,7 +162,7 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
                                    progress=not no_progress)
         click.echo(summary(bundle.report, bundle.path))
         return
-    from .shapes import parse_input_shape
+    from .frontend.shapes import parse_input_shape
 
     shapes = dict(parse_input_shape(s) for s in input_shape) or None
     bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
@@ -214,7 +214,7 @@ def summary(report: dict, path: Path) -> str:
             else f"cosine {a['cosine']:.5f}"
         lines.append(f"qat      {a['output']} vs the QAT model in PyTorch: {agree}{steps}")
     if report.get("accuracy_budget"):
-        from .budget import describe
+        from .check.budget import describe
 
         lines += describe(report["accuracy_budget"])
     return "\n".join(lines)
@@ -246,13 +246,13 @@ def inspect(bundle, target, layers, as_json):
     where the quantization error comes from."""
     import json
 
-    from .layers import format_layers
-    from .placement import inspect_bundle
+    from .check.layers import format_layers
+    from .inspection import inspect_bundle
 
     result = inspect_bundle(bundle, target=target)
     report = None
     if layers:
-        from .bundle import load_bundle
+        from .bundle.core import load_bundle
 
         report = load_bundle(bundle).report.get("layers")
         if not report:
@@ -307,7 +307,7 @@ def bench(model, batch, threads, provider, runs, warmup, no_memory, json_out, pl
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if plot:
-        from .render import bench_png
+        from .bundle.render import bench_png
 
         png = bench_png(result)
         if png is None:

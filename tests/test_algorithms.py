@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 import edgequant
-from edgequant.algorithms import Algorithms, equalize_cross_layer
-from edgequant.budget import sqnr_db
+from edgequant.transforms.algorithms import Algorithms, equalize_cross_layer
+from edgequant.check.budget import sqnr_db
 from edgequant.errors import CalibrationError
-from edgequant.verify import session
+from edgequant.check.fidelity import session
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "digits" / "data"

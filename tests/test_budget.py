@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 import edgequant
-from edgequant.budget import AccuracyBudget
+from edgequant.check.budget import AccuracyBudget
 from edgequant.cli import cli
 from edgequant.errors import BudgetError, DataError
-from edgequant.verify import fidelity
+from edgequant.check.fidelity import fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "digits" / "data"

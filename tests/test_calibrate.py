@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgequant.calibrate import HistogramObserver, MinMaxObserver, _kl_threshold
+from edgequant.calibration.streaming import HistogramObserver, MinMaxObserver, _kl_threshold
 
 
 def test_minmax_streaming_equals_global_and_includes_zero():

@@ -183,7 +183,7 @@ def test_non_empty_output_needs_force(tiny):
 
 
 def test_failed_write_leaves_output_as_it_was(tiny, monkeypatch):
-    import edgequant.bundle as bundle
+    import edgequant.bundle.core as bundle
 
     out = tiny / "out"
     out.mkdir()

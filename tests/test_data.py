@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgequant.data import ImagePreprocess, load_samples
+from edgequant.data.samples import ImagePreprocess, load_samples
 from edgequant.errors import DataError
 
 from edgequant._runtime.edgequant_runtime import preprocess_image

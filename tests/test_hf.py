@@ -39,7 +39,7 @@ def sentences():
 @pytest.fixture(scope="session")
 def minilm(minilm_folder):
     """The fp32 export, done once (optimum's export is the slow part)."""
-    from edgequant.hf import load_hf
+    from edgequant.frontend.hf import load_hf
 
     return load_hf(minilm_folder)
 
@@ -55,7 +55,7 @@ def minilm_bundle(minilm, sentences, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def held_out(minilm, sentences):
-    from edgequant.text import TextPreprocess, tokenize
+    from edgequant.data.text import TextPreprocess, tokenize
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     return tokenize(sentences[1][:64], minilm.tokenizer(), names, TextPreprocess(), source="held-out")
@@ -64,7 +64,7 @@ def held_out(minilm, sentences):
 def _agreement(bundle, samples):
     import onnx
 
-    from edgequant.text import embedding_agreement
+    from edgequant.data.text import embedding_agreement
 
     return embedding_agreement(onnx.load(bundle.fp32_model_path), onnx.load(bundle.model_path), samples,
                                bundle.manifest["pooling"])
@@ -120,9 +120,9 @@ def test_smoothing_is_exact_in_float(minilm):
     """The smoothed fp32 graph computes the same function: only where the int8 rounding happens moves."""
     import onnx
 
-    from edgequant.export import prepare_fp32
-    from edgequant.smooth import smooth
-    from edgequant.verify import session
+    from edgequant.frontend.torch_export import prepare_fp32
+    from edgequant.transforms.smooth import smooth
+    from edgequant.check.fidelity import session
 
     fp32 = prepare_fp32(minilm.onnx_model)
     mats = [n for n in fp32.graph.node if n.op_type == "MatMul"]
@@ -181,7 +181,7 @@ def test_text_adapter_imports_only_stdlib_numpy_tokenizers():
 
 
 def test_cli_exports_a_model_folder_with_dynamic_int8(minilm_folder, sentences, held_out, tmp_path):
-    from edgequant.bundle import load_bundle
+    from edgequant.bundle.core import load_bundle
 
     data = tmp_path / "sentences.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences[0][:6]))
@@ -288,7 +288,7 @@ def _two_matmuls(shared: bool):
 def test_smoothing_fires_on_own_weights_and_refuses_shared_ones():
     import onnxruntime as ort
 
-    from edgequant.smooth import smooth
+    from edgequant.transforms.smooth import smooth
 
     stats = {"x": (np.array([-1, -50, -1, -1], np.float32), np.array([1, 60, 1, 1], np.float32))}
     x = (np.random.default_rng(1).standard_normal((2, 4)) * [1, 50, 1, 1]).astype(np.float32)
@@ -428,7 +428,7 @@ def test_tokenization_recipe_for_other_languages(minilm_bundle):
 def test_uint8_weight_nodes_and_handing_the_model_over():
     import dataclasses
 
-    from edgequant.quantize import quantize
+    from edgequant.quantize.qdq import quantize
     from edgequant.targets import load_target
 
     tgt = load_target("generic-cpu")

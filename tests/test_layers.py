@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from edgequant.api import split_holdout
-from edgequant.calibrate import calibrate, tensors_to_calibrate
+from edgequant.jobs.ptq import split_holdout
+from edgequant.calibration.streaming import calibrate, tensors_to_calibrate
 from edgequant.cli import cli
-from edgequant.data import load_samples
-from edgequant.layers import format_layers, layer_errors
-from edgequant.quantize import quantize
+from edgequant.data.samples import load_samples
+from edgequant.check.layers import format_layers, layer_errors
+from edgequant.quantize.qdq import quantize
 from edgequant.targets import load_target
 
 from conftest import DIGITS
@@ -106,15 +106,15 @@ def test_inspect_refuses_what_is_not_a_bundle(tmp_path):
 
 
 def test_a_graph_the_analysis_refuses_costs_a_warning_not_the_bundle(digits_parts, monkeypatch, caplog):
-    import edgequant.layers
-    from edgequant.api import _layers
+    import edgequant.check.layers
+    from edgequant.jobs.ptq import _layers
 
     fp32, int8, _, holdout = digits_parts
 
     def refuse(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (n) Op (If) subgraph")
 
-    monkeypatch.setattr(edgequant.layers, "layer_errors", refuse)
+    monkeypatch.setattr(edgequant.check.layers, "layer_errors", refuse)
     assert _layers(fp32, int8, holdout, 16, False) is None
     assert "per-layer error report skipped: RuntimeError" in caplog.text
 

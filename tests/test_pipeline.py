@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 import edgequant
-from edgequant.verify import cpu_kernels
+from edgequant.check.fidelity import cpu_kernels
 
 from conftest import DIGITS, run_onnx
 

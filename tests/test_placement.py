@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import edgequant
-from edgequant.placement import inspect_bundle
+from edgequant.inspection import inspect_bundle
 
 from conftest import DIGITS
 from test_cli import invoke

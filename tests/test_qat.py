@@ -188,7 +188,7 @@ def test_target_the_model_cannot_meet(digits_module):
 
 
 def test_frozen_bn_and_learned_scales_train_and_export_exactly(digits_module, digits_split, tmp_path):
-    from edgequant.qat_modules import QuantConv
+    from edgequant.qat.modules import QuantConv
 
     model = digits_module.build()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.qat_export import int8_groups, strip_qdq
-from edgequant.verify import cpu_kernels, session
+from edgequant.qat.convert import int8_groups, strip_qdq
+from edgequant.check.fidelity import cpu_kernels, session
 
 RNG = np.random.default_rng(0)
 

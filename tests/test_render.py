@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from edgequant.render import layers_png, report_html
+from edgequant.bundle.render import layers_png, report_html
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 BAR_BLUE = (0x54, 0xAE, 0xFF)  # "this layer alone" bars
@@ -42,7 +42,7 @@ def test_page_is_self_contained(digits_bundle):
 
 def test_without_matplotlib_the_plot_is_skipped_with_a_log_line(digits_bundle, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
-    with caplog.at_level(logging.INFO, logger="edgequant.render"):
+    with caplog.at_level(logging.INFO, logger="edgequant.bundle.render"):
         assert layers_png(digits_bundle.report["layers"]) is None
     assert "matplotlib is not installed" in caplog.text
     page = report_html(digits_bundle.report, None)

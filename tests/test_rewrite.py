@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgequant.rewrite import rewrite_for_int8
-from edgequant.verify import session
+from edgequant.graph.rewrite import rewrite_for_int8
+from edgequant.check.fidelity import session
 
 
 def reduce_mean_model(axes, keepdims: int, as_output: bool) -> onnx.ModelProto:

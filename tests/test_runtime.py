@@ -16,8 +16,8 @@ import pytest
 
 import edgequant
 from edgequant._runtime import edgequant_runtime as rt
-from edgequant.data import ImagePreprocess, load_samples
-from edgequant.verify import compare_outputs
+from edgequant.data.samples import ImagePreprocess, load_samples
+from edgequant.check.fidelity import compare_outputs
 
 from conftest import DIGITS, run_onnx
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.algorithms import smooth_quant
-from edgequant.smooth import smooth_graph, smooth_muls
+from edgequant.transforms.algorithms import smooth_quant
+from edgequant.transforms.smooth import smooth_graph, smooth_muls
 
 C = 8
 

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 import edgequant
 from edgequant.errors import TargetError
-from edgequant.placement import inspect_bundle
+from edgequant.inspection import inspect_bundle
 
 from conftest import DIGITS
 from test_cli import assert_user_error, invoke

@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 import edgequant
-from edgequant.algorithms import Algorithms, smooth_quant
-from edgequant.budget import run_outputs, sqnr_db
+from edgequant.transforms.algorithms import Algorithms, smooth_quant
+from edgequant.check.budget import run_outputs, sqnr_db
 
 SEQ = 32
 
@@ -83,8 +83,8 @@ def test_smooth_quant_lowers_the_int8_matmul_error(minilm):
     """SmoothQuant's target: the error of each int8 MatMul with a constant weight, on the real activations."""
     from onnx import numpy_helper
 
-    from edgequant.algorithms import _as_inputs
-    from edgequant.verify import session
+    from edgequant.transforms.algorithms import _as_inputs
+    from edgequant.check.fidelity import session
 
     path, samples = minilm
     fp32 = onnx.load(str(path))

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.cli import cli
 from edgequant.errors import QuantizationError
-from edgequant.gptq import pack_nbits, rtn
-from edgequant.weight_only import WeightOnly, gemm_to_matmul, quantize_weights, weight_bytes
+from edgequant.quantize.gptq import pack_nbits, rtn
+from edgequant.quantize.weight_only import WeightOnly, gemm_to_matmul, quantize_weights, weight_bytes
 
 from conftest import DIGITS, ROOT, load_example_module
 
@@ -31,7 +31,7 @@ def lm():
 @pytest.fixture(scope="session")
 def lm_fp32(lm, tmp_path_factory):
     """The committed tiny LM exported once (KV-cache-free: input_ids → logits), as the pipeline prepares it."""
-    from edgequant.export import prepare_fp32, to_onnx
+    from edgequant.frontend.torch_export import prepare_fp32, to_onnx
 
     model = prepare_fp32(to_onnx(lm.build(), {"input_ids": np.zeros(lm.SEQ, np.int64)}, opset=18))
     path = tmp_path_factory.mktemp("tiny_lm") / "tiny_lm.onnx"

@@ -28,7 +28,7 @@ def worker(rank: int, world_size: int, port: int, out: str, epochs: int) -> None
     from torch.nn.parallel import DistributedDataParallel
 
     from edgequant import qat
-    from edgequant.qat_modules import ActQuant
+    from edgequant.qat.modules import ActQuant
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from .calibrate import _np_dtype, batches
+from ..calibration.streaming import _np_dtype, batches
 
 __all__ = ["MAX_SQNR_DB", "LayerError", "format_layers", "layer_errors"]
 
@@ -79,7 +79,7 @@ class _Row:
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
                  batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[LayerError]:
     """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first."""
-    from .verify import session
+    from .fidelity import session
 
     rows = _rows(fp32, int8)
     if not rows:

@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .calibrate import batches
-from .errors import CalibrationError
+from ..calibration.streaming import batches
+from ..errors import CalibrationError
 
 __all__ = ["block_grid", "gptq", "hessians", "pack_nbits", "rtn"]
 
@@ -46,7 +46,7 @@ def hessians(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], i
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
     session = ort.InferenceSession(augmented.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    from .calibrate import _np_dtype
+    from ..calibration.streaming import _np_dtype
 
     dtypes = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
     names = list(inputs)

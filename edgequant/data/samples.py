@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime.edgequant_runtime import preprocess_image
-from .errors import DataError
+from .._runtime.edgequant_runtime import preprocess_image
+from ..errors import DataError
 
 __all__ = ["ImagePreprocess", "Samples", "load_samples"]
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 
-from .errors import ExportError
+from ..errors import ExportError
 
 __all__ = ["convert_opset", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 

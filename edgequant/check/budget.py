@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calibrate import batches
-from .errors import BudgetError, DataError
+from ..calibration.streaming import batches
+from ..errors import BudgetError, DataError
 
 __all__ = ["METRICS", "AccuracyBudget", "keep_float_until", "run_outputs"]
 
@@ -158,7 +158,7 @@ class AccuracyBudget:
 def run_outputs(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
                 batch_size: int = 16) -> Outputs:
     """A model on the samples → {output name: outputs stacked over the samples}."""
-    from .verify import _dtype, session
+    from .fidelity import _dtype, session
 
     s = session(model)
     dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
@@ -258,7 +258,7 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
 def _latency_cost(fp32: onnx.ModelProto, int8: onnx.ModelProto, mixed: onnx.ModelProto,
                   runs: int) -> dict[str, Any]:
     """fp32, all-int8 and mixed models interleaved at batch 1 on one thread → p50s and ratios."""
-    from .bench import interleaved_latency, random_inputs
+    from ..bench import interleaved_latency, random_inputs
 
     if runs <= 0:
         return {}

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 __all__ = ["agreement", "build_bundle", "fold_weight_quantization", "int32_bias", "int8_groups", "strip_qdq"]
 
@@ -115,7 +115,7 @@ def int32_bias(model: ir.Model) -> int:
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exported QDQ ModelProto → the float graph it fake-quantizes (every QuantizeLinear → DequantizeLinear
     pair bypassed): the same export, so the fp32 reference and the int8 graph share every float op."""
-    from .rewrite import _drop_unused_initializers
+    from ..graph.rewrite import _drop_unused_initializers
 
     ir_model = ir.serde.deserialize_model(model)
     graph = ir_model.graph
@@ -134,7 +134,7 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
 def int8_groups(model: onnx.ModelProto, output_names: list[str]) -> onnx.ModelProto:
     """The exported QDQ ModelProto → a new one with int8 weights, int32 biases and the outputs named as in the
     fp32 graph (the exporter names them after the last quantizer)."""
-    from .rewrite import _drop_unused_initializers
+    from ..graph.rewrite import _drop_unused_initializers
 
     ir_model = ir.serde.deserialize_model(model)
     taken = {v.name: v for n in ir_model.graph for v in n.outputs}
@@ -182,7 +182,7 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     finally:
         torch.set_num_threads(threads)
         gm.train(training)
-    from .verify import compare_outputs
+    from ..check.fidelity import compare_outputs
 
     steps = _output_steps(int8)
     result = []
@@ -200,8 +200,8 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     import torch
     from tqdm import tqdm
 
-    from .calibrate import batches
-    from .verify import session
+    from ..calibration.streaming import batches
+    from ..check.fidelity import session
 
     sess = session(int8)
     names = [o.name for o in sess.get_outputs()]
@@ -225,12 +225,12 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     """Prepared module + samples → (files, manifest, report) for ``bundle.write_bundle``."""
     import torch
 
-    from .api import build_manifest
-    from .export import convert_opset, input_names_of, prepare_fp32, prune_opset_imports, strip_debug_metadata, \
+    from ..jobs.ptq import build_manifest
+    from ..frontend.torch_export import convert_opset, input_names_of, prepare_fp32, prune_opset_imports, strip_debug_metadata, \
         to_onnx
-    from .qat_modules import ActQuant, fixed_copy, quantize_dequantize_onnx
-    from .rewrite import rewrite_for_int8
-    from .verify import cpu_kernels, fidelity
+    from .modules import ActQuant, fixed_copy, quantize_dequantize_onnx
+    from ..graph.rewrite import rewrite_for_int8
+    from ..check.fidelity import cpu_kernels, fidelity
 
     tgt, config = state.target, state.config
     samples = samples.bind(input_names_of(gm))

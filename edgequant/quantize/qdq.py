@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import QuantizationError
-from .targets import Target
+from ..errors import QuantizationError
+from ..targets import Target
 
 __all__ = ["MAX_ACTIVATION_SCALE", "quantize", "skip_absurd_ranges"]
 

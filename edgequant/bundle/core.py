@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
-from .errors import BundleError
+from .._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
+from ..errors import BundleError
 
 __all__ = ["MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "load_bundle", "sha256_file", "write_bundle"]
 
@@ -113,7 +113,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
                           f"({SCHEMA_VERSION}); upgrade edgequant")
     if verify:
         # The device adapter's check is the contract (sizes, sha256, the files a bundle must list); use it here too.
-        from ._runtime import edgequant_runtime as device
+        from .._runtime import edgequant_runtime as device
 
         try:
             device.verify_bundle(path)

@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .bundle import Bundle, load_bundle
+from .bundle.core import Bundle, load_bundle
 from .errors import BundleError, TargetError
 from .targets import ProviderSpec, Target, load_target
-from .verify import INT8_OPS, session
+from .check.fidelity import INT8_OPS, session
 
 __all__ = ["Inspection", "NodePlacement", "inspect_bundle"]
 

@@ -1,4 +1,4 @@
-"""Text calibration data: a ``.txt`` (one sample a line) or ``.jsonl`` file → :class:`~edgequant.data.Samples`
+"""Text calibration data: a ``.txt`` (one sample a line) or ``.jsonl`` file → :class:`~edgequant.data.samples.Samples`
 of token arrays, tokenized with the model's own tokenizer and padded to a fixed length; and the check that
 matters for an encoder: pooled sentence embeddings, int8 against fp32.
 
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import Samples
-from .errors import DataError
+from .samples import Samples
+from ..errors import DataError
 
 __all__ = ["TEXT_SUFFIXES", "TextPreprocess", "embedding_agreement", "read_texts", "tokenize"]
 
@@ -109,9 +109,9 @@ def embedding_agreement(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: S
                         *, batch_size: int = 16) -> dict[str, Any]:
     """Both models on held-out samples → agreement of the pooled embeddings: mean/min cosine, and Spearman's
     rank correlation of all pairwise similarities (does int8 order sentence pairs as fp32 does?)."""
-    from ._runtime.edgequant_text import pool
-    from .calibrate import batches
-    from .verify import session
+    from .._runtime.edgequant_text import pool
+    from ..calibration.streaming import batches
+    from ..check.fidelity import session
 
     s_ref, s_q = session(fp32), session(int8)
     output = pooling["output"]

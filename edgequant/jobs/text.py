@@ -31,18 +31,18 @@ from typing import Any
 
 import onnx
 
-from . import __version__
-from .bundle import Bundle, check_out_dir, write_bundle
-from .calibrate import METHODS, calibrate
-from .errors import CalibrationError, DataError, ExportError, QuantizationError
-from .export import convert_opset, prepare_fp32
-from .hf import TOKENIZER_FILES, HFModel, is_hf_folder, load_hf, quiet
-from .quantize import quantize
-from .smooth import ALPHA, channel_ranges, smooth
-from .targets import Target, load_target
-from .text import (TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize,
+from .. import __version__
+from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..calibration.streaming import METHODS, calibrate
+from ..errors import CalibrationError, DataError, ExportError, QuantizationError
+from ..frontend.torch_export import convert_opset, prepare_fp32
+from ..frontend.hf import TOKENIZER_FILES, HFModel, is_hf_folder, load_hf, quiet
+from ..quantize.qdq import quantize
+from ..transforms.smooth import ALPHA, channel_ranges, smooth
+from ..targets import Target, load_target
+from ..data.text import (TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize,
                    tokenizer_manifest)
-from .verify import cpu_kernels, fidelity
+from ..check.fidelity import cpu_kernels, fidelity
 
 __all__ = ["export_text"]
 
@@ -61,9 +61,9 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
                 exclude_nodes: Sequence[str] = (), batch_size: int = 16, force: bool = False,
                 progress: bool = True, weights: Any = None) -> Bundle:
     """A Hugging Face model folder (or :class:`HFModel`) and text (.txt/.jsonl or a list of strings) → an int8
-    bundle that carries the tokenizer. ``weights`` (a :class:`edgequant.weight_only.WeightOnly`) quantizes only the
+    bundle that carries the tokenizer. ``weights`` (a :class:`edgequant.quantize.weight_only.WeightOnly`) quantizes only the
     MatMul/Gemm weights instead (activations float; GPTQ's Hessians come from the calibration text)."""
-    from .api import build_manifest, split_holdout
+    from .ptq import build_manifest, split_holdout
 
     tgt = load_target(target)
     if method not in METHODS:
@@ -97,7 +97,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
 
     t1 = time.perf_counter()
     if weights is not None:
-        from .weight_only import quantize_weights
+        from ..quantize.weight_only import quantize_weights
 
         int8, float_tensors = quantize_weights(fp32, weights, calib if weights.method == "gptq" else None,
                                                exclude_nodes=exclude_nodes, batch_size=min(batch_size, TEXT_BATCH),
@@ -163,7 +163,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     if weights is not None:
-        from .weight_only import weight_bytes
+        from ..quantize.weight_only import weight_bytes
 
         report["weights"] = {**weights.to_dict(), **weight_bytes(int8)}
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .calibrate import batches
+from ..calibration.streaming import batches
 
 __all__ = ["FLOAT_COMPUTE_OPS", "INT8_OPS", "Fidelity", "KernelReport", "cpu_kernels", "compare_outputs",
            "fidelity", "session"]
@@ -131,6 +131,6 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
 
 
 def _dtype(ort_type: str) -> np.dtype:
-    from .calibrate import _np_dtype
+    from ..calibration.streaming import _np_dtype
 
     return _np_dtype(ort_type)

@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from .errors import ExportError
+from ..errors import ExportError
 
 __all__ = ["HFModel", "is_hf_folder", "load_hf"]
 
@@ -211,7 +211,7 @@ def _offline():
 def quiet():
     """optimum, transformers and the packages they import print tracer warnings and notices through logging,
     warnings and stderr; keep the CLI's output ours (failures are re-raised as one ExportError line)."""
-    from .export import _quiet
+    from .torch_export import _quiet
 
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)

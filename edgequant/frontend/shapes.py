@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = ["fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
 

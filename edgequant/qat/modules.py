@@ -246,7 +246,7 @@ class _FixedLayer(nn.Module):
                              0 if layer.per_channel else None)
 
     def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.wq(self.weight)  # the bias is rounded by the ONNX clean-up (qat_export.int32_bias)
+        w = self.wq(self.weight)  # the bias is rounded by the ONNX clean-up (qat.convert.int32_bias)
         if self.conv_args is None:
             return F.linear(x, w, self.bias)
         dims, stride, padding, dilation, groups = self.conv_args

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .calibrate import _np_dtype, batches
-from .errors import CalibrationError
+from ..calibration.streaming import _np_dtype, batches
+from ..errors import CalibrationError
 
 __all__ = ["ALPHA", "channel_ranges", "smooth", "smooth_graph", "smooth_muls", "smoothable"]
 

@@ -10,7 +10,7 @@ graph and the PTQ graph of the same model and target quantize the same tensors:
   activations only, as in ``QDQRemovableActivation``), which ONNX Runtime then fuses into the producer;
 - shape-only and order-preserving ops (Reshape, Flatten, Transpose, MaxPool, AveragePool, ...) reuse their
   input's quantization (``QDQDirect8BitOp``), so they need no quantizer of their own.
-Weights are quantized inside :class:`~edgequant.qat_modules.QuantConv` / ``QuantLinear``.
+Weights are quantized inside :class:`~edgequant.qat.modules.QuantConv` / ``QuantLinear``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def onnx_op(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The ONNX op type the exporter writes for ``node`` (None: not one the placement knows)."""
     if node.op == "call_module":
         module = modules[node.target]
-        from .qat_modules import QuantConv, QuantLinear
+        from .modules import QuantConv, QuantLinear
 
         if isinstance(module, QuantConv):
             return "Conv"

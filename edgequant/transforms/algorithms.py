@@ -7,7 +7,7 @@
   per-channel bound m / s_i (Clip only takes scalars). It pays where weights are quantized per tensor
   (depthwise convolutions, whose channels have very different ranges).
 - ``smooth_quant`` (Xiao et al. 2023): activation outliers of MatMuls with constant weights move into the
-  weights; the statistics pass and the rewrite are :mod:`edgequant.smooth`'s (shared with the Hugging Face
+  weights; the statistics pass and the rewrite are :mod:`edgequant.transforms.smooth`'s (shared with the Hugging Face
   text path), the inserted float Muls stay out of int8.
 - ``bias_correction`` (empirical): after quantization, each Conv/Gemm bias (int32) is corrected, in graph
   order, by the per-channel mean output shift E[y_int8] − E[y_fp32] on calibration samples.
@@ -29,8 +29,8 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from .calibrate import METHODS, HistogramObserver, batches
-from .errors import CalibrationError
+from ..calibration.streaming import METHODS, HistogramObserver, batches
+from ..errors import CalibrationError
 from .smooth import ALPHA, channel_ranges, smooth_graph, smoothable
 
 __all__ = ["Algorithms", "auto_ranges", "correct_bias", "equalize_cross_layer", "smooth_quant"]
@@ -172,7 +172,7 @@ def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = ALPHA, batch
                  limit: int = 64, progress: Callable[[int], None] | None = None) -> tuple[onnx.ModelProto, int]:
     """fp32 ModelProto + samples → (a new ModelProto with activation outliers moved into MatMul weights,
     computing the same function, number of smoothed activations): per-channel ranges over at most ``limit``
-    samples, then :func:`edgequant.smooth.smooth_graph`. Padding positions count here (no ``mask_input``): the
+    samples, then :func:`edgequant.transforms.smooth.smooth_graph`. Padding positions count here (no ``mask_input``): the
     generic check compares every output position, padded ones included."""
     tensors = smoothable(model)
     if not tensors:
@@ -202,7 +202,7 @@ def _as_inputs(model: onnx.ModelProto, names: Sequence[str], outputs: Sequence[s
 
 def _runner(model: onnx.ModelProto, samples, batch_size: int):
     """An emulating session (no QDQ fusion, so scales may be inputs) and the sample batches for it."""
-    from .verify import _dtype, session
+    from ..check.fidelity import _dtype, session
 
     s = session(model, level="disable")
     data_inputs = {i.name: _dtype(i.type) for i in s.get_inputs()}
@@ -286,7 +286,7 @@ def _channel_means(s, stacked, names: Sequence[str], feeds: Mapping[str, np.ndar
 def histograms(model: onnx.ModelProto, samples, tensors: Sequence[str], *, batch_size: int = 16,
                progress: Callable[[int], None] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
     """One streaming pass (one bounded histogram per tensor) → {tensor: {method: (lo, hi)}} for every method."""
-    from .verify import _dtype, session
+    from ..check.fidelity import _dtype, session
 
     s = session(_as_inputs(model, [], tensors), level="basic")
     dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
@@ -312,7 +312,7 @@ def auto_ranges(fp32: onnx.ModelProto, samples, tensors: Sequence[str], quantize
                 ) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
     """Per tensor, the range (among the calibration methods) with the least output error on calibration
     samples → ({tensor: (lo, hi)}, {tensor: method}). ``quantize_fn(ranges)`` → QDQ ModelProto."""
-    from .budget import run_outputs, sqnr_db
+    from ..check.budget import run_outputs, sqnr_db
 
     cands = histograms(fp32, samples, tensors, batch_size=batch_size, progress=progress)
     subset = [samples[i] for i in range(min(limit, len(samples)))]

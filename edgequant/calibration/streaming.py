@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 __all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "tensors_to_calibrate"]
 

@@ -7,7 +7,7 @@ preset     bits  what is stored per block of ``block_size`` weights along K (the
 =========  ====  ==================================================================================
 q8         8     uint8 weights, one float32 scale and one uint8 zero point (asymmetric), round-to-nearest
 q4         4     uint4 weights (two a byte), float32 scale, 4-bit zero point (asymmetric), round-to-nearest
-q4-gptq    4     as q4, the integers chosen by GPTQ from the calibration data (see ``edgequant.gptq``)
+q4-gptq    4     as q4, the integers chosen by GPTQ from the calibration data (see ``edgequant.quantize.gptq``)
 =========  ====  ==================================================================================
 
 ``MatMulNBits`` runs on ONNX Runtime's CPU provider (2, 4 and 8 bits in 1.32) and on CUDA; elsewhere ORT
@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import QuantizationError
+from ..errors import QuantizationError
 
 __all__ = ["BLOCK_SIZES", "PRESETS", "WeightOnly", "gemm_to_matmul", "quantize_weights", "weight_bytes",
            "weight_matmuls"]
@@ -270,17 +270,17 @@ def check_options(*, weights: str | None, block_size: int | None, method_given: 
 def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, config: WeightOnly,
                        num_samples: int | None, opset: int | None, preprocess: Any, exclude_nodes: Sequence[str],
                        batch_size: int, force: bool, progress: bool) -> Any:
-    """A model and samples → a weight-only bundle at ``out`` (``edgequant.export`` with ``weights=``)."""
+    """A model and samples → a weight-only bundle at ``out`` (``edgequant.frontend.torch_export`` with ``weights=``)."""
     import time
     from pathlib import Path
 
-    from . import __version__
-    from .api import _check_data_fits, _ids, _to_onnx, build_manifest, split_holdout
-    from .bundle import check_out_dir, write_bundle
-    from .data import load_samples
-    from .export import convert_opset, input_names_of, load_model, prepare_fp32
-    from .targets import load_target
-    from .verify import cpu_kernels, fidelity
+    from .. import __version__
+    from ..jobs.ptq import _check_data_fits, _ids, _to_onnx, build_manifest, split_holdout
+    from ..bundle.core import check_out_dir, write_bundle
+    from ..data.samples import load_samples
+    from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32
+    from ..targets import load_target
+    from ..check.fidelity import cpu_kernels, fidelity
 
     tgt = load_target(target)
     out = Path(out)

@@ -11,19 +11,19 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import __version__
-from .algorithms import Algorithms
-from .bundle import Bundle, check_out_dir, write_bundle
-from .calibrate import METHODS, calibrate, tensors_to_calibrate
-from .data import ImagePreprocess, Samples, load_samples
-from .errors import CalibrationError, DataError, ExportError
-from .export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
-from .quantize import quantize, skip_absurd_ranges
-from .rewrite import rewrite_for_int8
-from .shapes import fix_input_shapes, resolve_input_shapes
-from .targets import Target, load_target
-from .verify import cpu_kernels, fidelity
-from .weight_only import check_options, export_weight_only
+from .. import __version__
+from ..transforms.algorithms import Algorithms
+from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..calibration.streaming import METHODS, calibrate, tensors_to_calibrate
+from ..data.samples import ImagePreprocess, Samples, load_samples
+from ..errors import CalibrationError, DataError, ExportError
+from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
+from ..quantize.qdq import quantize, skip_absurd_ranges
+from ..graph.rewrite import rewrite_for_int8
+from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
+from ..targets import Target, load_target
+from ..check.fidelity import cpu_kernels, fidelity
+from ..quantize.weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
 
@@ -46,18 +46,18 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
     Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
     "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
-    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.encoder.export_text`.
+    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`.
     ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
-    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.weight_only``).
+    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
     ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
     tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
     float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets."""
-    from .budget import AccuracyBudget
+    from ..check.budget import AccuracyBudget
 
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
                        num_samples=num_samples, dynamic=dynamic)
     if _is_text_job(model, calibration) or dynamic:
-        from .encoder import export_text
+        from .text import export_text
 
         return export_text(model, calibration, out=out, target=target, method=method, num_samples=num_samples,
                            opset=opset, task=task, max_length=max_length, dynamic=dynamic,
@@ -96,7 +96,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     tensors = tensors_to_calibrate(work, tgt.quantization.op_types)
     quantize_fn = _quantizer(work, tgt, algo, calib, batch_size)
     if method == "auto":
-        from .algorithms import auto_ranges
+        from ..transforms.algorithms import auto_ranges
 
         ranges, picked = auto_ranges(work, calib, tensors, lambda r: quantize(work, r, tgt), batch_size=batch_size,
                                      limit=algo.max_samples)
@@ -108,7 +108,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     int8 = quantize_fn(ranges, exclude_nodes)
     budget_report = None
     if budget is not None:
-        from .budget import keep_float_until
+        from ..check.budget import keep_float_until
 
         int8, budget_report = keep_float_until(
             budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
@@ -151,8 +151,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
 
 
 def _is_text_job(model: Any, calibration: Any) -> bool:
-    from .hf import HFModel, is_hf_folder
-    from .text import is_text_path
+    from ..frontend.hf import HFModel, is_hf_folder
+    from ..data.text import is_text_path
 
     texts = isinstance(calibration, (list, tuple)) and bool(calibration) and all(
         isinstance(t, str) for t in calibration)
@@ -180,8 +180,8 @@ def holdout_indices(n: int) -> list[int]:
 
 def _budget_labels(budget: Any, labels: Any, n: int):
     """The held-out samples' labels, checked before any work is done."""
-    from .budget import labels_for
-    from .errors import BudgetError
+    from ..check.budget import labels_for
+    from ..errors import BudgetError
 
     if budget is not None and budget.needs_labels and labels is None:
         raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
@@ -192,7 +192,7 @@ def _budget_labels(budget: Any, labels: Any, n: int):
 def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorithms,
                            batch_size: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
-    from .algorithms import equalize_cross_layer, smooth_quant
+    from ..transforms.algorithms import equalize_cross_layer, smooth_quant
 
     report: dict[str, Any] = algo.to_dict()
     work = fp32
@@ -206,8 +206,8 @@ def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorith
 
 def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
     """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
-    from .algorithms import correct_bias
-    from .smooth import smooth_muls
+    from ..transforms.algorithms import correct_bias
+    from ..transforms.smooth import smooth_muls
 
     keep_float = smooth_muls(work)
 
@@ -262,7 +262,7 @@ def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
     """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
     from tqdm import tqdm
 
-    from .layers import layer_errors
+    from ..check.layers import layer_errors
 
     try:
         with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
@@ -276,7 +276,7 @@ def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
 
 def _report_pages(report: dict[str, Any]) -> dict[str, bytes]:
     """report.json's layer table → {"layers.png": plot (when matplotlib is there), "report.html": page}."""
-    from .render import layers_png, report_html
+    from ..bundle.render import layers_png, report_html
 
     png = layers_png(report["layers"])
     files = {"report.html": report_html(report, png).encode("utf-8")}
@@ -288,7 +288,7 @@ def _report_pages(report: dict[str, Any]) -> dict[str, bytes]:
 def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[str, Any],
                    preprocess: ImagePreprocess | None, *, reference: bool) -> dict[str, Any]:
     """The device contract (schema in runtimes/README.md), without the file checksums the writer adds."""
-    from .bundle import SCHEMA_VERSION
+    from ..bundle.core import SCHEMA_VERSION
 
     graph = model.graph
     inits = {i.name for i in graph.initializer}

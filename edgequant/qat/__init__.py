@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .bundle import Bundle, check_out_dir, write_bundle
-from .data import ImagePreprocess, load_samples
-from .errors import ExportError, QuantizationError, UnsupportedOnTarget
-from .targets import Target, load_target
+from .. import __version__
+from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..data.samples import ImagePreprocess, load_samples
+from ..errors import ExportError, QuantizationError, UnsupportedOnTarget
+from ..targets import Target, load_target
 
 __all__ = ["QATConfig", "export", "export_checkpoint", "freeze_observers", "load_checkpoint", "prepare",
            "save_checkpoint"]
@@ -103,11 +103,11 @@ def prepare(model: Any, example_inputs: Any, *, target: str | Path | Target = "g
             calibration: Any = None, batch_size: int = 32) -> Any:
     """An ``nn.Module`` and example inputs (a tensor or a tuple, with batch axis) → a new module with fake
     quantization where the target's int8 graph quantizes; ``model`` is not changed. Activation ranges start
-    from ``calibration`` (samples, as for ``edgequant.export``) or, without it, from ``example_inputs``."""
+    from ``calibration`` (samples, as for ``edgequant.frontend.torch_export``) or, without it, from ``example_inputs``."""
     import torch
 
-    from .qat_modules import ActQuant
-    from .qat_place import place
+    from .modules import ActQuant
+    from .place import place
 
     tgt = load_target(target)
     config = QATConfig(target=tgt.name if isinstance(target, Target) else str(target), bn=bn,
@@ -179,8 +179,8 @@ def _shapes(gm: Any, examples: tuple, model_name: str) -> None:
 def _link_input_scales(gm: Any) -> None:
     """Give each quantized Conv/Linear the scale of its input's quantizer (through shape-only ops), so that its
     bias is rounded to the int32 grid s_x · s_w the device uses."""
-    from .qat_modules import ActQuant, QuantConv, QuantLinear
-    from .qat_place import DIRECT_OPS, onnx_op
+    from .modules import ActQuant, QuantConv, QuantLinear
+    from .place import DIRECT_OPS, onnx_op
 
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -231,7 +231,7 @@ def _swap_layers(gm: Any, config: QATConfig, tgt: Target, w_range: tuple[int, in
     from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    from .qat_modules import QuantConv, QuantLinear
+    from .modules import QuantConv, QuantLinear
 
     op_types = set(tgt.quantization.op_types) - set(tgt.quantization.float_op_types)
     per_channel = tgt.quantization.per_channel
@@ -263,7 +263,7 @@ def _calibrate(gm: Any, calibration: Any, examples: tuple, batch_size: int) -> N
     """One pass over the calibration samples (or the example inputs) to initialise every activation range."""
     import torch
 
-    from .qat_modules import ActQuant
+    from .modules import ActQuant
 
     quantizers = [m for m in gm.modules() if isinstance(m, ActQuant)]
     for q in quantizers:
@@ -281,8 +281,8 @@ def _calibrate(gm: Any, calibration: Any, examples: tuple, batch_size: int) -> N
 def _torch_batches(gm: Any, data: Any, batch_size: int, preprocess: ImagePreprocess | None = None):
     import torch
 
-    from .calibrate import batches
-    from .export import input_names_of
+    from ..calibration.streaming import batches
+    from ..frontend.torch_export import input_names_of
 
     samples = load_samples(data, preprocess=preprocess).bind(input_names_of(gm))
     for batch in batches(samples, batch_size, {}):
@@ -292,7 +292,7 @@ def _torch_batches(gm: Any, data: Any, batch_size: int, preprocess: ImagePreproc
 def freeze_observers(qmodel: Any) -> int:
     """Stop every activation range from moving (learned scales keep training); returns how many were frozen.
     Call it late in training, e.g. for the last epochs, so the final steps see the ranges the device will use."""
-    from .qat_modules import ActQuant
+    from .modules import ActQuant
 
     gm, _ = _prepared(qmodel, "qat.freeze_observers")
     count = 0
@@ -352,10 +352,10 @@ def load_checkpoint(model: Any, example_inputs: Any, path: str | Path) -> Any:
 
 def export(qmodel: Any, *, out: str | Path, calibration: Any, preprocess: ImagePreprocess | None = None,
            batch_size: int = 16, force: bool = False, progress: bool = True) -> Bundle:
-    """A prepared (trained) module and check samples → the int8 bundle, as ``edgequant.export`` writes it, with
+    """A prepared (trained) module and check samples → the int8 bundle, as ``edgequant.frontend.torch_export`` writes it, with
     the scales learned in training. ``calibration`` gives the input shapes and the samples on which the int8
     graph is compared with the fp32 graph and with the QAT model itself."""
-    from .qat_export import build_bundle
+    from .convert import build_bundle
 
     gm, state = _prepared(qmodel, "qat.export")
     out = Path(out)
@@ -371,11 +371,11 @@ def export(qmodel: Any, *, out: str | Path, calibration: Any, preprocess: ImageP
 def export_checkpoint(model: Any, checkpoint: str | Path, calibration: Any, *, out: str | Path,
                       preprocess: ImagePreprocess | None = None, batch_size: int = 16, force: bool = False,
                       progress: bool = True) -> Bundle:
-    """A float model reference (as for ``edgequant.export``), a ``save_checkpoint`` file and samples → the QAT
+    """A float model reference (as for ``edgequant.frontend.torch_export``), a ``save_checkpoint`` file and samples → the QAT
     bundle. The target and settings are those the checkpoint was trained with."""
     import torch
 
-    from .export import input_names_of, load_model
+    from ..frontend.torch_export import input_names_of, load_model
 
     check_out_dir(Path(out), force)
     loaded = load_model(model)

@@ -7,7 +7,7 @@ Importing edgequant does not import torch; the export stage does, when it runs.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 __all__ = [
     "AccuracyBudget",
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 from .transforms.algorithms import Algorithms
-from .jobs.ptq import export
+from .jobs import export
 from .bench import BenchResult, bench
 from .check.budget import AccuracyBudget
 from .bundle.core import Bundle, load_bundle

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgeQuantError
+from .errors import EdgeQuantError, UsageError
 
 __all__ = ["main"]
 
@@ -25,6 +25,10 @@ def _handle_errors(fn):
         debug = ctx.find_root().params.get("debug", False)
         try:
             return fn(*args, **kwargs)
+        except UsageError as exc:  # options that do not fit together: click's usage error, exit 2
+            if debug:
+                raise
+            raise click.UsageError(str(exc), ctx=ctx) from None
         except EdgeQuantError as exc:
             if debug:
                 raise
@@ -81,11 +85,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
                    "Hugging Face text model, a .txt (one sample a line) or .jsonl file.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle folder to write.")
-@click.option("--target", default="generic-cpu", show_default=True, metavar="NAME|PATH.toml",
-              help="Built-in profile (see `edgequant targets`) or your own .toml.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen from the calibration data (auto: per "
-              "tensor, the method with the least output error).")
+@click.option("--target", default=None, metavar="NAME|PATH.toml",
+              help="Built-in profile (see `edgequant targets`) or your own .toml.  [default: generic-cpu; with "
+                   "--qat-checkpoint, the checkpoint's]")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default=None,
+              help="How activation ranges are chosen from the calibration data (auto: per tensor, the method with "
+                   "the least output error).  [default: minmax]")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="Calibrate on at most N samples (the held-out check set is kept apart).")
 @click.option("--opset", type=click.IntRange(13, 23), default=None, help="ONNX opset (default: the target's).")
@@ -104,10 +109,11 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
                    "learned scales; DATA gives shapes and check samples).")
-@click.option("--task", default="feature-extraction", show_default=True,
-              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).")
-@click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
-              help="Text: pad and truncate every sample to this many tokens.")
+@click.option("--task", default=None,
+              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).  "
+                   "[default: feature-extraction]")
+@click.option("--max-length", type=click.IntRange(2, 8192), default=None,
+              help="Text: pad and truncate every sample to this many tokens.  [default: 128]")
 @click.option("--dynamic", is_flag=True,
               help="Hugging Face text models: dynamic int8 activations (scales computed per run; no ranges).")
 @click.option("--weights", default=None, metavar="q8|q4|q4-gptq",
@@ -123,56 +129,59 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv pairs before calibration.")
 @click.option("--bias-correction", is_flag=True, help="Correct Conv/Gemm biases by the mean int8 output shift.")
 @click.option("--smooth-quant", is_flag=True, help="Move MatMul activation outliers into the weights.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Samples per ONNX Runtime run while calibrating and checking.  [default: 16]")
+@click.option("--no-layer-report", is_flag=True, help="Skip the per-layer error table (PTQ).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
            layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size,
-           accuracy_budget, labels, equalize, bias_correction, smooth_quant):
+           accuracy_budget, labels, equalize, bias_correction, smooth_quant, batch_size, no_layer_report):
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
     int8 bundle in OUT."""
-    from click.core import ParameterSource
-
-    from .transforms.algorithms import Algorithms
-    from .jobs.ptq import export as run_export
-    from .check.budget import AccuracyBudget
-    from .data.samples import ImagePreprocess
-    from .quantize.weight_only import check_options
-
-    method_source = click.get_current_context().get_parameter_source("method")
-    check_options(weights=weights, block_size=block_size, num_samples=num_samples,
-                  method_given=method_source == ParameterSource.COMMANDLINE, dynamic=dynamic)
+    from .config import ExportConfig
     from .errors import BudgetError
+    from .jobs import run_job
 
-    budget = None
-    if accuracy_budget is not None:
-        try:
-            budget = AccuracyBudget.parse(accuracy_budget)
-        except BudgetError as exc:
-            raise click.BadParameter(str(exc), param_hint="--accuracy-budget") from None
+    options = dict(target=target, method=method, num_samples=num_samples, opset=opset, exclude_nodes=exclude,
+                   preprocess=_preprocess(resize, scale, mean, std, channels, layout),
+                   input_shapes=_input_shapes(input_shape), qat_checkpoint=qat_checkpoint, task=task,
+                   max_length=max_length, dynamic=dynamic or None, weights=weights, block_size=block_size,
+                   accuracy_budget=accuracy_budget, labels=labels, algorithms=_algorithms(equalize, bias_correction,
+                                                                                          smooth_quant),
+                   batch_size=batch_size, layer_report=False if no_layer_report else None)
+    try:
+        config = ExportConfig.from_options(model, data, out=out, force=force, progress=not no_progress,
+                                           **{k: v for k, v in options.items() if v not in (None, ())})
+        config.validate()
+    except BudgetError as exc:
+        raise click.BadParameter(str(exc), param_hint="--accuracy-budget") from None
+    bundle = run_job(config)
+    click.echo(summary(bundle.report, bundle.path))
 
-    pre = None
-    if any(v is not None for v in (resize, scale, mean, std, channels, layout)):
-        pre = ImagePreprocess(
-            resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
-            mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
-            channel_order=channels or "rgb", layout=layout or "nchw")
-    if qat_checkpoint is not None:
-        from .qat import export_checkpoint
 
-        bundle = export_checkpoint(model, qat_checkpoint, data, out=out, preprocess=pre, force=force,
-                                   progress=not no_progress)
-        click.echo(summary(bundle.report, bundle.path))
-        return
+def _preprocess(resize, scale, mean, std, channels, layout):
+    """The image options → an ImagePreprocess (None when none is given: the data's own defaults)."""
+    if all(v is None for v in (resize, scale, mean, std, channels, layout)):
+        return None
+    from .data.samples import ImagePreprocess
+
+    return ImagePreprocess(resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
+                           mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,), channel_order=channels or "rgb",
+                           layout=layout or "nchw")
+
+
+def _input_shapes(texts):
     from .frontend.shapes import parse_input_shape
 
-    shapes = dict(parse_input_shape(s) for s in input_shape) or None
-    bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
-                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
-                        input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic,
-                        weights=weights, block_size=block_size,
-                        algorithms=Algorithms(equalize=equalize, bias_correction=bias_correction,
-                                              smooth_quant=smooth_quant),
-                        accuracy_budget=budget, labels=labels)
-    click.echo(summary(bundle.report, bundle.path))
+    return dict(parse_input_shape(t) for t in texts) or None
+
+
+def _algorithms(equalize, bias_correction, smooth_quant):
+    if not (equalize or bias_correction or smooth_quant):
+        return None
+    from .transforms.algorithms import Algorithms
+
+    return Algorithms(equalize=equalize, bias_correction=bias_correction, smooth_quant=smooth_quant)
 
 
 def summary(report: dict, path: Path) -> str:

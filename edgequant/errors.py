@@ -14,11 +14,17 @@ __all__ = [
     "QuantizationError",
     "TargetError",
     "UnsupportedOnTarget",
+    "UsageError",
 ]
 
 
 class EdgeQuantError(Exception):
     """Base class: a problem with the user's input or environment, reported as one line."""
+
+
+class UsageError(EdgeQuantError):
+    """Options that do not fit together: one the chosen job does not take, or a malformed value. The CLI exits
+    with 2 (a usage error), as for an unknown flag."""
 
 
 class DataError(EdgeQuantError):

@@ -18,10 +18,10 @@ from typing import Any
 
 from .._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
 from ..errors import BundleError
+from .manifest import SCHEMA_VERSION
 
 __all__ = ["MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "load_bundle", "sha256_file", "write_bundle"]
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 RUNTIME = "edgequant_runtime.py"

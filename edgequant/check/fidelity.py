@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..calibration.streaming import batches
+from ..graph.session import batches, input_dtypes, session
+from .metrics import argmax_agreement, cosine
 
 __all__ = ["FLOAT_COMPUTE_OPS", "INT8_OPS", "Fidelity", "KernelReport", "cpu_kernels", "compare_outputs",
            "fidelity", "session"]
@@ -44,24 +45,6 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {"int8": dict(sorted(self.int8.items())), "int8_nodes": self.int8_nodes,
                 "float_compute": list(self.float_compute), "other": dict(sorted(self.other.items()))}
-
-
-def session(model: onnx.ModelProto, *, level: str = "all", threads: int = 0, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session on an in-memory model."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def cpu_kernels(model: onnx.ModelProto) -> KernelReport:
@@ -102,24 +85,16 @@ class Fidelity:
 
 def compare_outputs(name: str, ref: np.ndarray, test: np.ndarray) -> Fidelity:
     """Two output batches (N, ...) → their agreement. Argmax agreement only for class-like (N, C>1) outputs."""
-    ref64 = ref.reshape(ref.shape[0], -1).astype(np.float64)
-    test64 = test.reshape(test.shape[0], -1).astype(np.float64)
-    num = np.sum(ref64 * test64, axis=1)
-    den = np.linalg.norm(ref64, axis=1) * np.linalg.norm(test64, axis=1)
-    cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
-    diff = np.abs(ref64 - test64)
-    agree = None
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        agree = float(np.mean(np.argmax(ref, axis=1) == np.argmax(test, axis=1)))
-    return Fidelity(name, int(ref.shape[0]), float(np.mean(cos)), float(diff.max()), float(diff.mean()),
-                    float(np.abs(ref64).max()), agree)
+    diff = np.abs(ref.astype(np.float64) - test.astype(np.float64))
+    return Fidelity(name, int(ref.shape[0]), cosine(ref, test), float(diff.max()), float(diff.mean()),
+                    float(np.abs(ref.astype(np.float64)).max()), argmax_agreement(ref, test))
 
 
 def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
              batch_size: int = 16) -> list[Fidelity]:
     """Both models on the same samples → per-output agreement."""
     s_ref, s_q = session(fp32), session(int8)
-    dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
+    dtypes = input_dtypes(s_ref)
     names = [o.name for o in s_ref.get_outputs()]
     refs: dict[str, list] = {n: [] for n in names}
     tests: dict[str, list] = {n: [] for n in names}
@@ -129,8 +104,3 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
             tests[n].append(t)
     return [compare_outputs(n, np.concatenate(refs[n]), np.concatenate(tests[n])) for n in names]
 
-
-def _dtype(ort_type: str) -> np.dtype:
-    from ..calibration.streaming import _np_dtype
-
-    return _np_dtype(ort_type)

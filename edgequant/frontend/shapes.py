@@ -16,7 +16,7 @@ import onnx
 
 from ..errors import DataError
 
-__all__ = ["fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
+__all__ = ["check_data_fits", "fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -82,3 +82,17 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
         make_input_shape_fixed(out.graph, name, [int(d) for d in shape])
     fix_output_shapes(out)
     return out
+
+
+def check_data_fits(model: onnx.ModelProto, samples) -> None:
+    """Each sample's shape must match the graph input (batch axis excluded); a DataError names the sample."""
+    example = samples[0]
+    for inp in model.graph.input:
+        if inp.name not in example:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim][1:]
+        shape = list(example[inp.name].shape)
+        if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
+            want = ["?" if d is None else d for d in dims]
+            raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
+                            f"{want} (without batch axis); fix the data or its pre-processing")

@@ -1,218 +1,86 @@
-"""The main job, one line per stage: model → fp32 ONNX → ranges → QDQ ONNX → check → bundle."""
+"""The post-training quantization job's own stages: fp32 passes (equalization, SmoothQuant) → calibration
+(streaming observers, or the best method per tensor) → QDQ quantization (+ bias correction) → accuracy budget →
+per-layer error. The order is in :mod:`edgequant.jobs`."""
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from .. import __version__
-from ..transforms.algorithms import Algorithms
-from ..bundle.core import Bundle, check_out_dir, write_bundle
-from ..calibration.streaming import METHODS, calibrate, tensors_to_calibrate
-from ..data.samples import ImagePreprocess, Samples, load_samples
-from ..errors import CalibrationError, DataError, ExportError
-from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
-from ..quantize.qdq import quantize, skip_absurd_ranges
+from ..calibration.streaming import METHODS, calibrate as streaming_calibrate, tensors_to_calibrate
+from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..graph.rewrite import rewrite_for_int8
-from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
-from ..targets import Target, load_target
-from ..check.fidelity import cpu_kernels, fidelity
-from ..quantize.weight_only import check_options, export_weight_only
+from ..quantize.qdq import quantize as qdq_quantize, skip_absurd_ranges
+from ..transforms.algorithms import Algorithms
+from .stages import Run, report_parts, to_fp32
 
-__all__ = ["export", "split_holdout"]
+__all__ = ["budget", "calibrate", "fp32_graph", "fp32_passes", "layers", "prepare", "quantize", "settings"]
 
 log = logging.getLogger(__name__)
 
-MAX_HOLDOUT = 256
+
+def prepare(raw: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The exported graph → what PTQ quantizes: ORT's basic optimizations, the int8-friendly rewrites, the opset."""
+    return convert_opset(rewrite_for_int8(prepare_fp32(raw)), opset)
 
 
-def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
-           method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
-           preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True, layer_report: bool = True,
-           input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
-           max_length: int = 128, dynamic: bool = False, weights: str | None = None,
-           block_size: int | None = None, algorithms: Algorithms | None = None, accuracy_budget: Any = None,
-           labels: Any = None) -> Bundle:
-    """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
-    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
-
-    With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
-    Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
-    "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
-    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`.
-    ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
-    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
-    ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
-    tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
-    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets."""
-    from ..check.budget import AccuracyBudget
-
-    wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
-                       num_samples=num_samples, dynamic=dynamic)
-    if _is_text_job(model, calibration) or dynamic:
-        from .text import export_text
-
-        return export_text(model, calibration, out=out, target=target, method=method, num_samples=num_samples,
-                           opset=opset, task=task, max_length=max_length, dynamic=dynamic,
-                           exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress,
-                           weights=wo)
-    if wo is not None:
-        return export_weight_only(model, calibration, out=out, target=target, config=wo, num_samples=num_samples,
-                                  opset=opset, preprocess=preprocess, exclude_nodes=exclude_nodes,
-                                  batch_size=batch_size, force=force, progress=progress)
-    tgt = load_target(target)
-    budget = AccuracyBudget.parse(accuracy_budget) if isinstance(accuracy_budget, str) else accuracy_budget
-    algo = algorithms or Algorithms()
-    if method not in METHODS and method != "auto":
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
-    if num_samples is not None and num_samples < 1:
-        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
-    out = Path(out)
-    check_out_dir(out, force)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    samples = load_samples(calibration, preprocess=preprocess)
-    held_labels = _budget_labels(budget, labels, len(samples))
-    loaded = load_model(model)
-    samples = samples.bind(input_names_of(loaded))
-    calib, holdout = split_holdout(samples, num_samples)
-    fp32_raw = _to_onnx(loaded, samples, opset or tgt.opset, True)
-    timings["export_s"] = time.perf_counter() - t0
-
-    fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
-    _check_data_fits(fp32, samples)
-    shapes = resolve_input_shapes(fp32, samples[0], input_shapes) if tgt.runtime.static_shapes or input_shapes \
-        else None
-    t1 = time.perf_counter()
-    work, algo_report = _apply_fp32_algorithms(fp32, calib, algo, batch_size)
-    tensors = tensors_to_calibrate(work, tgt.quantization.op_types)
-    quantize_fn = _quantizer(work, tgt, algo, calib, batch_size)
-    if method == "auto":
-        from ..transforms.algorithms import auto_ranges
-
-        ranges, picked = auto_ranges(work, calib, tensors, lambda r: quantize(work, r, tgt), batch_size=batch_size,
-                                     limit=algo.max_samples)
-        algo_report["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
-    else:
-        ranges = _calibrate(work, calib, tensors, method, batch_size, progress)
-    timings["calibrate_s"] = time.perf_counter() - t1
-
-    int8 = quantize_fn(ranges, exclude_nodes)
-    budget_report = None
-    if budget is not None:
-        from ..check.budget import keep_float_until
-
-        int8, budget_report = keep_float_until(
-            budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
-            labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress)
-    fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
-    t2 = time.perf_counter()
-    layers = _layers(work, int8, holdout, batch_size, progress) if layer_report else None
-    timings["layers_s"] = time.perf_counter() - t2
-    if shapes:
-        fp32, int8 = fix_input_shapes(fp32, shapes), fix_input_shapes(int8, shapes)
-    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
-    timings["total_s"] = time.perf_counter() - t0
-
-    int8_bytes = int8.SerializeToString(deterministic=True)
-    fp32_bytes = fp32.SerializeToString(deterministic=True)
-    settings = {"source": "ptq", "method": method, "calibration_samples": len(calib), **tgt.to_dict()["quantization"]}
-    manifest = build_manifest(int8, tgt, settings, samples.preprocess, reference=True)
-    report = {
-        "edgequant_version": __version__,
-        "source": "ptq",
-        "target": tgt.name,
-        "method": method,
-        "calibration": {"data": samples.source, "samples": len(calib), "tensors": len(ranges),
-                        "float_tensors": skip_absurd_ranges(ranges)[1]},
-        "holdout": {"samples": len(holdout), "disjoint_from_calibration": len(holdout) < len(samples)
-                    and not set(_ids(holdout)) & set(_ids(calib))},
-        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
-                  "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
-        "fidelity": [f.to_dict() for f in fid],
-        "kernels": kernels.to_dict() if kernels else None,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "algorithms": algo_report,
-        "accuracy_budget": budget_report,
-    }
-    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
-    if layers is not None:
-        report["layers"] = layers
-        files.update(_report_pages(report))
-    return write_bundle(out, files, manifest, report, force=force)
+def fp32_graph(run: Run) -> None:
+    """The model → the fp32 reference graph, traced with a dynamic batch axis (shapes are fixed at the end)."""
+    to_fp32(run, dynamic_batch=True, prepare=prepare)
 
 
-def _is_text_job(model: Any, calibration: Any) -> bool:
-    from ..frontend.hf import HFModel, is_hf_folder
-    from ..data.text import is_text_path
-
-    texts = isinstance(calibration, (list, tuple)) and bool(calibration) and all(
-        isinstance(t, str) for t in calibration)
-    return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(calibration) or texts
-
-
-def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:
-    """Every 5th sample (at most 256) is held out for checking; calibration uses the rest (first N of them).
-    With fewer than 5 samples there is nothing to spare: both use all samples."""
-    n = len(samples)
-    if n < 5:
-        return samples, samples
-    held = holdout_indices(n)
-    held_set = set(held)
-    calib = [i for i in range(n) if i not in held_set]
-    if num_samples is not None:
-        calib = calib[:num_samples]
-    return samples.subset(calib), samples.subset(held)
-
-
-def holdout_indices(n: int) -> list[int]:
-    """Indices of the held-out samples among ``n`` (all of them when fewer than 5)."""
-    return list(range(n)) if n < 5 else [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
-
-
-def _budget_labels(budget: Any, labels: Any, n: int):
-    """The held-out samples' labels, checked before any work is done."""
-    from ..check.budget import labels_for
-    from ..errors import BudgetError
-
-    if budget is not None and budget.needs_labels and labels is None:
-        raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
-                          "integer class per calibration sample, in the order the samples are read)")
-    return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
-
-
-def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorithms,
-                           batch_size: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def fp32_passes(run: Run) -> None:
     """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
     from ..transforms.algorithms import equalize_cross_layer, smooth_quant
 
+    algo = run.config.algorithms
     report: dict[str, Any] = algo.to_dict()
-    work = fp32
+    work = run.fp32
     if algo.equalize:
         work, report["equalized_pairs"] = equalize_cross_layer(work)
     if algo.smooth_quant:
-        work, report["smoothed_activations"] = smooth_quant(work, calib, alpha=algo.smooth_quant_alpha,
-                                                            batch_size=batch_size, limit=algo.max_samples)
-    return work, report
+        work, report["smoothed_activations"] = smooth_quant(work, run.calib, alpha=algo.smooth_quant_alpha,
+                                                            batch_size=run.config.data_options.batch_size,
+                                                            limit=algo.max_samples)
+    run.work = work
+    run.parts["algorithms"] = report
 
 
-def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
+def calibrate(run: Run) -> None:
+    """Activation ranges on the calibration samples: one streaming pass of the chosen method, or with
+    ``method="auto"`` per tensor the method with the least output error."""
+    from tqdm import tqdm
+
+    cfg, tgt = run.config, run.target
+    method = run.method = cfg.calibration.method or "minmax"
+    batch = cfg.data_options.batch_size
+    tensors = tensors_to_calibrate(run.work, tgt.quantization.op_types)
+    run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch)
+    if method == "auto":
+        from ..calibration.auto import auto_ranges
+
+        work = run.work
+        run.ranges, picked = auto_ranges(work, run.calib, tensors, lambda r: qdq_quantize(work, r, tgt),
+                                         batch_size=batch, limit=cfg.algorithms.max_samples)
+        run.parts["algorithms"]["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
+    else:
+        with tqdm(total=len(run.calib), desc=f"calibrating ({method})", unit="sample", disable=not cfg.progress,
+                  leave=False) as bar:
+            run.ranges = streaming_calibrate(run.work, run.calib, tensors, method=method, batch_size=batch,
+                                             progress=bar.update)
+
+
+def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, batch_size: int):
     """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
-    from ..transforms.algorithms import correct_bias
+    from ..quantize.bias_correction import correct_bias
     from ..transforms.smooth import smooth_muls
 
     keep_float = smooth_muls(work)
 
     def run(ranges, exclude):
-        int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
+        int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
         if algo.bias_correction:
             int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
         return int8
@@ -220,103 +88,49 @@ def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samp
     return run
 
 
-def _ids(samples: Samples) -> list[str]:
-    return [samples.label(i) for i in range(len(samples))]
+def quantize(run: Run) -> None:
+    """Ranges → the QDQ int8 graph (the target's placement rules; ``--exclude`` nodes in float)."""
+    run.int8 = run.quantize_fn(run.ranges, run.config.calibration.exclude_nodes)
 
 
-def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
-    if isinstance(loaded, onnx.ModelProto):
-        return loaded
-    example = samples[0]
-    try:
-        return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
-    except ExportError as exc:
-        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
-        raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
+def budget(run: Run) -> None:
+    """With an accuracy budget: keep the most sensitive nodes in float until it holds on the held-out samples."""
+    cfg = run.config
+    if cfg.budget is None:
+        run.parts["accuracy_budget"] = None
+        return
+    from ..check.budget import keep_float_until
+
+    run.int8, run.parts["accuracy_budget"] = keep_float_until(
+        cfg.budget, run.work, lambda excl: run.quantize_fn(run.ranges, excl), run.holdout,
+        op_types=run.target.quantization.op_types, labels=run.labels, exclude=cfg.calibration.exclude_nodes,
+        batch_size=cfg.data_options.batch_size, progress=cfg.progress)
 
 
-def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
-    """Each sample's shape must match the graph input (batch axis excluded)."""
-    example = samples[0]
-    for inp in model.graph.input:
-        if inp.name not in example:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim][1:]
-        shape = list(example[inp.name].shape)
-        if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
-            want = ["?" if d is None else d for d in dims]
-            raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
-                            f"{want} (without batch axis); fix the data or its pre-processing")
-
-
-def _calibrate(fp32, calib, tensors, method, batch_size, progress):
+def layers(run: Run) -> None:
+    """The per-layer error table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
     from tqdm import tqdm
 
-    with tqdm(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
-              leave=False) as bar:
-        ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
-    return ranges
+    from ..check import layers as layer_check
 
-
-def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
-    """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
-    from tqdm import tqdm
-
-    from ..check.layers import layer_errors
-
+    cfg = run.config
+    if cfg.calibration.layer_report is False:
+        return
     try:
-        with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
+        with tqdm(total=len(run.holdout), desc="per-layer error", unit="sample", disable=not cfg.progress,
                   leave=False) as bar:
-            rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update)
+            rows = layer_check.layer_errors(run.work, run.int8, run.holdout, batch_size=cfg.data_options.batch_size,
+                                            progress=bar.update)
+        run.parts["layers"] = [r.to_dict() for r in rows]
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses
         log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
-        return None
-    return [r.to_dict() for r in rows]
 
 
-def _report_pages(report: dict[str, Any]) -> dict[str, bytes]:
-    """report.json's layer table → {"layers.png": plot (when matplotlib is there), "report.html": page}."""
-    from ..bundle.render import layers_png, report_html
-
-    png = layers_png(report["layers"])
-    files = {"report.html": report_html(report, png).encode("utf-8")}
-    if png is not None:
-        files["layers.png"] = png
-    return files
-
-
-def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[str, Any],
-                   preprocess: ImagePreprocess | None, *, reference: bool) -> dict[str, Any]:
-    """The device contract (schema in runtimes/README.md), without the file checksums the writer adds."""
-    from ..bundle.core import SCHEMA_VERSION
-
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    pre = None
-    if preprocess is not None:
-        inputs = [i.name for i in graph.input if i.name not in inits]
-        pre = {"input": inputs[0], **preprocess.to_dict()}
-    tdict = target.to_dict()
-    return {
-        "schema": "edgequant.bundle",
-        "schema_version": SCHEMA_VERSION,
-        "producer": f"edgequant {__version__}",
-        "model": {"file": "model.onnx", "format": "onnx-qdq", "opset": _opset(model)},
-        "reference_model": {"file": "model.fp32.onnx", "format": "onnx-fp32"} if reference else None,
-        "inputs": [_io(v) for v in graph.input if v.name not in inits],
-        "outputs": [_io(v) for v in graph.output],
-        "preprocess": pre,
-        "quantization": quantization,
-        "target": {"name": target.name, "description": target.description},
-        "runtime": tdict["runtime"],
-    }
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    t = value.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+def settings(run: Run) -> None:
+    """The manifest's quantization settings and the report's calibration part."""
+    tgt = run.target
+    run.settings = {"source": "ptq", "method": run.method, "calibration_samples": len(run.calib),
+                    **tgt.to_dict()["quantization"]}
+    run.parts.update(report_parts(run))
+    run.parts["calibration"] = {"data": run.samples.source, "samples": len(run.calib), "tensors": len(run.ranges),
+                                "float_tensors": skip_absurd_ranges(run.ranges)[1]}

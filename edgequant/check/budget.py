@@ -156,11 +156,11 @@ class AccuracyBudget:
 
 
 def run_outputs(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
-                batch_size: int = 16) -> Outputs:
-    """A model on the samples → {output name: outputs stacked over the samples}."""
+                batch_size: int = 16, level: str = "all") -> Outputs:
+    """A model on the samples (at ONNX Runtime ``level``) → {output name: outputs stacked over the samples}."""
     from .fidelity import _dtype, session
 
-    s = session(model)
+    s = session(model, level=level)
     dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
     names = [o.name for o in s.get_outputs()]
     parts: dict[str, list] = {n: [] for n in names}
@@ -180,7 +180,8 @@ def candidate_nodes(model: onnx.ModelProto, op_types: Sequence[str], exclude: Se
 def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn: Callable[[Sequence[str]], Any],
                      holdout: Sequence[dict[str, np.ndarray]], *, op_types: Sequence[str],
                      labels: np.ndarray | None = None, exclude: Sequence[str] = (), batch_size: int = 16,
-                     latency_runs: int = 30, progress: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                     latency_runs: int = 30, progress: bool = False,
+                     level: str = "all") -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Budget + fp32 model + ``quantize_fn(float_nodes) -> int8 ModelProto`` + held-out samples → (int8 model
     with the fewest float nodes found that meets the budget, report dict). Raises BudgetError when even the
     fp32 model misses the budget."""
@@ -204,7 +205,7 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
         key = frozenset(float_nodes)
         if key not in cache:
             model = quantize_fn([*base_exclude, *float_nodes])
-            cache[key] = (model, run_outputs(model, holdout, batch_size=batch_size))
+            cache[key] = (model, run_outputs(model, holdout, batch_size=batch_size, level=level))
         return cache[key]
 
     int8, out0 = trial([])

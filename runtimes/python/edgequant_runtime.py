@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION", "Session",
-           "preprocess_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
-           "verify_bundle"]
+           "cpu_features", "describe_cpu", "int8_saturates", "preprocess_image", "read_png", "resize_bilinear",
+           "sha256_file", "to_channels", "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -260,6 +260,113 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     if colour == 4:  # grey + alpha: drop alpha
         return img[:, :, 0]
     return img[:, :, 0] if bpp == 1 else img
+
+
+# --- the CPU this runs on -------------------------------------------------------------------------------------
+# Which int8 arithmetic a CPU computes depends on a few instruction-set extensions. On x86-64, ONNX Runtime's
+# fused u8*s8 kernels use VPMADDUBSW (16-bit pair sums that saturate with full-range 8-bit weights) unless the
+# CPU has AVX-512 VNNI or AVX-VNNI (VPDPBUSD, exact 32-bit sums). On aarch64, every int8 kernel accumulates in
+# 32 bits (SDOT/UDOT with asimddp, SMMLA with i8mm, widening multiplies otherwise), so nothing saturates.
+# x86 flags come from the CPUID instruction itself (a 30-byte function run through ctypes): /proc/cpuinfo shows
+# the host's flags even to a program that an emulator (qemu -cpu Haswell) runs on a smaller CPU.
+
+X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # either one gives exact 32-bit u8*s8 dot products
+
+# (leaf, subleaf, register index in (eax, ebx, ecx, edx), bit) of each flag in CPUID's answer.
+_CPUID_BITS = {"avx2": (7, 0, 1, 5), "avx512f": (7, 0, 1, 16), "avx512bw": (7, 0, 1, 30),
+               "avx512_vnni": (7, 0, 2, 11), "avx_vnni": (7, 1, 0, 4), "amx_int8": (7, 0, 3, 25)}
+# void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) for the System V x86-64 calling convention:
+# push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid; mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx;
+# mov [r8+12], edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa2418900418958044189480841895 00c5bc3".replace(" ", ""))
+
+
+def _cpuid_flags() -> set[str] | None:
+    """x86-64 Linux/macOS: the X86_FLAGS the CPUID instruction reports, or None where code cannot be run."""
+    import ctypes
+    import mmap
+
+    if os.name != "posix":
+        return None
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):  # W^X kernels refuse writable+executable pages
+        return None
+    try:
+        buf.write(_CPUID_CODE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        func = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(addr)
+        regs = (ctypes.c_uint32 * 4)()
+        func(0, 0, regs)
+        max_leaf, answers = regs[0], {}
+        flags = set()
+        for name, (leaf, sub, reg, bit) in _CPUID_BITS.items():
+            if leaf > max_leaf:
+                continue
+            if (leaf, sub) not in answers:
+                func(leaf, sub, regs)
+                answers[(leaf, sub)] = tuple(regs)
+            if answers[(leaf, sub)][reg] >> bit & 1:
+                flags.add(name)
+        del func, addr
+        return flags
+    finally:
+        try:
+            buf.close()
+        except BufferError:  # a ctypes view still points into it; the page goes with the process
+            pass
+
+
+def _proc_cpuinfo_flags(names: tuple[str, ...]) -> set[str] | None:
+    """The ``names`` that /proc/cpuinfo's flags (x86) or Features (ARM) line lists, or None without the file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    listed: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            listed.update(value.split())
+    return {n for n in names if n in listed}
+
+
+def cpu_features() -> dict:
+    """This CPU → {"arch": "x86_64" | "aarch64" | ..., "flags": sorted int8-relevant flags, "source": where
+    they were read}. x86 flags come from CPUID (then /proc/cpuinfo), aarch64 flags from /proc/cpuinfo."""
+    import platform
+
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    flags, source = None, "unknown"
+    if arch == "x86_64":
+        flags, source = _cpuid_flags(), "cpuid"
+        if flags is None:
+            flags, source = _proc_cpuinfo_flags(X86_FLAGS), "/proc/cpuinfo"
+    elif arch == "aarch64":
+        flags, source = _proc_cpuinfo_flags(ARM_FLAGS), "/proc/cpuinfo"
+        if flags is None and sys.platform == "darwin":  # Apple silicon: dot product and i8mm from M2 on
+            flags, source = {"asimd", "asimddp"}, "platform"
+    return {"arch": arch, "flags": sorted(flags or ()), "source": source if flags is not None else "unknown"}
+
+
+def int8_saturates(features: dict) -> bool:
+    """True on an x86-64 CPU without VNNI, where ONNX Runtime's fused u8*s8 kernels sum pairs of products in
+    16 bits and saturate with full-range 8-bit weights (7-bit weights are safe); False everywhere else."""
+    return features.get("arch") == "x86_64" and not set(VNNI_FLAGS) & set(features.get("flags", ()))
+
+
+def describe_cpu(features: dict) -> str:
+    """{"arch", "flags"} → a short label, e.g. "x86_64 AVX2, no VNNI" or "aarch64 asimd asimddp"."""
+    flags = set(features.get("flags", ()))
+    arch = features.get("arch", "?")
+    if arch == "x86_64":
+        isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+        vnni = [f for f in VNNI_FLAGS if f in flags]
+        return f"x86_64 {isa}, " + (f"VNNI ({' '.join(vnni)})" if vnni else "no VNNI")
+    return f"{arch} {' '.join(sorted(flags)) or '(no int8 flags read)'}"
 
 
 # --- the session ----------------------------------------------------------------------------------------------

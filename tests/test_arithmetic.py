@@ -14,6 +14,7 @@ from edgequant._runtime.edgequant_runtime import cpu_features, describe_cpu, int
 from edgequant.errors import TargetError
 from edgequant.graph.sessions import checked_with, host_would_differ
 
+pytestmark = pytest.mark.int8_numerics
 ROOT = Path(__file__).resolve().parents[1]
 AVX2 = {"arch": "x86_64", "flags": ["avx2"], "source": "test"}
 VNNI = {"arch": "x86_64", "flags": ["avx2", "avx512f", "avx512_vnni"], "source": "test"}
@@ -91,3 +92,27 @@ def test_cpu_features_see_an_emulated_avx2_cpu():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.split() == ["cpuid", "avx2", "True"]
+
+
+def test_rpi5_report_is_the_targets_on_any_host(target_bundle):
+    """The digits rpi5 bundle reports the Pi's arithmetic (0.99996, bit-identical to aarch64 onnxruntime) on
+    AVX2 and VNNI hosts alike; an AVX2 host also says what its own kernels would give (0.977) and what to do."""
+    from edgequant.cli import summary
+
+    bundle = target_bundle("rpi5")
+    report = bundle.report
+    fid = report["fidelity"][0]
+    assert fid["cosine"] >= 0.9999 and fid["argmax_agreement"] == 1.0
+    assert report["checked_with"]["arithmetic"] == "exact" and report["checked_with"]["onnxruntime_level"] == "basic"
+    host = cpu_features()
+    assert report["checked_with"]["host_cpu"]["flags"] == host["flags"]
+    lines = summary(report, bundle.path).splitlines()
+    assert sum(line.startswith("checked  in exact arithmetic (onnxruntime level basic)") for line in lines) == 1
+    if int8_saturates(host):
+        here = report["host_kernels"]["fidelity"][0]["cosine"]
+        assert here < 0.99, here  # the saturating AVX2 kernels: 0.977 on this bundle
+        (line,) = [line for line in lines if line.startswith("host ")]
+        assert f"would run this bundle at cosine {here:.5f}; the target computes {fid['cosine']:.5f}" in line
+        assert "--target generic-cpu" in line
+    else:
+        assert report["host_kernels"] is None and not any(line.startswith("host ") for line in lines)

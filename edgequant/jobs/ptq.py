@@ -14,6 +14,7 @@ import onnx
 from .. import __version__
 from ..transforms.algorithms import Algorithms
 from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..bundle.golden import add_selftest
 from ..calibration.streaming import METHODS, calibrate, tensors_to_calibrate
 from ..data.samples import ImagePreprocess, Samples, load_samples
 from ..errors import CalibrationError, DataError, ExportError
@@ -149,6 +150,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "accuracy_budget": budget_report,
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
+    add_selftest(files, manifest, int8, holdout, level=checked.level)
     if layers is not None:
         report["layers"] = layers
         files.update(_report_pages(report))
@@ -314,7 +316,7 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         inputs = [i.name for i in graph.input if i.name not in inits]
         pre = {"input": inputs[0], **preprocess.to_dict()}
     tdict = target.to_dict()
-    return {
+    manifest = {
         "schema": "edgequant.bundle",
         "schema_version": SCHEMA_VERSION,
         "producer": f"edgequant {__version__}",
@@ -327,6 +329,12 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         "target": {"name": target.name, "description": target.description},
         "runtime": tdict["runtime"],
     }
+    quantized_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    if quantized_activations and target.full_range_weights and target.runtime.cpu_int8_fusion:
+        from .._runtime.edgequant_runtime import VNNI_FLAGS
+
+        manifest["requires_cpu"] = {"x86_64_one_of": list(VNNI_FLAGS)}
+    return manifest
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -43,6 +43,7 @@ from ..targets import Target, load_target
 from ..data.text import (TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize,
                    tokenizer_manifest)
 from ..check.fidelity import cpu_kernels, fidelity
+from ..bundle.golden import add_selftest
 from ..graph.sessions import checked_with
 
 __all__ = ["export_text"]
@@ -171,6 +172,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         report["weights"] = {**weights.to_dict(), **weight_bytes(int8)}
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
              TEXT_RUNTIME: resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()}
+    add_selftest(files, manifest, int8, holdout, level=checked.level)
     return write_bundle(out, files, manifest, report, force=force)
 
 

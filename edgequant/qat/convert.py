@@ -232,6 +232,7 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     from .modules import ActQuant, fixed_copy, quantize_dequantize_onnx
     from ..graph.rewrite import rewrite_for_int8
     from ..check.fidelity import cpu_kernels, fidelity
+    from ..bundle.golden import add_selftest
     from ..graph.sessions import checked_with
 
     tgt, config = state.target, state.config
@@ -277,4 +278,6 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
         "kernels": kernels.to_dict() if kernels else None,
         "checked_with": checked.to_dict(),
     }
-    return {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}, manifest, report
+    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
+    add_selftest(files, manifest, int8, samples[len(samples) - min(len(samples), 16):], level=checked.level)
+    return files, manifest, report

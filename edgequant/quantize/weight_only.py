@@ -281,6 +281,7 @@ def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, c
     from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32
     from ..targets import load_target
     from ..check.fidelity import cpu_kernels, fidelity
+    from ..bundle.golden import add_selftest
     from ..graph.sessions import checked_with
 
     tgt = load_target(target)
@@ -329,4 +330,5 @@ def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, c
         "checked_with": checked.to_dict(),
     }
     files = {"model.onnx": q_bytes, "model.fp32.onnx": fp32_bytes}
+    add_selftest(files, manifest, quantized, holdout, level=checked.level)
     return write_bundle(out, files, manifest, report, force=force)

@@ -31,7 +31,7 @@ __all__ = ["export", "split_holdout"]
 
 log = logging.getLogger(__name__)
 
-MAX_HOLDOUT = 256
+MAX_HOLDOUT = 1000
 
 
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
@@ -167,7 +167,7 @@ def _is_text_job(model: Any, calibration: Any) -> bool:
 
 
 def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:
-    """Every 5th sample (at most 256) is held out for checking; calibration uses the rest (first N of them).
+    """Every 5th sample (at most 1,000) is held out for checking; calibration uses the rest (first N of them).
     With fewer than 5 samples there is nothing to spare: both use all samples."""
     n = len(samples)
     if n < 5:

@@ -20,7 +20,7 @@ import onnx
 
 from ..errors import CalibrationError
 
-__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "tensors_to_calibrate"]
+__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "fixed_batch", "tensors_to_calibrate"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,21 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> lis
                 seen.add(t)
                 names.append(t)
     return names
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every graph input fixes (an .onnx exported with a static batch), or None if any is free.
+    Such a model runs only in batches of exactly that size: calibration and checks use it."""
+    inits = {i.name for i in model.graph.initializer}
+    sizes = set()
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,

@@ -123,10 +123,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv pairs before calibration.")
 @click.option("--bias-correction", is_flag=True, help="Correct Conv/Gemm biases by the mean int8 output shift.")
 @click.option("--smooth-quant", is_flag=True, help="Move MatMul activation outliers into the weights.")
+@click.option("--allow-inaccurate", is_flag=True,
+              help="Write the bundle even when the int8 model is grossly wrong (the report records it).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
            layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size,
-           accuracy_budget, labels, equalize, bias_correction, smooth_quant):
+           accuracy_budget, labels, equalize, bias_correction, smooth_quant, allow_inaccurate):
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
     int8 bundle in OUT."""
     from click.core import ParameterSource
@@ -171,7 +173,7 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
                         weights=weights, block_size=block_size,
                         algorithms=Algorithms(equalize=equalize, bias_correction=bias_correction,
                                               smooth_quant=smooth_quant),
-                        accuracy_budget=budget, labels=labels)
+                        accuracy_budget=budget, labels=labels, allow_inaccurate=allow_inaccurate)
     click.echo(summary(bundle.report, bundle.path))
 
 
@@ -186,9 +188,22 @@ def summary(report: dict, path: Path) -> str:
             else ""
         if f.get("spearman_pairwise") is not None:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
-        lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
+        if f.get("cosine") is None:
+            lines.append(f"output   {f['output']}: {f.get('status', 'not checked')}: {f.get('note', '')}")
+            continue
+        sq = f"  SQNR {f['sqnr_db']:.1f} dB" if f.get("sqnr_db") is not None else ""
+        lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}{sq}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
+        for p in f.get("parts", []):
+            lines.append(f"  part   {p['name']}: SQNR {p['sqnr_db']:.1f} dB  correlation {p['correlation']:.4f}  "
+                         f"max|err| {p['max_abs_error']:.4g} (|fp32| max {p['fp32_abs_max']:.4g})")
     lines += _arithmetic_lines(report)
+    gate = report.get("fidelity_gate")
+    if gate and gate.get("failures"):
+        lines.append(f"WARNING  written despite a grossly wrong int8 model (allow_inaccurate): {gate['failures'][0]}")
+    det = report.get("detection")
+    if det:
+        lines.append(f"detect   {det['summary']}")
     w = report.get("weights")
     if w:
         lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "

@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "EdgeQuantError",
     "ExportError",
+    "FidelityError",
     "QuantizationError",
     "TargetError",
     "UnsupportedOnTarget",
@@ -39,6 +40,10 @@ class CalibrationError(EdgeQuantError):
 
 class QuantizationError(EdgeQuantError):
     """The quantized graph is not what the target needs (absurd scales, float layers left, ...)."""
+
+
+class FidelityError(QuantizationError):
+    """The int8 model is grossly wrong on the held-out samples (a destroyed output or part of one)."""
 
 
 class UnsupportedOnTarget(QuantizationError):

@@ -39,7 +39,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
 def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarray],
                          given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
     """Graph inputs + one sample (no batch axis) + the user's shapes → {input: fixed shape}; an input the user
-    did not name gets batch 1 and the sample's shape. ``given`` may use the key "" for a single-input model."""
+    did not name gets batch 1 (or the batch the model fixes) and the sample's shape. ``given`` may use the key "" for a single-input model."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     given = dict(given or {})
@@ -59,7 +59,8 @@ def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarra
         if inp.name in given:
             shape = tuple(int(d) for d in given[inp.name])
         elif inp.name in example:
-            shape = (1, *np.shape(example[inp.name]))
+            batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1  # a batch the model fixes
+            shape = (batch, *np.shape(example[inp.name]))
         else:
             raise DataError(f"input {inp.name!r} has no sample to take a fixed shape from: pass --input-shape "
                             f"{inp.name}:D0,D1,...")

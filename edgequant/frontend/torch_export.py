@@ -181,8 +181,31 @@ def _first_line(exc: BaseException) -> str:
     for line in str(seen).splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "File ", "The above", "[torch.onnx]")):
-            return f"{type(seen).__name__}: {line[:300]}"
+            return f"{type(seen).__name__}: {clip_line(line)}"
     return type(seen).__name__
+
+
+def clip_line(line: str, limit: int = 300, hard: int = 1000) -> str:
+    """A long message line → at most about ``limit`` characters, cut where no bracket is open (never inside an
+    expression such as a guard ``Eq(u0, 1)``) and marked with "…"; if no such place comes before ``limit``,
+    at the first one after it (at most ``hard`` characters)."""
+    if len(line) <= limit:
+        return line
+    depth, last = 0, -1
+    for i, ch in enumerate(line[:hard]):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and ch in " ,;":
+            if i <= limit:
+                last = i
+            elif last < 0:
+                last = i
+                break
+    if last < 0:
+        last = min(len(line), hard)
+    return line[:last].rstrip(" ,;:") + " …"
 
 
 @contextlib.contextmanager

@@ -15,9 +15,9 @@ from .. import __version__
 from ..transforms.algorithms import Algorithms
 from ..bundle.core import Bundle, check_out_dir, write_bundle
 from ..bundle.golden import add_selftest
-from ..calibration.streaming import METHODS, calibrate, tensors_to_calibrate
+from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_calibrate
 from ..data.samples import ImagePreprocess, Samples, load_samples
-from ..errors import CalibrationError, DataError, ExportError
+from ..errors import CalibrationError, DataError, ExportError, FidelityError
 from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
 from ..quantize.qdq import quantize, skip_absurd_ranges
 from ..graph.rewrite import rewrite_for_int8
@@ -25,6 +25,7 @@ from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
 from ..targets import Target, load_target
 from ..check.fidelity import cpu_kernels, fidelity
 from ..graph.sessions import checked_with, host_would_differ
+from ..check.outputs import gate_message, gross_failures
 from ..quantize.weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
@@ -41,7 +42,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
            input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
            max_length: int = 128, dynamic: bool = False, weights: str | None = None,
            block_size: int | None = None, algorithms: Algorithms | None = None, accuracy_budget: Any = None,
-           labels: Any = None) -> Bundle:
+           labels: Any = None, allow_inaccurate: bool = False) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
     (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
 
@@ -53,7 +54,9 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
     ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
     tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
-    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets."""
+    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets.
+    A grossly wrong int8 model (check/outputs.py's floors) raises FidelityError and writes nothing, unless
+    ``allow_inaccurate``: then the bundle is written and the report records the failures."""
     from ..check.budget import AccuracyBudget
 
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
@@ -91,6 +94,10 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
 
     fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
     _check_data_fits(fp32, samples)
+    fixed = fixed_batch(fp32)
+    if fixed:
+        calib, holdout = _fit_fixed_batch(calib, fixed, "calibration"), _fit_fixed_batch(holdout, fixed, "held-out")
+        batch_size = fixed
     shapes = resolve_input_shapes(fp32, samples[0], input_shapes) if tgt.runtime.static_shapes or input_shapes \
         else None
     t1 = time.perf_counter()
@@ -119,8 +126,15 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)
     host_kernels = host_kernels_report(fp32, int8, holdout, tgt, checked, batch_size)
     t2 = time.perf_counter()
-    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report else None
+    failures = gross_failures([f.to_dict() for f in fid])
+    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report or failures else None
     timings["layers_s"] = time.perf_counter() - t2
+    if failures and not allow_inaccurate:
+        raise FidelityError(gate_message(failures, layers, fp32, method))
+    if failures:
+        log.warning("writing a grossly wrong int8 model (allow_inaccurate): %s %s", *failures[0])
+    if not layer_report:
+        layers = None
     if shapes:
         fp32, int8 = fix_input_shapes(fp32, shapes), fix_input_shapes(int8, shapes)
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
@@ -148,6 +162,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "algorithms": algo_report,
         "accuracy_budget": budget_report,
+        "fidelity_gate": {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
+                          "overridden": bool(failures) and allow_inaccurate},
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
     add_selftest(files, manifest, int8, holdout, level=checked.level)
@@ -240,6 +256,20 @@ def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> 
     except ExportError as exc:
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
         raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
+
+
+def _fit_fixed_batch(samples: Samples, fixed: int, what: str) -> Samples:
+    """Samples for a model whose batch is fixed at ``fixed`` → a multiple of it (the rest left out, logged)."""
+    n = len(samples) - len(samples) % fixed
+    if n == 0:
+        raise DataError(f"the model's batch size is fixed at {fixed} but there are only {len(samples)} {what} "
+                        f"samples: give at least {5 * fixed} samples, or export the model with a batch of 1 or a "
+                        "dynamic batch axis")
+    if n < len(samples):
+        log.warning("the model's batch is fixed at %d: %d of %d %s samples left out", fixed, len(samples) - n,
+                    len(samples), what)
+        return samples.subset(list(range(n)))
+    return samples
 
 
 def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:

@@ -105,7 +105,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
                    "learned scales; DATA gives shapes and check samples).")
 @click.option("--task", default="feature-extraction", show_default=True,
-              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).")
+              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...; "
+                   "text-generation-with-past for a decoder, the default for a causal LM's folder).")
 @click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
               help="Text: pad and truncate every sample to this many tokens.")
 @click.option("--dynamic", is_flag=True,
@@ -188,6 +189,14 @@ def summary(report: dict, path: Path) -> str:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
+    g = report.get("generation")
+    if g and g.get("samples"):
+        lines.append(f"text     {g['samples']} held-out texts ({g['tokens']} tokens): perplexity {g['perplexity']:.3f} "
+                     f"(fp32 {g['perplexity_fp32']:.3f}), KL {g['kl_nats']:.4g} nats/token, next token as fp32 "
+                     f"{100 * g['next_token_agreement']:.1f}%")
+        if g.get("greedy_match") is not None:
+            lines.append(f"greedy   {g['greedy_tokens']} new tokens: {100 * g['greedy_match']:.1f}% the same as "
+                         f"fp32, {100 * g['greedy_prefix']:.1f}% before the first difference")
     w = report.get("weights")
     if w:
         lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "

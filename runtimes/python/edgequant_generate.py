@@ -72,9 +72,9 @@ class Generator:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(os.path.join(bundle, spec["tokenizer"]))
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
         self.tokenizer = tokenizer
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
         self.context = int(spec["context"])
         self.eos = {int(t) for t in spec.get("eos_token_ids") or []}
         self.defaults = dict(spec.get("defaults") or {})

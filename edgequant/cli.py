@@ -105,7 +105,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
                    "learned scales; DATA gives shapes and check samples).")
 @click.option("--task", default="feature-extraction", show_default=True,
-              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).")
+              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...; "
+                   "text-generation-with-past for a decoder, the default for a causal LM's folder).")
 @click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
               help="Text: pad and truncate every sample to this many tokens.")
 @click.option("--dynamic", is_flag=True,
@@ -204,6 +205,14 @@ def summary(report: dict, path: Path) -> str:
     det = report.get("detection")
     if det:
         lines.append(f"detect   {det['summary']}")
+    g = report.get("generation")
+    if g and g.get("samples"):
+        lines.append(f"text     {g['samples']} held-out texts ({g['tokens']} tokens): perplexity {g['perplexity']:.3f} "
+                     f"(fp32 {g['perplexity_fp32']:.3f}), KL {g['kl_nats']:.4g} nats/token, next token as fp32 "
+                     f"{100 * g['next_token_agreement']:.1f}%")
+        if g.get("greedy_match") is not None:
+            lines.append(f"greedy   {g['greedy_tokens']} new tokens: {100 * g['greedy_match']:.1f}% the same as "
+                         f"fp32, {100 * g['greedy_prefix']:.1f}% before the first difference")
     w = report.get("weights")
     if w:
         lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "
@@ -317,7 +326,12 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--batch", default="1", show_default=True, metavar="B[,B...]", help="Batch sizes, e.g. 1,8.")
 @click.option("--threads", default="1", show_default=True, metavar="T[,T...]", help="Intra-op threads, e.g. 1,2.")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed runs per model (default 50; decoder bundles: 3 generations).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Decoder bundles: tokens in the prompt processed in one step.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Decoder bundles: tokens then generated one by one.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -325,13 +339,28 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG plot of the latencies to this file.")
 @_handle_errors
-def bench(model, batch, threads, provider, runs, warmup, no_memory, json_out, plot):
-    """Latency, throughput and peak memory of a bundle (fp32 vs int8, interleaved) or of one MODEL.onnx."""
+def bench(model, batch, threads, provider, runs, prompt_tokens, new_tokens, warmup, no_memory, json_out, plot):
+    """Latency, throughput and peak memory of a bundle (fp32 vs int8, interleaved) or of one MODEL.onnx; for a
+    decoder bundle, prompt latency, per-token latency, tokens/s and peak memory of fp32 and the quantized model."""
     import json
 
     from .bench import bench as run_bench
     from .bench import format_bench
 
+    generation = _generation_bundle(model)
+    if generation is not None:
+        from .bench_generation import bench_generation, format_generation
+
+        models, spec, preset = generation
+        result = bench_generation({"fp32": models[0], preset: models[1]}, spec, name=str(model),
+                                  threads=_ints(threads, "--threads"), prompt_tokens=prompt_tokens,
+                                  new_tokens=new_tokens, runs=runs or 3, warmup=min(warmup, 1),
+                                  memory=not no_memory).to_dict()
+        click.echo(format_generation(result))
+        if json_out:
+            json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return
+    runs = runs or 50
     result = run_bench(model, batches=_ints(batch, "--batch"), threads=_ints(threads, "--threads"),
                        provider=provider, runs=runs, warmup=warmup, memory=not no_memory).to_dict()
     click.echo(format_bench(result))
@@ -345,6 +374,18 @@ def bench(model, batch, threads, provider, runs, warmup, no_memory, json_out, pl
             logging.getLogger(__name__).warning("matplotlib is not installed: no plot written to %s", plot)
         else:
             plot.write_bytes(png)
+
+
+def _generation_bundle(path: Path):
+    """A decoder bundle → ((fp32 path, quantized path), its generation entry, the preset); else None."""
+    from .bundle.core import MANIFEST, load_bundle
+
+    if not (path.is_dir() and (path / MANIFEST).is_file()):
+        return None
+    b = load_bundle(path)
+    if not b.manifest.get("generation") or b.fp32_model_path is None:
+        return None
+    return (b.fp32_model_path, b.model_path), b.manifest["generation"], b.report.get("method", "quantized")
 
 
 def main() -> None:

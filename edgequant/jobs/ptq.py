@@ -49,7 +49,9 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
     Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
     "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
-    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`.
+    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`; a
+    decoder (``--task text-generation-with-past``, or a causal LM's folder) goes to
+    :func:`edgequant.jobs.decoder.export_decoder` and needs ``weights``.
     ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
     ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
     ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
@@ -61,6 +63,14 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
 
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
                        num_samples=num_samples, dynamic=dynamic)
+    if _is_decoder_job(model, task):
+        from .decoder import export_decoder
+
+        if dynamic:
+            raise ExportError(f"{model} is a decoder (text generation): its bundle quantizes weights only; use "
+                              "--weights q8, q4 or q4-gptq instead of --dynamic")
+        return export_decoder(model, calibration, out=out, weights=wo, target=target, num_samples=num_samples,
+                              opset=opset, exclude_nodes=exclude_nodes, force=force, progress=progress)
     if _is_text_job(model, calibration) or dynamic:
         from .text import export_text
 
@@ -171,6 +181,13 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         report["layers"] = layers
         files.update(_report_pages(report))
     return write_bundle(out, files, manifest, report, force=force)
+
+
+def _is_decoder_job(model: Any, task: str) -> bool:
+    """A decoder for text generation: asked for with the task, or the folder's config names a causal LM."""
+    from ..frontend.hf import DECODER_TASKS, is_causal_lm, is_hf_folder
+
+    return is_hf_folder(model) and (task in DECODER_TASKS or (task == "feature-extraction" and is_causal_lm(model)))
 
 
 def _is_text_job(model: Any, calibration: Any) -> bool:

@@ -12,9 +12,12 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
     python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
+    python edgequant_runtime.py BUNDLE --generate "The robot" [--max-new-tokens 32] [--sample --seed 1]
 
-Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
-only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
+    result = sess.generate("The robot", max_new_tokens=32)   # decoder bundles: text, tokens, tokens/s
+
+Text goes through the bundle's own ``edgequant_text.py`` (and generation through its ``edgequant_generate.py``;
+both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -46,6 +49,7 @@ __all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_ADAPTER = "edgequant_text.py"
+GENERATE_ADAPTER = "edgequant_generate.py"
 CPU = "CPUExecutionProvider"
 
 log = logging.getLogger("edgequant_runtime")
@@ -173,6 +177,8 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
         needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
     if manifest.get("selftest"):  # golden data is checked like the model: a changed file is a BundleError
         needed.append((manifest.get("selftest") or {}).get("file"))
+    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter, likewise
+        needed += [manifest["generation"].get("tokenizer"), GENERATE_ADAPTER]
     for name in needed:
         if name not in files:
             raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
@@ -408,6 +414,7 @@ class Session:
             if degraded:
                 log.warning("%s", degraded)
         self._text = None
+        self._generator = None
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry or entry.get("file") not in self.manifest["files"]:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
@@ -486,8 +493,11 @@ class Session:
     def _placement(self) -> dict[str, list[str]]:
         """{provider: [op types of the nodes it ran]} from ONNX Runtime's profiler, one run on zeros."""
         feed = {}
+        cache = {c["input"]: c["shape"] for c in (self.manifest.get("generation") or {}).get("cache", [])}
         for i in self._session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            if i.name in cache:  # a decoder's key/value cache: empty, so the mask covers one position
+                shape = [int(d) for d in cache[i.name]]
             feed[i.name] = np.zeros(shape, dtype=_ort_dtype(i.type))
         self._session.run(None, feed)
         with open(self._session.end_profiling(), encoding="utf-8") as fh:
@@ -572,15 +582,9 @@ class Session:
         if self._text is not None:
             return self._text
         if not self.manifest.get("tokenizer"):
-            raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
-                             "run() (--input)")
-        name = "_edgequant_text_" + self.manifest["files"][TEXT_ADAPTER]["sha256"][:16]
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, self.path / TEXT_ADAPTER)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            sys.modules[name] = module
+            how = "generate() (--generate)" if self.manifest.get("generation") else "run() (--input)"
+            raise InputError(f"{self.path} takes no text to embed: its manifest has no tokenizer entry; use {how}")
+        module = self._bundle_module(TEXT_ADAPTER)
         try:
             self._text = module.TextInputs(str(self.path), self.manifest)
         except ImportError as exc:
@@ -593,6 +597,45 @@ class Session:
             raise BundleError(f"{self.path / self.manifest['tokenizer']['file']}: the tokenizers package cannot load "
                               f"it ({first}); install a newer tokenizers") from None
         return self._text
+
+
+    def _bundle_module(self, filename: str):
+        """A device module that travels in the bundle (verified with the model), imported once per content."""
+        name = f"_edgequant_{Path(filename).stem}_" + self.manifest["files"][filename]["sha256"][:16]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, self.path / filename)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it: dataclasses look their module up there
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return module
+
+    def generate(self, prompt, max_new_tokens: int | None = None, **options):
+        """A prompt (text or token ids) → ``GenerationResult`` (text, token ids, finish reason, prompt and
+        decode times), decoding token by token with the key/value cache (decoder bundles). Options: do_sample,
+        temperature, top_k, top_p, seed, stop (strings), stop_ids, truncate, on_text (a callback for streamed
+        text); see the bundle's edgequant_generate.py."""
+        if self._generator is None:
+            if not self.manifest.get("generation"):
+                raise InputError(f"{self.path} is not a text generation bundle (its manifest has no generation "
+                                 "entry); export a decoder model (--task text-generation-with-past)")
+            module = self._bundle_module(GENERATE_ADAPTER)
+            try:
+                self._generator = module.Generator(self._session, str(self.path), self.manifest)
+            except ImportError as exc:
+                if exc.name != "tokenizers":
+                    raise
+                raise RuntimeAdapterError(f"{self.path} generates text, which needs the tokenizers package here: "
+                                          "pip install tokenizers") from None
+            self._generation_error = module.GenerationError
+        try:
+            return self._generator.generate(prompt, max_new_tokens, **options)
+        except self._generation_error as exc:
+            raise InputError(str(exc)) from None
 
 
 # --- what the bundle needs from the CPU, and the self-test ----------------------------------------------------
@@ -745,6 +788,16 @@ def main(argv: list[str] | None = None) -> int:
     given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
     given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
                        "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
+    given.add_argument("--generate", metavar="PROMPT", help="decoder bundles: continue this prompt")
+    gen = parser.add_argument_group("generation (with --generate)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same text)")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    gen.add_argument("--truncate", action="store_true", help="drop the start of a prompt too long for the context")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
@@ -762,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
             result = sess.selftest()
             print(result.line())
             return 0 if result.passed else 1
+        if args.generate is not None:
+            return _generate(sess, args)
         if args.text:
             def step():  # tokenization is part of what a text bundle costs
                 return sess.run_text(args.text)
@@ -782,6 +837,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(sess.describe())
     for name, value in outputs.items():
         line = f"{name}: shape {list(value.shape)} {value.dtype}"
@@ -795,6 +853,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench:
         ms = np.sort(np.array(times)) * 1e3
         print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")
+    return 0
+
+
+def _generate(sess: Session, args) -> int:
+    """--generate: stream the continuation to stdout, then one line of figures on stderr."""
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    options = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
+    result = sess.generate(args.generate, args.max_new_tokens, do_sample=True if args.sample else None,
+                           stop=args.stop, truncate=args.truncate, on_text=show, **options)
+    sys.stdout.write("\n")
+    dropped = f", {result.truncated_tokens} prompt tokens dropped" if result.truncated_tokens else ""
+    print(f"{result.prompt_tokens} prompt tokens in {1e3 * result.prompt_s:.1f} ms{dropped}; {len(result.token_ids)} "
+          f"new tokens ({result.finish_reason}), {result.tokens_per_s:.1f} tokens/s after the first", file=sys.stderr)
     return 0
 
 

@@ -16,8 +16,8 @@ from ..transforms.algorithms import Algorithms
 from ..bundle.core import Bundle, check_out_dir, write_bundle
 from ..bundle.golden import add_selftest
 from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_calibrate
-from ..data.samples import ImagePreprocess, Samples, load_samples
-from ..errors import CalibrationError, DataError, ExportError, FidelityError
+from ..data.samples import ImagePreprocess, Samples, channel_fix, image_mismatch, load_samples
+from ..errors import CalibrationError, DataError, ExportError, FidelityError, option
 from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
 from ..quantize.qdq import quantize, skip_absurd_ranges
 from ..graph.rewrite import rewrite_for_int8
@@ -88,7 +88,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     if method not in METHODS and method != "auto":
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
     if num_samples is not None and num_samples < 1:
-        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
+        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
     out = Path(out)
     check_out_dir(out, force)
     timings: dict[str, float] = {}
@@ -224,7 +224,7 @@ def _budget_labels(budget: Any, labels: Any, n: int):
     from ..errors import BudgetError
 
     if budget is not None and budget.needs_labels and labels is None:
-        raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
+        raise BudgetError(f"accuracy budget {budget} needs labels: pass {option('labels', 'labels.npy')} (one "
                           "integer class per calibration sample, in the order the samples are read)")
     return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
 
@@ -271,6 +271,9 @@ def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> 
     try:
         return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
     except ExportError as exc:
+        mismatch = image_mismatch(samples, str(exc))
+        if mismatch is not None:
+            raise mismatch from None
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
         raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
 
@@ -299,14 +302,21 @@ def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
         shape = list(example[inp.name].shape)
         if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
             want = ["?" if d is None else d for d in dims]
+            pre = samples.preprocess
+            if pre is not None and len(dims) == 3 and len(shape) == 3:
+                axis = 0 if pre.layout == "nchw" else 2
+                fix = channel_fix(pre, shape[axis], dims[axis]) if dims[axis] is not None else None
+                if fix is not None:
+                    raise DataError(f"{samples.source}: the images become inputs of shape {shape} "
+                                    f"({pre.channel_order}, {pre.layout}), but the model expects {want}: pass {fix}")
             raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
                             f"{want} (without batch axis); fix the data or its pre-processing")
 
 
 def _calibrate(fp32, calib, tensors, method, batch_size, progress):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    with tqdm(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
+    with progress_bar(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
               leave=False) as bar:
         ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
     return ranges
@@ -326,12 +336,12 @@ def host_kernels_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, holdout: S
 
 def _layers(fp32, int8, holdout, batch_size, progress, level="all") -> list[dict] | None:
     """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..check.layers import layer_errors
 
     try:
-        with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
+        with progress_bar(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
                   leave=False) as bar:
             rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update, level=level)
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses

@@ -141,7 +141,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
           memory: bool = True) -> BenchResult:
     """A bundle folder (fp32 and int8 interleaved) or an .onnx file → latency p50/p90/p99, throughput and peak
     memory per batch size and thread count. Inputs are random, shaped by the model (batch axis = batch)."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     models, name = _models_of(Path(model))
     provider = _provider(provider)
@@ -153,7 +153,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
     proto = onnx.load(str(next(iter(models.values()))), load_external_data=False)
     rows, ratios = [], []
     configs = [(b, t) for b in batches for t in threads]
-    for b, t in tqdm(configs, desc="bench", unit="config", leave=False, disable=len(configs) < 2):
+    for b, t in progress_bar(configs, desc="bench", unit="config", leave=False, disable=len(configs) < 2):
         inputs = _inputs_for(proto, b)
         times = interleaved_times(models, inputs, threads=t, runs=runs, warmup=warmup, provider=provider)
         for m, ts in times.items():
@@ -174,7 +174,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
                 for r in rows:
                     if r["model"] == m and r["batch"] == b:
                         r["peak_memory_mib"] = peak
-    return BenchResult(name, provider, runs, warmup, tuple(rows), tuple(ratios), _environment())
+    return BenchResult(name, provider, runs, warmup, tuple(rows), tuple(ratios), environment())
 
 
 def peak_memory_mib(path: str | Path, inputs: dict[str, np.ndarray], *, provider: str = "CPUExecutionProvider",
@@ -255,7 +255,7 @@ def _inputs_for(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     return random_inputs(model, batch)
 
 
-def _environment() -> dict:
+def environment() -> dict:
     import platform
 
     import onnxruntime as ort

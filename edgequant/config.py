@@ -17,7 +17,7 @@ from typing import Any
 
 from .check.budget import AccuracyBudget
 from .data.samples import ImagePreprocess
-from .errors import UsageError
+from .errors import UsageError, option, spelled
 from .quantize.weight_only import DEFAULT_BLOCK_SIZE, WeightOnly
 from .targets import Target
 from .transforms.algorithms import Algorithms
@@ -25,7 +25,7 @@ from .transforms.algorithms import Algorithms
 __all__ = ["JOBS", "CalibrationOptions", "DataOptions", "ExportConfig", "QATOptions", "TargetOptions",
            "TextOptions", "WeightOptions"]
 
-JOBS = ("ptq", "text", "weight-only", "qat")
+JOBS = ("ptq", "text", "weight-only", "decoder", "qat")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class CalibrationOptions:
     method: str | None = None
     exclude_nodes: tuple[str, ...] = ()
     layer_report: bool | None = None  # the per-layer error table (PTQ; None: on)
+    allow_inaccurate: bool = False  # write the bundle even when the int8 model is grossly wrong (PTQ's gate)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "method": ("calibration", "method", "--method"),
     "exclude_nodes": ("calibration", "exclude_nodes", "--exclude"),
     "layer_report": ("calibration", "layer_report", "layer_report"),
+    "allow_inaccurate": ("calibration", "allow_inaccurate", "--allow-inaccurate"),
     "algorithms": ("algorithms", "", "algorithms"),
     "accuracy_budget": ("budget", "", "--accuracy-budget"),
     "weights": ("weights", "weights", "--weights"),
@@ -120,12 +122,14 @@ ALGORITHM_FLAGS = {"equalize": "--equalize", "bias_correction": "--bias-correcti
                    "smooth_quant_alpha": "smooth_quant_alpha", "max_samples": "max_samples"}
 
 
-def flag(option: str) -> str:
-    """An API keyword → how the user names it in both front doors, e.g. ``--num-samples (num_samples=)``."""
-    if option in ALGORITHM_FLAGS:
-        return f"{ALGORITHM_FLAGS[option]} (algorithms=Algorithms({option}=...))"
-    cli = OPTIONS[option][2] if option in OPTIONS else option
-    return cli if cli == option else f"{cli} ({option}=)"
+def flag(name: str) -> str:
+    """An API keyword → how the user who called us spells it (``--num-samples`` on the command line,
+    ``num_samples`` from Python; see :func:`edgequant.errors.option`)."""
+    if name in ALGORITHM_FLAGS:
+        return spelled(cli=ALGORITHM_FLAGS[name], python=f"algorithms=Algorithms({name}=...)")
+    if name in OPTIONS and OPTIONS[name][2].startswith("--"):
+        return spelled(cli=OPTIONS[name][2], python=name)
+    return option(name)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,8 @@ class ExportConfig:
         data, or ``dynamic``), ``weight-only`` (``weights``), else ``ptq``."""
         if self.qat.checkpoint is not None:
             return "qat"
+        if _is_decoder(self.model, self.text.task):
+            return "decoder"
         if self.text.dynamic or _is_text(self.model, self.data):
             return "text"
         if self.weights.weights is not None:
@@ -218,20 +224,21 @@ class ExportConfig:
             if why:
                 raise UsageError(f"{flag(key)} {why}")
         if self.weights.block_size is not None and self.weights.weights is None:
-            raise UsageError(f"{flag('block_size')} applies only to weight-only quantization: add --weights q8, q4 "
-                             "or q4-gptq, or drop --block-size")
+            raise UsageError(f"{flag('block_size')} applies only to weight-only quantization: add "
+                             f"{option('weights', 'q8')}, q4 or q4-gptq, or drop {option('block_size')}")
         wo = self.weights.config()  # the preset and block size check themselves
         if job == "weight-only" or (job == "text" and wo is not None):
             if "num_samples" in given and wo.method != "gptq":
-                raise UsageError(f"{flag('num_samples')} limits GPTQ's calibration, but --weights {wo.preset} rounds "
-                                 "weights without calibration data: drop it or use --weights q4-gptq")
+                raise UsageError(f"{flag('num_samples')} limits GPTQ's calibration, but "
+                                 f"{option('weights', wo.preset)} rounds weights without calibration data: drop "
+                                 f"{option('num_samples')} or use {option('weights', 'q4-gptq')}")
         if self.data_options.num_samples is not None and self.data_options.num_samples < 1:
             raise UsageError(f"{flag('num_samples')} must be at least 1, not {self.data_options.num_samples}")
         if self.data_options.batch_size < 1:
             raise UsageError(f"{flag('batch_size')} must be at least 1, not {self.data_options.batch_size}")
         if self.data_options.labels is not None and self.budget is None:
-            raise UsageError(f"{flag('labels')} serve top1 accuracy budgets only: add --accuracy-budget "
-                             "'top1>=...' or drop --labels")
+            raise UsageError(f"{flag('labels')} serve top1 accuracy budgets only: add "
+                             f"{option('accuracy_budget', 'top1>=...')} or drop {option('labels')}")
         method = self.calibration.method
         if method is not None:
             from .calibration.streaming import METHODS
@@ -243,6 +250,14 @@ class ExportConfig:
         return self
 
 
+def _is_decoder(model: Any, task: str | None) -> bool:
+    """A decoder for text generation: asked for with the task, or the folder's config names a causal LM."""
+    from .frontend.hf import DECODER_TASKS, is_causal_lm, is_hf_folder
+
+    return is_hf_folder(model) and (task in DECODER_TASKS or (task in (None, "feature-extraction")
+                                                              and is_causal_lm(model)))
+
+
 def _is_text(model: Any, data: Any) -> bool:
     from .data.text import is_text_path
     from .frontend.hf import HFModel, is_hf_folder
@@ -251,49 +266,65 @@ def _is_text(model: Any, data: Any) -> bool:
     return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(data) or texts
 
 
-_NOT_QAT = "does not apply to --qat-checkpoint: the checkpoint's training fixed it"
+_NOT_QAT = "does not apply to a QAT checkpoint: its training fixed it"
+_DECODER_TAKES = ("target", "opset", "num_samples", "exclude_nodes", "weights", "block_size", "task")
+_PTQ_ONLY = "applies only to post-training quantization with int8 activations (the gate and the per-layer table)"
 
 
 def _refusal(key: str, job: str, cfg: ExportConfig) -> str | None:
     """Why option ``key`` does not apply to ``job`` (None: it applies)."""
-    weights = cfg.weights.weights
+    w = option("weights", cfg.weights.weights)
+    if key == "allow_inaccurate" and job != "ptq":
+        return _PTQ_ONLY
+    if job == "decoder":
+        if key in _DECODER_TAKES:
+            return None
+        if key == "dynamic":
+            return f"does not apply to a decoder (text generation): its bundle quantizes weights only; use " \
+                   f"{option('weights', 'q4')}"
+        return "does not apply to a decoder (text generation): its job takes the target, opset, number of " \
+               "samples, excluded nodes and the weight preset only"
     if job == "qat":
         return {
             "method": f"{_NOT_QAT} (the scales are learned in training, not calibrated)",
-            "num_samples": f"{_NOT_QAT}: every sample of DATA checks the int8 graph",
-            "exclude_nodes": f"{_NOT_QAT}: quantize the layer in float in qat.prepare instead",
+            "num_samples": f"{_NOT_QAT}: every sample of the data checks the int8 graph",
+            "exclude_nodes": f"{_NOT_QAT}: leave the layer out of quantization in qat.prepare instead",
             "opset": f"{_NOT_QAT} (its target's opset)",
-            "algorithms": f"{_NOT_QAT}: train with the equalized model instead",
+            "algorithms": f"{_NOT_QAT}: equalize the float model before qat.prepare instead",
             "accuracy_budget": f"{_NOT_QAT}: there is no float fallback search for QAT",
             "input_shapes": f"{_NOT_QAT} (the target's static_shapes decides)",
-            "weights": "does not combine with --qat-checkpoint: the QAT model quantizes activations too",
-            "task": "applies only to Hugging Face text models", "max_length": "applies only to text models",
-            "layer_report": "applies only to post-training quantization",
+            "weights": f"does not combine with {option('qat_checkpoint')}: the QAT model quantizes activations too",
+            "task": "applies only to Hugging Face models",
+            "max_length": "applies only to Hugging Face text models",
+            "layer_report": _PTQ_ONLY,
         }.get(key)
     if job == "text":
-        if key == "dynamic" and weights is not None:
-            return f"quantizes activations, but --weights {weights} keeps them in float: choose one of the two"
-        if key == "method" and (cfg.text.dynamic or weights is not None):
-            return ("chooses activation ranges, but " + ("--dynamic computes them at every run" if cfg.text.dynamic
-                    else f"--weights {weights} keeps activations in float") + ": drop --method")
+        if key == "dynamic" and cfg.weights.weights is not None:
+            return f"quantizes activations, but {w} keeps them in float: choose one of the two"
+        if key == "method" and cfg.text.dynamic:
+            return f"chooses activation ranges, but {option('dynamic', True)} computes them at every run: drop " \
+                   f"{option('method')}"
+        if key == "method" and cfg.weights.weights is not None:
+            return f"chooses activation ranges, but {w} keeps activations in float: drop {option('method')}"
         return {
-            "preprocess": "is for images; text data is tokenized (--max-length)",
-            "input_shapes": "does not apply to text models: --max-length fixes the token axis",
-            "algorithms": "does not apply to Hugging Face text models: their recipe always smooths the MatMul "
-                          "inputs and keeps attention in float (see docs); drop the option",
-            "accuracy_budget": "does not apply to Hugging Face text models yet: use --exclude to keep nodes float",
+            "preprocess": f"is for images; text data is tokenized ({option('max_length')})",
+            "input_shapes": f"does not apply to text models: {option('max_length')} fixes the token axis",
+            "algorithms": "does not apply to Hugging Face text models: their recipe always smooths the MatMul inputs "
+                          "and keeps attention in float (docs/text.md); drop the option",
+            "accuracy_budget": "does not apply to Hugging Face text models yet: use "
+                               f"{option('exclude_nodes')} to keep nodes in float",
             "labels": "does not apply to Hugging Face text models",
-            "layer_report": "applies only to post-training quantization of non-text models",
+            "layer_report": _PTQ_ONLY,
         }.get(key)
     if key in ("task", "max_length"):
-        return "applies only to Hugging Face text models (a model folder with text data)"
+        return "applies only to Hugging Face models (a model folder with text data)"
     if job == "weight-only":
         return {
-            "method": f"chooses activation ranges, but --weights {weights} keeps activations in float: drop --method",
-            "algorithms": f"rebalances int8 activations and weights, but --weights {weights} quantizes weights in "
-                          "blocks with their own scales and keeps activations in float: drop the option",
-            "accuracy_budget": f"searches which int8 nodes to keep float; --weights {weights} has no int8 "
-                               "activations: use --exclude to keep a MatMul in float",
-            "layer_report": f"measures int8 activations; --weights {weights} keeps them in float",
+            "method": f"chooses activation ranges, but {w} keeps activations in float: drop {option('method')}",
+            "algorithms": f"rebalances int8 activations and weights, but {w} quantizes weights in blocks with their "
+                          "own scales and keeps activations in float: drop the option",
+            "accuracy_budget": f"searches which int8 nodes to keep in float; {w} has no int8 activations: use "
+                               f"{option('exclude_nodes')} to keep a MatMul in float",
+            "layer_report": _PTQ_ONLY,
         }.get(key)
     return None

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 __all__ = ["EXPORTER_LOGGERS", "quiet"]
 
+# The exporters' loggers: a failure is re-raised as one ExportError, so their log lines are noise (CRITICAL).
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 

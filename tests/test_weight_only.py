@@ -160,9 +160,9 @@ def test_cli_weight_only_bundle(lm_fp32, tmp_path):
 @pytest.mark.parametrize("args, code, message", [
     (["--weights", "q5"], 1, "unknown weight preset 'q5': use one of q8, q4, q4-gptq"),
     (["--weights", "q4", "--block-size", "48"], 1, "block size 48 is not one MatMulNBits takes"),
-    (["--weights", "q4", "--method", "minmax"], 2, "--method (method=) chooses activation ranges"),
-    (["--weights", "q8", "--num-samples", "8"], 2, "--num-samples (num_samples=) limits GPTQ's calibration"),
-    (["--block-size", "64"], 2, "--block-size (block_size=) applies only to weight-only quantization"),
+    (["--weights", "q4", "--method", "minmax"], 2, "--method chooses activation ranges, but --weights q4 keeps activations in float: drop --method"),
+    (["--weights", "q8", "--num-samples", "8"], 2, "--num-samples limits GPTQ's calibration"),
+    (["--block-size", "64"], 2, "--block-size applies only to weight-only quantization"),
     (["--weights", "q4", "--block-size", "128"], 1, "block size 128 does not divide the input size K=64 of"),
 ])
 def test_cli_bad_weight_options(digits_bundle, tmp_path, args, code, message):

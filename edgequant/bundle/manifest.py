@@ -7,6 +7,7 @@ from typing import Any
 
 import onnx
 
+from .._runtime.edgequant_runtime import VNNI_FLAGS
 from ..targets import Target
 from ..version import __version__
 
@@ -26,7 +27,7 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         inputs = [i.name for i in graph.input if i.name not in inits]
         pre = {"input": inputs[0], **preprocess.to_dict()}
     tdict = target.to_dict()
-    return {
+    manifest = {
         "schema": "edgequant.bundle",
         "schema_version": SCHEMA_VERSION,
         "producer": f"edgequant {__version__}",
@@ -39,6 +40,10 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         "target": {"name": target.name, "description": target.description},
         "runtime": tdict["runtime"],
     }
+    quantized_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    if quantized_activations and target.full_range_weights and target.runtime.cpu_int8_fusion:
+        manifest["requires_cpu"] = {"x86_64_one_of": list(VNNI_FLAGS)}  # the device refuses other x86 CPUs
+    return manifest
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -1,4 +1,4 @@
-"""Which samples calibrate and which check: every 5th sample (at most ``MAX_HOLDOUT``) is held out for the
+"""Which samples calibrate and which check: every 5th sample (at most ``MAX_HOLDOUT``, 1,000) is held out for the
 checks; calibration uses the rest (the first N of them with ``num_samples``). Every job splits the same way, so
 a sample's role does not depend on the job."""
 
@@ -8,7 +8,7 @@ from .samples import Samples
 
 __all__ = ["MAX_HOLDOUT", "holdout_indices", "sample_ids", "split_holdout"]
 
-MAX_HOLDOUT = 256
+MAX_HOLDOUT = 1000
 
 
 def holdout_indices(n: int) -> list[int]:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 
-from ..errors import ExportError
+from ..errors import ExportError, option
 from ..quiet import EXPORTER_LOGGERS, quiet
 
 __all__ = ["convert_opset", "export_fp32", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
@@ -114,6 +114,11 @@ def export_fp32(loaded: Any, samples: Any, *, opset: int, dynamic_batch: bool) -
     try:
         return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
     except ExportError as exc:
+        from ..data.samples import image_mismatch
+
+        mismatch = image_mismatch(samples, str(exc))
+        if mismatch is not None:
+            raise mismatch from None
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
         raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
 
@@ -130,7 +135,7 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_
     stack: list[str] = []
     hooks = _trace_hooks(module, stack)
     try:
-        with quiet(*EXPORTER_LOGGERS):
+        with quiet(*EXPORTER_LOGGERS, level=logging.CRITICAL):
             program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, external_data=False,
                                         dynamic_shapes=dynamic, opset_version=max(opset, 18), verbose=False,
                                         optimize=True, custom_translation_table=custom_translation_table)
@@ -165,7 +170,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         return converted
     except Exception as exc:  # the converter raises assorted types
         raise ExportError(f"cannot convert the exported model from opset {_opset(model)} to {opset} "
-                          f"({_first_line(exc)}); use --opset {_opset(model)} or newer") from None
+                          f"({_first_line(exc)}); use {option('opset', _opset(model))} or newer") from None
 
 
 def _trace_hooks(module: Any, stack: list[str]) -> list:
@@ -192,8 +197,31 @@ def _first_line(exc: BaseException) -> str:
     for line in str(seen).splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "File ", "The above", "[torch.onnx]")):
-            return f"{type(seen).__name__}: {line[:300]}"
+            return f"{type(seen).__name__}: {clip_line(line)}"
     return type(seen).__name__
+
+
+def clip_line(line: str, limit: int = 300, hard: int = 1000) -> str:
+    """A long message line → at most about ``limit`` characters, cut where no bracket is open (never inside an
+    expression such as a guard ``Eq(u0, 1)``) and marked with "…"; if no such place comes before ``limit``,
+    at the first one after it (at most ``hard`` characters)."""
+    if len(line) <= limit:
+        return line
+    depth, last = 0, -1
+    for i, ch in enumerate(line[:hard]):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and ch in " ,;":
+            if i <= limit:
+                last = i
+            elif last < 0:
+                last = i
+                break
+    if last < 0:
+        last = min(len(line), hard)
+    return line[:last].rstrip(" ,;:") + " …"
 
 
 def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationError
-from .session import batches, input_dtypes, session
+from .sessions import batches, input_dtypes, session
 
 __all__ = ["tap", "with_outputs"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .session import batches, input_dtypes, session
+from .sessions import batches, input_dtypes, session
 
 __all__ = ["as_inputs", "init_arrays", "runner"]
 

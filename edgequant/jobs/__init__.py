@@ -17,7 +17,7 @@ from typing import Any
 
 from ..bundle.core import Bundle
 from ..config import ExportConfig
-from . import ptq, qat, stages, text, weight_only
+from . import decoder, ptq, qat, stages, text, weight_only
 
 __all__ = ["PIPELINES", "export", "run_job"]
 
@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 PIPELINES: dict[str, tuple[stages.Stage, ...]] = {
     # post-training quantization of a PyTorch or ONNX model (the main job)
     "ptq": (stages.load, ptq.fp32_graph, ptq.fp32_passes, ptq.calibrate, ptq.quantize, ptq.budget, stages.check,
-            ptq.layers, stages.fixed_shapes, stages.kernels, ptq.settings, stages.write),
+            ptq.host_kernels, ptq.layers, ptq.gate, stages.fixed_shapes, stages.kernels, ptq.settings, stages.write),
     # Hugging Face text encoders: tokenized text, smoothed MatMul inputs (or dynamic, or weight-only)
     "text": (text.load, text.quantize, text.check, stages.kernels, text.settings, stages.write),
     # block-quantized MatMul weights, activations in float
     "weight-only": (stages.load, weight_only.fp32_graph, weight_only.quantize, stages.check, stages.fixed_shapes,
                     weight_only.settings, stages.write),
+    # decoder-only language models: weight-only, checked by generating text (one stage for now: export_decoder)
+    "decoder": (decoder.export_stage,),
     # quantization-aware training: the QDQ graph carries the trained scales
     "qat": (qat.load, qat.convert, stages.kernels, stages.check, qat.agreement, qat.settings, stages.write),
 }

@@ -9,14 +9,22 @@ from typing import Any
 
 import onnx
 
-from ..calibration.streaming import METHODS, calibrate as streaming_calibrate, tensors_to_calibrate
+from ..calibration.streaming import METHODS, fixed_batch, tensors_to_calibrate
+from ..calibration.streaming import calibrate as streaming_calibrate
+from ..check.fidelity import fidelity
+from ..check.outputs import gate_message, gross_failures
+from ..errors import DataError, FidelityError
 from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..graph.rewrite import rewrite_for_int8
-from ..quantize.qdq import quantize as qdq_quantize, skip_absurd_ranges
+from ..graph.sessions import host_would_differ
+from ..progress import progress_bar
+from ..quantize.qdq import quantize as qdq_quantize
+from ..quantize.qdq import skip_absurd_ranges
 from ..transforms.algorithms import Algorithms
 from .stages import Run, report_parts, to_fp32
 
-__all__ = ["budget", "calibrate", "fp32_graph", "fp32_passes", "layers", "prepare", "quantize", "settings"]
+__all__ = ["budget", "calibrate", "fp32_graph", "fp32_passes", "gate", "host_kernels", "layers", "prepare", "quantize",
+           "settings"]
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +35,28 @@ def prepare(raw: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def fp32_graph(run: Run) -> None:
-    """The model → the fp32 reference graph, traced with a dynamic batch axis (shapes are fixed at the end)."""
+    """The model → the fp32 reference graph, traced with a dynamic batch axis (shapes are fixed at the end). An
+    .onnx whose batch axis is fixed runs in batches of exactly that size."""
     to_fp32(run, dynamic_batch=True, prepare=prepare)
+    fixed = fixed_batch(run.fp32)
+    if fixed:
+        run.calib, run.holdout = _fit_fixed_batch(run.calib, fixed, "calibration"), \
+            _fit_fixed_batch(run.holdout, fixed, "held-out")
+        run.fixed_batch = fixed
+
+
+def _fit_fixed_batch(samples: Any, fixed: int, what: str) -> Any:
+    """Samples for a model whose batch is fixed at ``fixed`` → a multiple of it (the rest left out, logged)."""
+    n = len(samples) - len(samples) % fixed
+    if n == 0:
+        raise DataError(f"the model's batch size is fixed at {fixed} but there are only {len(samples)} {what} "
+                        f"samples: give at least {5 * fixed} samples, or export the model with a batch of 1 or a "
+                        "dynamic batch axis")
+    if n < len(samples):
+        log.warning("the model's batch is fixed at %d: %d of %d %s samples left out", fixed, len(samples) - n,
+                    len(samples), what)
+        return samples.subset(list(range(n)))
+    return samples
 
 
 def fp32_passes(run: Run) -> None:
@@ -42,7 +70,7 @@ def fp32_passes(run: Run) -> None:
         work, report["equalized_pairs"] = equalize_cross_layer(work)
     if algo.smooth_quant:
         work, report["smoothed_activations"] = smooth_quant(work, run.calib, alpha=algo.smooth_quant_alpha,
-                                                            batch_size=run.config.data_options.batch_size,
+                                                            batch_size=run.batch_size,
                                                             limit=algo.max_samples)
     run.work = work
     run.parts["algorithms"] = report
@@ -51,11 +79,9 @@ def fp32_passes(run: Run) -> None:
 def calibrate(run: Run) -> None:
     """Activation ranges on the calibration samples: one streaming pass of the chosen method, or with
     ``method="auto"`` per tensor the method with the least output error."""
-    from tqdm import tqdm
-
     cfg, tgt = run.config, run.target
     method = run.method = cfg.calibration.method or "minmax"
-    batch = cfg.data_options.batch_size
+    batch = run.batch_size
     tensors = tensors_to_calibrate(run.work, tgt.quantization.op_types)
     run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch)
     if method == "auto":
@@ -66,8 +92,8 @@ def calibrate(run: Run) -> None:
                                          batch_size=batch, limit=cfg.algorithms.max_samples)
         run.parts["algorithms"]["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
     else:
-        with tqdm(total=len(run.calib), desc=f"calibrating ({method})", unit="sample", disable=not cfg.progress,
-                  leave=False) as bar:
+        with progress_bar(total=len(run.calib), desc=f"calibrating ({method})", unit="sample",
+                          disable=not cfg.progress, leave=False) as bar:
             run.ranges = streaming_calibrate(run.work, run.calib, tensors, method=method, batch_size=batch,
                                              progress=bar.update)
 
@@ -104,26 +130,55 @@ def budget(run: Run) -> None:
     run.int8, run.parts["accuracy_budget"] = keep_float_until(
         cfg.budget, run.work, lambda excl: run.quantize_fn(run.ranges, excl), run.holdout,
         op_types=run.target.quantization.op_types, labels=run.labels, exclude=cfg.calibration.exclude_nodes,
-        batch_size=cfg.data_options.batch_size, progress=cfg.progress)
+        batch_size=run.batch_size, progress=cfg.progress, level=run.checked.level)
+
+
+def host_kernels(run: Run) -> None:
+    """When this machine's own fused kernels would compute the bundle differently from the target (x86 without
+    VNNI, full-range weights): the fidelity they would give and what to do about it."""
+    tgt, checked = run.target, run.checked
+    if not host_would_differ(tgt, checked):
+        run.parts["host_kernels"] = None
+        return
+    fid = fidelity(run.fp32, run.int8, run.holdout, batch_size=run.batch_size,
+                   level=tgt.runtime.graph_optimization_level)
+    run.parts["host_kernels"] = {
+        "cpu": checked.to_dict()["host_cpu_label"], "fidelity": [f.to_dict() for f in fid],
+        "advice": "for x86 devices without VNNI export with --target generic-cpu (or x86-avx2); the device "
+                  f"adapter refuses this {tgt.name} bundle on such CPUs"}
 
 
 def layers(run: Run) -> None:
-    """The per-layer error table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
-    from tqdm import tqdm
-
+    """The per-layer table (also when the gate below fails: its message names the worst layers); a diagnostic,
+    so a graph it cannot analyse costs a warning, not the bundle."""
     from ..check import layers as layer_check
 
     cfg = run.config
-    if cfg.calibration.layer_report is False:
+    if cfg.calibration.layer_report is False and not gross_failures(run.parts["fidelity"]):
         return
     try:
-        with tqdm(total=len(run.holdout), desc="per-layer error", unit="sample", disable=not cfg.progress,
-                  leave=False) as bar:
-            rows = layer_check.layer_errors(run.work, run.int8, run.holdout, batch_size=cfg.data_options.batch_size,
-                                            progress=bar.update)
+        with progress_bar(total=len(run.holdout), desc="per-layer error", unit="sample", disable=not cfg.progress,
+                          leave=False) as bar:
+            rows = layer_check.layer_errors(run.work, run.int8, run.holdout, batch_size=run.batch_size,
+                                            progress=bar.update, level=run.checked.level)
         run.parts["layers"] = [r.to_dict() for r in rows]
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses
         log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
+
+
+def gate(run: Run) -> None:
+    """A grossly wrong int8 model (check/outputs.py's floors) raises FidelityError and nothing is written, unless
+    ``allow_inaccurate``: then the bundle is written and the report records the failures."""
+    cfg = run.config
+    failures = gross_failures(run.parts["fidelity"])
+    if failures and not cfg.calibration.allow_inaccurate:
+        raise FidelityError(gate_message(failures, run.parts.get("layers"), run.fp32, run.method))
+    if failures:
+        log.warning("writing a grossly wrong int8 model (allow_inaccurate): %s %s", *failures[0])
+    if cfg.calibration.layer_report is False:
+        run.parts.pop("layers", None)
+    run.parts["fidelity_gate"] = {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
+                                  "overridden": bool(failures) and cfg.calibration.allow_inaccurate}
 
 
 def settings(run: Run) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from ..data.samples import load_samples
 from ..errors import ExportError, UsageError
 from ..frontend.torch_export import input_names_of, load_model
+from ..graph.sessions import checked_with
 from ..qat import load_checkpoint, unwrap
 from ..qat.convert import agreement as qat_agreement
 from ..qat.convert import qdq_graphs
@@ -49,8 +50,10 @@ def load(run: Run) -> None:
                          "for the other one")
     run.loaded = (gm, state)
     run.target, run.opset = state.target, state.target.opset
+    run.checked = checked_with(state.target)
     run.samples = run.calib = run.holdout = samples.bind(input_names_of(gm))
     run.preprocess = run.samples.preprocess
+    run.selftest_samples = run.samples[len(run.samples) - min(len(run.samples), 16):]  # golden.npz: the last 16
 
 
 def convert(run: Run) -> None:
@@ -68,7 +71,7 @@ def convert(run: Run) -> None:
 def agreement(run: Run) -> None:
     """The int8 graph on ONNX Runtime against the QAT module in PyTorch, per output."""
     gm, state = run.loaded
-    agree = qat_agreement(gm, run.int8, run.samples, run.config.data_options.batch_size, run.config.progress)
+    agree = qat_agreement(gm, run.int8, run.samples, run.batch_size, run.config.progress, run.checked.level)
     run.parts["qat"] = {**qat_settings(gm, state), "agreement": agree}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 
 from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..bundle.golden import add_selftest
 from ..bundle.manifest import build_manifest
 from ..bundle.report import holdout_block, new_report, sizes_block
 from ..check.fidelity import cpu_kernels, fidelity
@@ -24,6 +25,7 @@ from ..data.holdout import sample_ids, split_holdout
 from ..data.samples import load_samples
 from ..frontend.shapes import check_data_fits, fix_input_shapes, resolve_input_shapes
 from ..frontend.torch_export import export_fp32, input_names_of, load_model
+from ..graph.sessions import checked_with
 from ..targets import Target, load_target
 
 __all__ = ["Run", "Stage", "check", "fixed_shapes", "kernels", "load", "open_run", "report_parts", "to_fp32", "write"]
@@ -59,7 +61,18 @@ class Run:
     preprocess: Any = None  # image pre-processing for the manifest
     parts: dict[str, Any] = field(default_factory=dict)  # the report's parts (bundle.report.REPORT_KEYS)
     files: dict[str, bytes] = field(default_factory=dict)  # extra bundle files
+    checked: Any = None  # how the int8 graph is run for every figure (graph.sessions.CheckedWith)
+    selftest_samples: Any = None  # the samples golden.npz carries (None: the held-out ones)
     bundle: Bundle | None = None
+    fixed_batch: int | None = None  # a model whose batch axis is fixed runs in batches of exactly that size
+
+    def __post_init__(self) -> None:
+        if self.checked is None:  # the target's arithmetic, unless a job knows better (text, QAT)
+            self.checked = checked_with(self.target)
+
+    @property
+    def batch_size(self) -> int:
+        return self.fixed_batch or self.config.data_options.batch_size
 
 
 Stage = Callable[[Run], None]
@@ -100,8 +113,9 @@ def to_fp32(run: Run, *, dynamic_batch: bool, prepare: Callable[[onnx.ModelProto
 
 def check(run: Run) -> None:
     """The int8 graph against the fp32 one on the held-out samples, per output (edgequant.check.fidelity)."""
-    batch = run.config.data_options.batch_size
-    run.parts["fidelity"] = [f.to_dict() for f in fidelity(run.fp32, run.int8, run.holdout, batch_size=batch)]
+    batch = run.batch_size
+    run.parts["fidelity"] = [f.to_dict() for f in fidelity(run.fp32, run.int8, run.holdout, batch_size=batch,
+                                                           level=run.checked.level)]
 
 
 def kernels(run: Run) -> None:
@@ -128,7 +142,7 @@ def write(run: Run) -> None:
     manifest = build_manifest(run.int8, run.target, run.settings, run.preprocess, reference=True,
                               model_format=run.model_format)
     manifest.update(run.manifest_extra)
-    parts = {"sizes": sizes_block(fp32_bytes, int8_bytes),
+    parts = {"sizes": sizes_block(fp32_bytes, int8_bytes), "checked_with": run.checked.to_dict(),
              "timings": {k: round(v, 3) for k, v in run.timings.items()}, **run.parts}
     report = new_report(source=run.settings.get("source", "ptq"), target=run.target.name, method=run.method,
                         **parts)
@@ -138,4 +152,6 @@ def write(run: Run) -> None:
 
         files.update(report_pages(report))
     files.update(run.files)
+    add_selftest(files, manifest, run.int8, run.holdout if run.selftest_samples is None else run.selftest_samples,
+                 level=run.checked.level)
     run.bundle = write_bundle(run.config.out, files, manifest, report, force=run.config.force)

@@ -34,9 +34,11 @@ from ..calibration.streaming import calibrate
 from ..check.fidelity import fidelity
 from ..data.holdout import split_holdout
 from ..data.text import TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize, tokenizer_manifest
-from ..errors import DataError, ExportError, QuantizationError
+from ..errors import DataError, ExportError, QuantizationError, option
 from ..frontend.hf import TOKENIZER_FILES, HFModel, is_hf_folder, load_hf, quiet
 from ..frontend.torch_export import convert_opset, prepare_fp32
+from ..graph.sessions import checked_with
+from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
 from ..targets import Target
 from ..transforms.smooth import ALPHA, channel_ranges, smooth
@@ -70,8 +72,8 @@ def load(run: Run) -> None:
         raise DataError(f"{hf.source} has no tokenizer files (tokenizer.json or vocab.txt): text data feeds only "
                         "text models; pass .npy/.npz calibration data instead")
     if hf.max_positions is not None and pre.max_length > hf.max_positions:
-        raise DataError(f"--max-length {pre.max_length} is longer than {hf.source} supports "
-                        f"({hf.max_positions} positions); use --max-length {hf.max_positions} or less")
+        raise DataError(f"{option('max_length', pre.max_length)} is longer than {hf.source} supports "
+                        f"({hf.max_positions} positions); use {option('max_length', hf.max_positions)} or less")
     tokenizer = hf.tokenizer()
     run.loaded = hf
     run.fp32 = run.work = convert_opset(prepare_fp32(hf.onnx_model), run.opset)
@@ -81,6 +83,7 @@ def load(run: Run) -> None:
     run.manifest_extra["tokenizer"] = tokenizer_manifest(tokenizer, list(hf.tokenizer_files), inputs, pre)
     run.manifest_extra["source_model"] = {"kind": "huggingface", "model_type": hf.model_type, "task": hf.task}
     run.parts["calibration"] = {"data": source, "max_length": pre.max_length}
+    run.checked = checked_with(encoder_target(run.target))  # the encoder's own op types decide the arithmetic
 
 
 def quantize(run: Run) -> None:
@@ -88,7 +91,7 @@ def quantize(run: Run) -> None:
     cfg, tgt = run.config, run.target
     weights = cfg.weights.config()
     exclude_nodes = cfg.calibration.exclude_nodes
-    batch_size = cfg.data_options.batch_size
+    batch_size = run.batch_size
     method = cfg.calibration.method or "minmax"
     fp32, calib = run.fp32, run.calib
     if weights is not None:
@@ -124,13 +127,15 @@ def check(run: Run) -> None:
     """The int8 encoder against fp32 on the held-out texts: pooled-embedding agreement where the model pools
     (sentence-transformers), else per output."""
     hf = run.loaded
-    batch_size = run.config.data_options.batch_size
+    batch_size = run.batch_size
     pooling = _pooling(hf, run.fp32)
     run.manifest_extra["pooling"] = pooling
     if pooling:
-        fid = [embedding_agreement(run.fp32, run.int8, run.holdout, pooling, batch_size=batch_size)]
+        fid = [embedding_agreement(run.fp32, run.int8, run.holdout, pooling, batch_size=batch_size,
+                                   level=run.checked.level)]
     else:
-        fid = [f.to_dict() for f in fidelity(run.fp32, run.int8, run.holdout, batch_size=batch_size)]
+        fid = [f.to_dict() for f in fidelity(run.fp32, run.int8, run.holdout, batch_size=batch_size,
+                                             level=run.checked.level)]
     run.parts["fidelity"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in f.items()} for f in fid]
 
 
@@ -225,10 +230,8 @@ def encoder_target(tgt: Target) -> Target:
 
 
 def text_channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
-    from tqdm import tqdm
-
-    with tqdm(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample",
+                      disable=not progress, leave=False) as bar:
         return channel_ranges(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
 
 

@@ -29,7 +29,7 @@ def quantize(run: Run) -> None:
     cfg = run.config
     config = cfg.weights.config()
     run.int8 = quantize_weights(run.fp32, config, run.calib if config.method == "gptq" else None,
-                                exclude_nodes=cfg.calibration.exclude_nodes, batch_size=cfg.data_options.batch_size,
+                                exclude_nodes=cfg.calibration.exclude_nodes, batch_size=run.batch_size,
                                 progress=cfg.progress)
 
 

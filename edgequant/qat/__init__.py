@@ -280,7 +280,7 @@ def _calibrate(gm: Any, calibration: Any, examples: tuple, batch_size: int) -> N
 def _torch_batches(gm: Any, data: Any, batch_size: int, preprocess: ImagePreprocess | None = None):
     import torch
 
-    from ..calibration.streaming import batches
+    from ..graph.sessions import batches
     from ..frontend.torch_export import input_names_of
 
     samples = load_samples(data, preprocess=preprocess).bind(input_names_of(gm))

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from ..check.fidelity import compare_outputs
 from ..errors import CalibrationError
 from ..graph.rewrite import drop_unused_initializers, rewrite_for_int8
-from ..graph.session import batches, session
+from ..graph.sessions import batches, session
 
 __all__ = ["agreement", "fold_weight_quantization", "int32_bias", "int8_groups", "qdq_graphs", "settings", "strip_qdq"]
 
@@ -168,16 +168,16 @@ def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
     return steps
 
 
-def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool = False
-              ) -> list[dict[str, Any]]:
-    """The QAT module in PyTorch vs the int8 graph on ONNX Runtime (CPU), per output: argmax agreement and the
-    largest absolute difference, also in output quantization steps."""
+def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool = False,
+              level: str = "all") -> list[dict[str, Any]]:
+    """The QAT module in PyTorch vs the int8 graph on ONNX Runtime (CPU, at ``level``: the target's
+    arithmetic), per output: argmax agreement and the largest absolute difference, also in output steps."""
     import torch
 
     threads, training = torch.get_num_threads(), gm.training
     torch.set_num_threads(1)  # small batches: one thread is fastest, and contention-free on busy machines
     try:
-        outputs = _run_both(gm, int8, samples, batch_size, progress)
+        outputs = _run_both(gm, int8, samples, batch_size, progress, level)
     finally:
         torch.set_num_threads(threads)
         gm.train(training)
@@ -192,19 +192,20 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     return result
 
 
-def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool) -> dict[str, tuple]:
+def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool,
+              level: str = "all") -> dict[str, tuple]:
     """Output name → (PyTorch outputs, ONNX Runtime outputs) over all samples."""
     import torch
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
 
-    sess = session(int8)
+    sess = session(int8, level=level)
     names = [o.name for o in sess.get_outputs()]
     ref: dict[str, list] = {n: [] for n in names}
     got: dict[str, list] = {n: [] for n in names}
     gm.eval()
     with torch.no_grad():
-        for batch in tqdm(batches(samples, batch_size, {i.name: np.float32 for i in sess.get_inputs()}),
+        for batch in progress_bar(batches(samples, batch_size, {i.name: np.float32 for i in sess.get_inputs()}),
                           total=-(-len(samples) // batch_size), desc="checking against PyTorch", unit="batch",
                           disable=not progress, leave=False):
             outs = gm(**{k: torch.from_numpy(v) for k, v in batch.items()})

@@ -1,0 +1,146 @@
+"""Which arithmetic the int8 graph is measured in: (target profile, this machine's CPU) → an ONNX Runtime
+optimization level, recorded in the report as ``checked_with``.
+
+The report must describe the device, not the build machine. ONNX Runtime computes one QDQ graph in two ways:
+at level ``basic`` it keeps DequantizeLinear → float op → QuantizeLinear (the ONNX reference semantics, with
+int8 values exact in float), which is what ARM's 32-bit int8 kernels, XNNPACK, TensorRT and NNAPI compute —
+bit-identical to aarch64 onnxruntime on the digits bundles; at level ``all`` it fuses the groups into the
+host's int8 kernels, and on x86 without VNNI those sum pairs of u8·s8 products in 16 bits and saturate with
+full-range weights. So (see ``RuntimeSpec.arithmetic``):
+
+- ``exact`` targets are measured at ``basic`` everywhere;
+- ``host-kernels`` targets (7-bit weights, which cannot saturate) with the host's fused kernels;
+- ``vnni-kernels`` targets with the host's fused kernels when the host has VNNI, at ``basic`` otherwise.
+
+This module also opens every CPU session the stages run (calibration, GPTQ, smoothing, the checks, the budget
+search), so the session options (log level, optimization level, threads) are set in one place, and turns
+samples into the batches they run on.
+
+Host CPU features come from the device adapter's ``cpu_features`` (CPUID, so an emulated smaller CPU is seen
+as what it is), the same function the device uses to refuse arithmetic it cannot do.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
+from ..targets import Target
+
+__all__ = ["LEVELS", "CheckedWith", "batches", "checked_with", "host_features", "host_would_differ", "input_dtypes",
+           "np_dtype", "session"]
+
+EXACT_LEVEL = "basic"
+
+
+@functools.lru_cache(maxsize=1)
+def _host() -> tuple[str, tuple[str, ...], str]:
+    f = cpu_features()
+    return f["arch"], tuple(f["flags"]), f["source"]
+
+
+def host_features() -> dict[str, Any]:
+    """This machine's CPU: {"arch", "flags", "source"} (read once per process)."""
+    arch, flags, source = _host()
+    return {"arch": arch, "flags": list(flags), "source": source}
+
+
+@dataclass(frozen=True)
+class CheckedWith:
+    """How the int8 graph was run for every figure of one export."""
+
+    arithmetic: str  # "exact" or "host-kernels": what was computed
+    level: str  # the ONNX Runtime graph optimization level of the int8 sessions
+    profile_arithmetic: str  # what the profile says the target computes
+    host: dict[str, Any]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arithmetic": self.arithmetic, "onnxruntime_level": self.level,
+                "profile_arithmetic": self.profile_arithmetic, "host_cpu": dict(self.host),
+                "host_cpu_label": describe_cpu(self.host), "reason": self.reason}
+
+    def line(self) -> str:
+        """One summary line."""
+        return f"checked  in {self.arithmetic} arithmetic (onnxruntime level {self.level}) on {describe_cpu(self.host)}: " \
+               f"{self.reason}"
+
+
+def checked_with(target: Target, features: dict[str, Any] | None = None) -> CheckedWith:
+    """Target profile + host CPU features (default: this machine's) → how to run its int8 graph."""
+    host = features if features is not None else host_features()
+    kind = target.runtime.arithmetic
+    host_level = target.runtime.graph_optimization_level
+    vnni = host.get("arch") == "x86_64" and not int8_saturates(host)
+    if kind == "host-kernels":
+        return CheckedWith("host-kernels", host_level, kind, host,
+                           f"{target.name}'s weights cannot saturate, so this machine's fused kernels compute what "
+                           "the device does")
+    if kind == "vnni-kernels" and vnni:
+        return CheckedWith("host-kernels", host_level, kind, host,
+                           f"this machine has VNNI, like every CPU {target.name} is for")
+    why = ("this machine has no VNNI; the target's VNNI kernels compute exact int8 sums" if kind == "vnni-kernels"
+           else f"{target.name}'s kernels sum in 32 bits; level basic equals aarch64 onnxruntime bit for bit")
+    return CheckedWith("exact", EXACT_LEVEL, kind, host, why)
+
+
+def host_would_differ(target: Target, checked: CheckedWith) -> bool:
+    """True when this machine's own fused kernels would compute the bundle differently from the target: an x86
+    host without VNNI and a bundle with full-range 8-bit weights that was checked in exact arithmetic."""
+    return checked.arithmetic == "exact" and target.full_range_weights and int8_saturates(checked.host) \
+        and target.runtime.cpu_int8_fusion
+
+
+LEVELS = ("disable", "basic", "extended", "all")
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+               "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def session(model: onnx.ModelProto | str, *, level: str = "all", threads: int = 0,
+            optimized_path: str | None = None, prepacking: bool = True):
+    """An ONNX Runtime CPU session on an in-memory model (or a model file path). ``prepacking=False`` keeps
+    ONNX Runtime from a second, pre-packed copy of the weights (for one streaming pass over a large model)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    if not prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def np_dtype(ort_type: str) -> np.dtype:
+    """ONNX Runtime's type string (``tensor(float)``) → the numpy dtype (float32 for anything unlisted)."""
+    return np.dtype(_ORT_DTYPES.get(ort_type, "float32"))
+
+
+def input_dtypes(sess) -> dict[str, np.dtype]:
+    """A session → {input name: numpy dtype}."""
+    return {i.name: np_dtype(i.type) for i in sess.get_inputs()}
+
+
+def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
+            dtypes: dict[str, np.dtype]) -> Iterator[dict[str, np.ndarray]]:
+    """Samples → stacked batches, cast to the model's input dtypes."""
+    for start in range(0, len(samples), batch_size):
+        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
+        yield {k: np.stack([s[k] for s in chunk]).astype(dtypes.get(k, chunk[0][k].dtype), copy=False)
+               for k in chunk[0]}

@@ -104,7 +104,7 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "opset": ("target", "opset", "--opset"),
     "method": ("calibration", "method", "--method"),
     "exclude_nodes": ("calibration", "exclude_nodes", "--exclude"),
-    "layer_report": ("calibration", "layer_report", "layer_report"),
+    "layer_report": ("calibration", "layer_report", "--no-layer-report"),
     "allow_inaccurate": ("calibration", "allow_inaccurate", "--allow-inaccurate"),
     "algorithms": ("algorithms", "", "algorithms"),
     "accuracy_budget": ("budget", "", "--accuracy-budget"),

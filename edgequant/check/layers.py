@@ -40,7 +40,7 @@ from ..graph.index import consumers, producers
 from ..graph.tap import with_outputs
 from .metrics import MAX_SQNR_DB, sqnr_from_sums
 
-__all__ = ["MAX_SQNR_DB", "LayerError", "format_layers", "layer_errors"]
+__all__ = ["MAX_SQNR_DB", "LayerError", "LayerRow", "format_layers", "layer_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _PREFIX = "edgequant.alone/"
 
 
 @dataclass(frozen=True)
-class LayerError:
+class LayerRow:
     """Error of one quantized tensor on the held-out samples (see the module docstring for the two kinds)."""
 
     tensor: str
@@ -67,6 +67,9 @@ class LayerError:
         return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
+LayerError = LayerRow  # the row's former name (it is a data row, not an exception); kept for old imports
+
+
 @dataclass(frozen=True)
 class _Row:
     q_node: str
@@ -80,7 +83,7 @@ class _Row:
 
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
                  batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                 level: str = "all") -> list[LayerError]:
+                 level: str = "all") -> list[LayerRow]:
     """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first. The
     int8 graphs run at ONNX Runtime ``level``, the same arithmetic as the output fidelity."""
     rows = _rows(fp32, int8)
@@ -112,7 +115,7 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence
     for i, r in enumerate(rows):
         sig, e_acc, e_alone, n = sums[i]
         p = r.producer
-        out.append(LayerError(
+        out.append(LayerRow(
             tensor=r.fp32_name, node=p.name if p is not None else "", op_type=p.op_type if p is not None else "input",
             module=meta.get(p.name, "") if p is not None else "", index=i,
             accumulated_sqnr_db=sqnr_from_sums(sig, e_acc), accumulated_mse=e_acc / max(n, 1),
@@ -256,7 +259,7 @@ def _scopes(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def format_layers(rows: Sequence[dict], *, limit: int | None = None) -> str:
-    """Layer rows (``LayerError.to_dict()``, as in report.json) → a terminal table, worst "alone" first."""
+    """Layer rows (``LayerRow.to_dict()``, as in report.json) → a terminal table, worst "alone" first."""
     if not rows:
         return "layers   no quantized activations"
     head = f"{'#':>3}  {'tensor':<24} {'node':<22} {'module':<18} {'alone dB':>9} {'accum dB':>9} {'accum MSE':>10}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import onnx
 
 import edgequant
@@ -27,19 +28,21 @@ def test_every_conv_and_gemm_runs_in_int8(digits_bundle):
     kernels = cpu_kernels(onnx.load(str(digits_bundle.model_path)))
     assert kernels.float_compute == []
     int8_macs = sum(kernels.int8.get(op, 0) for op in ("QLinearConv", "QGemm", "QLinearMatMul"))
-    assert macs >= 4 and int8_macs == macs
+    assert macs == 4 and int8_macs == macs
 
 
 def test_report_holds_fidelity_sizes_and_kernels(digits_bundle):
     report = json.loads((digits_bundle.path / "report.json").read_text())
     (fid,) = report["fidelity"]
     assert fid["argmax_agreement"] >= 0.98
-    assert fid["cosine"] >= 0.99
+    assert fid["cosine"] == pytest.approx(0.99983, abs=2e-5)  # README's figure: cosine 0.99983
     assert fid["samples"] == 60  # every 5th of the 300 samples is held out
     assert report["holdout"]["disjoint_from_calibration"] is True
     assert report["calibration"]["samples"] == 240
     assert report["sizes"]["int8_bytes"] < 0.5 * report["sizes"]["fp32_bytes"]
-    assert report["kernels"]["int8_nodes"] >= 4
+    # README: "5 nodes run in int8 on the CPU provider: QGemm 1, QLinearConv 3, QLinearGlobalAveragePool 1"
+    assert report["kernels"]["int8"] == {"QGemm": 1, "QLinearConv": 3, "QLinearGlobalAveragePool": 1}
+    assert report["kernels"]["int8_nodes"] == 5
 
 
 def test_manifest_describes_inputs_and_checksums(digits_bundle):

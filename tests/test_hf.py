@@ -388,10 +388,10 @@ def test_text_bundle_without_its_tokenizer_is_refused(minilm_bundle, digits_bund
         with pytest.raises(rt.BundleError, match=f"lists no checksum for '{name}', which the bundle needs"):
             rt.Session(bundle)
 
-    with pytest.raises(rt.InputError, match="takes arrays, not text: its manifest has no tokenizer"):
+    with pytest.raises(rt.InputError, match="takes no text to embed: its manifest has no tokenizer"):
         rt.Session(digits_bundle.path).run_text(["a cup"])
     assert rt.main([str(digits_bundle.path), "--text", "a cup"]) == 1
-    assert "takes arrays, not text" in capsys.readouterr().err
+    assert "takes no text to embed" in capsys.readouterr().err
     digits = tmp_path / "digits"
     shutil.copytree(digits_bundle.path, digits)
     manifest = json.loads((digits / "manifest.json").read_text())

@@ -174,7 +174,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
                 for r in rows:
                     if r["model"] == m and r["batch"] == b:
                         r["peak_memory_mib"] = peak
-    return BenchResult(name, provider, runs, warmup, tuple(rows), tuple(ratios), _environment())
+    return BenchResult(name, provider, runs, warmup, tuple(rows), tuple(ratios), environment())
 
 
 def peak_memory_mib(path: str | Path, inputs: dict[str, np.ndarray], *, provider: str = "CPUExecutionProvider",
@@ -255,7 +255,7 @@ def _inputs_for(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     return random_inputs(model, batch)
 
 
-def _environment() -> dict:
+def environment() -> dict:
     import platform
 
     import onnxruntime as ort

@@ -107,7 +107,7 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
                      memory: bool = True) -> GenerationBench:
     """Decoder graphs of one model (name → path) → prompt latency, per-token latency, tokens/s and peak memory
     per model and thread count (see the module's docstring)."""
-    from .bench import _environment
+    from .bench import environment
 
     if runs < 1 or warmup < 0 or prompt_tokens < 1 or new_tokens < 2:
         raise BenchError("runs, prompt tokens and new tokens must be at least 1, 1 and 2")
@@ -127,7 +127,7 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
             for r in rows:
                 if r["model"] == m:
                     r["peak_memory_mib"] = peak
-    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), _environment())
+    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), environment())
 
 
 def format_generation(result: Mapping) -> str:

@@ -50,11 +50,11 @@ def test_python_api_names_force_true_and_the_cli_names_force(digits_bundle, tmp_
 
 
 def test_weight_only_options_are_named_as_python_arguments(digits_bundle, tmp_path):
-    with pytest.raises(edgequant.QuantizationError) as err:
+    with pytest.raises(edgequant.UsageError) as err:
         edgequant.export(digits_bundle.fp32_model_path, DIGITS / "data", out=tmp_path / "x", block_size=64)
     assert str(err.value).startswith("block_size applies only to weight-only quantization: add weights=\"q8\"")
     assert "--" not in str(err.value)
-    with pytest.raises(edgequant.QuantizationError, match='num_samples limits GPTQ.*weights="q4-gptq"'):
+    with pytest.raises(edgequant.UsageError, match='num_samples limits GPTQ.*weights="q4-gptq"'):
         edgequant.export(digits_bundle.fp32_model_path, DIGITS / "data", out=tmp_path / "x", weights="q8",
                          num_samples=8)
 

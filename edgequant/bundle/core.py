@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
-from ..errors import BundleError, option
+from ..errors import BundleError, device_errors, option
+from .manifest import SCHEMA_VERSION
 
 __all__ = ["MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "load_bundle", "sha256_file", "write_bundle"]
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 RUNTIME = "edgequant_runtime.py"
@@ -116,10 +116,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         # The device adapter's check is the contract (sizes, sha256, the files a bundle must list); use it here too.
         from .._runtime import edgequant_runtime as device
 
-        try:
+        with device_errors():
             device.verify_bundle(path)
-        except device.BundleError as exc:
-            raise BundleError(str(exc)) from None
     rpath = path / REPORT
     report = json.loads(rpath.read_text(encoding="utf-8")) if rpath.is_file() else {}
     return Bundle(path, manifest, report)

@@ -120,3 +120,14 @@ def test_rpi5_report_is_the_targets_on_any_host(target_bundle):
         assert "--target generic-cpu" in line
     else:
         assert report["host_kernels"] is None and not any(line.startswith("host ") for line in lines)
+
+
+def test_layer_table_and_fidelity_agree(target_bundle):
+    """The per-layer table's row for the model output and the fidelity line measure one arithmetic."""
+    report = target_bundle("arm64").report
+    fid = report["fidelity"][0]
+    (row,) = [r for r in report["layers"] if r["tensor"] == fid["output"]]
+    assert abs(row["accumulated_max_abs_error"] - fid["max_abs_error"]) <= 1e-5 * max(fid["max_abs_error"], 1e-3)
+    # SQNR of the output ↔ its cosine: 1 - cos ≈ 1 / (2 SNR) for small noise, within a factor of 3
+    snr = 10 ** (row["accumulated_sqnr_db"] / 10)
+    assert 1 / 3 < (1 - fid["cosine"]) * 2 * snr < 3, (row, fid)

@@ -150,6 +150,13 @@ class Target:
         u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there."""
         return self.quantization.weight_dtype == "int8" and not self.quantization.reduce_range
 
+    @property
+    def needs_vnni_on_x86(self) -> bool:
+        """Full-range weights that ONNX Runtime's CPU provider fuses (QDQ fusion is a level-2 rewrite): an x86
+        CPU without VNNI computes them with saturating 16-bit pair sums."""
+        r = self.runtime
+        return self.full_range_weights and r.cpu_int8_fusion and r.graph_optimization_level in ("extended", "all")
+
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for the manifest."""
         q, r = self.quantization, self.runtime

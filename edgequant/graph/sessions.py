@@ -93,8 +93,7 @@ def checked_with(target: Target, features: dict[str, Any] | None = None) -> Chec
 def host_would_differ(target: Target, checked: CheckedWith) -> bool:
     """True when this machine's own fused kernels would compute the bundle differently from the target: an x86
     host without VNNI and a bundle with full-range 8-bit weights that was checked in exact arithmetic."""
-    return checked.arithmetic == "exact" and target.full_range_weights and int8_saturates(checked.host) \
-        and target.runtime.cpu_int8_fusion
+    return checked.arithmetic == "exact" and target.needs_vnni_on_x86 and int8_saturates(checked.host)
 
 
 LEVELS = ("disable", "basic", "extended", "all")

@@ -42,7 +42,8 @@ def _handle_errors(fn):
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, _, value:
-              _show_version(ctx, value), help="Show the versions of edgequant, onnxruntime, onnx and torch and the CPU's int8 features, and exit.")
+              _show_version(ctx, value),
+              help="Show the versions of edgequant, onnxruntime, onnx and torch and the CPU's int8 features, and exit.")
 def cli(debug: bool, verbose: int) -> None:
     """edgequant: trained PyTorch model in, fast and accurate int8 ONNX bundle for edge devices out."""
     level = logging.WARNING - 10 * min(verbose, 2)

@@ -56,6 +56,8 @@ def test_console_output_is_compared_digits_aside(tmp_path):
     snip = snippets.Snippet(tmp_path / "x.md", 1, "console",
                             "$ printf 'size 98.1 KiB\\nother\\ncosine 0.99\\n'\nsize 1.0 KiB\n...\ncosine 0.5\n")
     assert snippets.run(snip, tmp_path).__class__ is type(None)
+    prefix = snippets.Snippet(tmp_path / "x.md", 1, "console", "$ echo 'checked on AVX2 9 cores'\nchecked on ...\n")
+    assert snippets.run(prefix, tmp_path) is None
     bad = snippets.Snippet(snip.page, 1, "console", "$ printf 'size 98.1 MiB\\n'\nsize 1.0 KiB\n")
     assert "the page shows\n  size 1.0 KiB" in snippets.run(bad, tmp_path).replace(str(tmp_path) + "/", "")
 

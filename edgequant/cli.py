@@ -45,7 +45,9 @@ def _handle_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
-@click.version_option(package_name="edgequant")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, _, value:
+              _show_version(ctx, value),
+              help="Show the versions of edgequant, onnxruntime, onnx and torch and the CPU's int8 features, and exit.")
 def cli(debug: bool, verbose: int) -> None:
     """edgequant: trained PyTorch model in, fast and accurate int8 ONNX bundle for edge devices out."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -57,6 +59,40 @@ def cli(debug: bool, verbose: int) -> None:
     plog.handlers[:] = [handler]
     plog.propagate = False
     plog.setLevel(logging.INFO)
+
+
+def _show_version(ctx: click.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+def version_text() -> str:
+    """edgequant's version, the versions of the libraries a bundle's figures depend on, and what this CPU has for
+    int8 (AVX2, VNNI, NEON dot product): paste it into a bug report. Reads package metadata: imports no torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    from ._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
+
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {ver(n)}" for n in ("onnxruntime", "onnx", "torch", "numpy"))
+    cpu = cpu_features()
+    if cpu["arch"] == "x86_64":
+        note = ("u8*s8 products summed in pairs in 16 bits: full-range int8 weights saturate (generic-cpu and "
+                "x86-avx2 use 7-bit weights)" if int8_saturates(cpu) else "exact 32-bit u8*s8 dot products")
+    elif cpu["arch"] == "aarch64":
+        note = "int8 dot product (SDOT)" if "asimddp" in cpu["flags"] else "no int8 dot product (int8 gains little)"
+    else:
+        note = "int8 features not known for this architecture"
+    return (f"edgequant {__version__}\n{libs}, python {platform.python_version()}\n"
+            f"cpu {describe_cpu(cpu)}: {note} (read from {cpu['source']})")
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:

@@ -9,7 +9,7 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     embeddings, outputs = sess.run_text(["a robot arm", "a gripper"])   # bundles with a tokenizer
     print(sess.placement)                          # {provider: nodes it runs}
 
-    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
+    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png|.jpg [--bench] [--allow-fallback] [--save o.npz]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
     python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
     python edgequant_runtime.py BUNDLE --generate "The robot" [--max-new-tokens 32] [--sample --seed 1]
@@ -585,7 +585,9 @@ class Session:
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
         ok = arr.ndim == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
         if not ok:
-            raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model takes {shape} (batch axis first)")
+            also = "; this bundle also takes a uint8 (H, W[, C]) frame or an image file" if pre else ""
+            raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model takes {shape} (batch axis "
+                             f"first){also}")
         return np.ascontiguousarray(arr)
 
     def run(self, inputs) -> dict[str, np.ndarray]:

@@ -189,6 +189,7 @@ def summary(report: dict, path: Path) -> str:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         lines.append(f"output   {f['output']}: cosine {f['cosine']:.5f}  max|err| {f['max_abs_error']:.4g} "
                      f"(|fp32| max {f['fp32_abs_max']:.4g}){agree}  on {f['samples']} held-out samples")
+    lines += _arithmetic_lines(report)
     g = report.get("generation")
     if g and g.get("samples"):
         lines.append(f"text     {g['samples']} held-out texts ({g['tokens']} tokens): perplexity {g['perplexity']:.3f} "
@@ -227,6 +228,21 @@ def summary(report: dict, path: Path) -> str:
 
         lines += describe(report["accuracy_budget"])
     return "\n".join(lines)
+
+
+def _arithmetic_lines(report: dict) -> list[str]:
+    """report.json's checked_with (and host_kernels, when this machine would compute differently) → lines."""
+    c = report.get("checked_with")
+    if not c:
+        return []
+    lines = [f"checked  in {c['arithmetic']} arithmetic (onnxruntime level {c['onnxruntime_level']}) on "
+             f"{c['host_cpu_label']}: {c['reason']}"]
+    h = report.get("host_kernels")
+    if h:
+        here, there = h["fidelity"][0], report["fidelity"][0]
+        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {here['cosine']:.5f}; the "
+                     f"target computes {there['cosine']:.5f} — {h['advice']}")
+    return lines
 
 
 @cli.command()

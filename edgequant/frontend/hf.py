@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from ..errors import ExportError
+from ..errors import ExportError, option
 
 __all__ = ["DECODER_TASKS", "HFModel", "is_causal_lm", "is_hf_folder", "load_hf", "read_decoder_config"]
 
@@ -162,8 +162,8 @@ def _check_task(folder: Path, model_type: str, task: str) -> None:
         raise ExportError(f"{folder}: optimum cannot export model type {model_type!r} to ONNX; export it yourself "
                           "and pass the .onnx file")
     if task not in tasks:
-        raise ExportError(f"{folder}: optimum does not know task {task!r} for a {model_type} model; use --task with "
-                          f"one of {', '.join(tasks)}")
+        raise ExportError(f"{folder}: optimum does not know task {task!r} for a {model_type} model; use "
+                          f"{option('task')} with one of {', '.join(tasks)}")
 
 
 def _tokenizer_files(folder: Path) -> dict[str, bytes]:

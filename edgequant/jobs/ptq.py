@@ -15,9 +15,9 @@ from .. import __version__
 from ..transforms.algorithms import Algorithms
 from ..bundle.core import Bundle, check_out_dir, write_bundle
 from ..bundle.golden import add_selftest
-from ..calibration.streaming import METHODS, calibrate, tensors_to_calibrate
-from ..data.samples import ImagePreprocess, Samples, load_samples
-from ..errors import CalibrationError, DataError, ExportError
+from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_calibrate
+from ..data.samples import ImagePreprocess, Samples, channel_fix, image_mismatch, load_samples
+from ..errors import CalibrationError, DataError, ExportError, FidelityError, option
 from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
 from ..quantize.qdq import quantize, skip_absurd_ranges
 from ..graph.rewrite import rewrite_for_int8
@@ -25,6 +25,7 @@ from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
 from ..targets import Target, load_target
 from ..check.fidelity import cpu_kernels, fidelity
 from ..graph.sessions import checked_with, host_would_differ
+from ..check.outputs import gate_message, gross_failures
 from ..quantize.weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
@@ -41,7 +42,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
            input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
            max_length: int = 128, dynamic: bool = False, weights: str | None = None,
            block_size: int | None = None, algorithms: Algorithms | None = None, accuracy_budget: Any = None,
-           labels: Any = None) -> Bundle:
+           labels: Any = None, allow_inaccurate: bool = False) -> Bundle:
     """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
     (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
 
@@ -55,7 +56,9 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
     ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
     tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
-    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets."""
+    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets.
+    A grossly wrong int8 model (check/outputs.py's floors) raises FidelityError and writes nothing, unless
+    ``allow_inaccurate``: then the bundle is written and the report records the failures."""
     from ..check.budget import AccuracyBudget
 
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
@@ -85,7 +88,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     if method not in METHODS and method != "auto":
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
     if num_samples is not None and num_samples < 1:
-        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
+        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
     out = Path(out)
     check_out_dir(out, force)
     timings: dict[str, float] = {}
@@ -101,6 +104,10 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
 
     fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
     _check_data_fits(fp32, samples)
+    fixed = fixed_batch(fp32)
+    if fixed:
+        calib, holdout = _fit_fixed_batch(calib, fixed, "calibration"), _fit_fixed_batch(holdout, fixed, "held-out")
+        batch_size = fixed
     shapes = resolve_input_shapes(fp32, samples[0], input_shapes) if tgt.runtime.static_shapes or input_shapes \
         else None
     t1 = time.perf_counter()
@@ -129,8 +136,15 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)
     host_kernels = host_kernels_report(fp32, int8, holdout, tgt, checked, batch_size)
     t2 = time.perf_counter()
-    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report else None
+    failures = gross_failures([f.to_dict() for f in fid])
+    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report or failures else None
     timings["layers_s"] = time.perf_counter() - t2
+    if failures and not allow_inaccurate:
+        raise FidelityError(gate_message(failures, layers, fp32, method))
+    if failures:
+        log.warning("writing a grossly wrong int8 model (allow_inaccurate): %s %s", *failures[0])
+    if not layer_report:
+        layers = None
     if shapes:
         fp32, int8 = fix_input_shapes(fp32, shapes), fix_input_shapes(int8, shapes)
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
@@ -158,6 +172,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "algorithms": algo_report,
         "accuracy_budget": budget_report,
+        "fidelity_gate": {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
+                          "overridden": bool(failures) and allow_inaccurate},
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
     add_selftest(files, manifest, int8, holdout, level=checked.level)
@@ -208,7 +224,7 @@ def _budget_labels(budget: Any, labels: Any, n: int):
     from ..errors import BudgetError
 
     if budget is not None and budget.needs_labels and labels is None:
-        raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
+        raise BudgetError(f"accuracy budget {budget} needs labels: pass {option('labels', 'labels.npy')} (one "
                           "integer class per calibration sample, in the order the samples are read)")
     return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
 
@@ -255,8 +271,25 @@ def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> 
     try:
         return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
     except ExportError as exc:
+        mismatch = image_mismatch(samples, str(exc))
+        if mismatch is not None:
+            raise mismatch from None
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
         raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
+
+
+def _fit_fixed_batch(samples: Samples, fixed: int, what: str) -> Samples:
+    """Samples for a model whose batch is fixed at ``fixed`` → a multiple of it (the rest left out, logged)."""
+    n = len(samples) - len(samples) % fixed
+    if n == 0:
+        raise DataError(f"the model's batch size is fixed at {fixed} but there are only {len(samples)} {what} "
+                        f"samples: give at least {5 * fixed} samples, or export the model with a batch of 1 or a "
+                        "dynamic batch axis")
+    if n < len(samples):
+        log.warning("the model's batch is fixed at %d: %d of %d %s samples left out", fixed, len(samples) - n,
+                    len(samples), what)
+        return samples.subset(list(range(n)))
+    return samples
 
 
 def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
@@ -269,14 +302,21 @@ def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
         shape = list(example[inp.name].shape)
         if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
             want = ["?" if d is None else d for d in dims]
+            pre = samples.preprocess
+            if pre is not None and len(dims) == 3 and len(shape) == 3:
+                axis = 0 if pre.layout == "nchw" else 2
+                fix = channel_fix(pre, shape[axis], dims[axis]) if dims[axis] is not None else None
+                if fix is not None:
+                    raise DataError(f"{samples.source}: the images become inputs of shape {shape} "
+                                    f"({pre.channel_order}, {pre.layout}), but the model expects {want}: pass {fix}")
             raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
                             f"{want} (without batch axis); fix the data or its pre-processing")
 
 
 def _calibrate(fp32, calib, tensors, method, batch_size, progress):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    with tqdm(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
+    with progress_bar(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
               leave=False) as bar:
         ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
     return ranges
@@ -296,12 +336,12 @@ def host_kernels_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, holdout: S
 
 def _layers(fp32, int8, holdout, batch_size, progress, level="all") -> list[dict] | None:
     """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..check.layers import layer_errors
 
     try:
-        with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
+        with progress_bar(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
                   leave=False) as bar:
             rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update, level=level)
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses

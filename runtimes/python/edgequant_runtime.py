@@ -43,9 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION", "Session",
-           "SelfTest", "check_cpu", "cpu_features", "describe_cpu", "int8_saturates", "preprocess_image", "read_png", "resize_bilinear",
-           "sha256_file", "to_channels", "verify_bundle"]
+__all__ = ["BundleError", "IMAGE_SUFFIXES", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION",
+           "SelfTest", "Session", "check_cpu", "cpu_features", "describe_cpu", "expected_input", "int8_saturates",
+           "preprocess_image", "read_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
+           "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -176,10 +177,10 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
     if manifest.get("tokenizer"):  # a text bundle: its tokenizer and text adapter are verified like the model
         tok = manifest["tokenizer"]
         needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
-    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter, likewise
-        needed += [manifest["generation"].get("tokenizer"), GENERATE_ADAPTER]
     if manifest.get("selftest"):  # golden data is checked like the model: a changed file is a BundleError
         needed.append((manifest.get("selftest") or {}).get("file"))
+    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter, likewise
+        needed += [manifest["generation"].get("tokenizer"), GENERATE_ADAPTER]
     for name in needed:
         if name not in files:
             raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
@@ -379,6 +380,45 @@ def describe_cpu(features: dict) -> str:
     return f"{arch} {' '.join(sorted(flags)) or '(no int8 flags read)'}"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Image file → uint8 array (H, W) for grey, (H, W, 3) for colour (alpha dropped, palette expanded).
+
+    Through Pillow when it is installed (JPEG, PNG, BMP, ...), else through :func:`read_png`, so a board with
+    only numpy and onnxruntime still reads 8-bit PNG frames. The exporter reads calibration images with this
+    same function, so a frame becomes the tensor the ranges were measured on.
+    """
+    path = Path(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        if path.suffix.lower() != ".png":
+            raise InputError(f"{path}: reading {path.suffix or 'this'} images needs Pillow here (pip install pillow); "
+                             "without it only 8-bit PNG frames are read") from None
+        img = read_png(path)
+        return img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from None
+
+
+def expected_input(manifest: dict, name: str, shape: list, dtype: np.dtype) -> str:
+    """What a bundle's input takes, in words for an error message: an image when the manifest records image
+    pre-processing for it, else a .npy array of the model input's shape and dtype."""
+    pre = manifest.get("preprocess")
+    dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in shape)
+    array = f"a .npy of shape ({dims}) {dtype} (batch axis optional), pre-processed as at calibration"
+    if pre and pre.get("input") in (None, name):
+        return f"an image (.png, .jpg) that it pre-processes itself ({pre.get('channel_order', 'rgb')}), or {array}"
+    return array
+
+
 # --- the session ----------------------------------------------------------------------------------------------
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -538,6 +578,9 @@ class Session:
             except ValueError as exc:
                 raise InputError(f"input {name!r}: camera frame {arr.shape} cannot be pre-processed: {exc}") from None
         if arr.dtype != want:
+            if arr.dtype == np.uint8 and pre is None and want != np.uint8:
+                raise InputError(f"input {name!r} got a uint8 image {list(arr.shape)}, but this bundle has no image "
+                                 f"pre-processing: it takes {expected_input(self.manifest, name, meta.shape, want)}")
             raise InputError(f"input {name!r} is {arr.dtype}, the model takes {want}: convert it (x.astype(np.{want}))"
                              + (" or pass a uint8 (H, W[, C]) frame" if pre else ""))
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
@@ -599,6 +642,7 @@ class Session:
                               f"it ({first}); install a newer tokenizers") from None
         return self._text
 
+
     def _bundle_module(self, filename: str):
         """A device module that travels in the bundle (verified with the model), imported once per content."""
         name = f"_edgequant_{Path(filename).stem}_" + self.manifest["files"][filename]["sha256"][:16]
@@ -636,6 +680,8 @@ class Session:
             return self._generator.generate(prompt, max_new_tokens, **options)
         except self._generation_error as exc:
             raise InputError(str(exc)) from None
+
+
 # --- what the bundle needs from the CPU, and the self-test ----------------------------------------------------
 # manifest "requires_cpu": {"x86_64_one_of": [flags]}: bundles whose int8 kernels saturate on x86 CPUs without
 # one of these (full-range 8-bit weights through ONNX Runtime's fused u8*s8 kernels). manifest "selftest":
@@ -750,15 +796,21 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise InputError(f"input file {p} not found")
     suffix = p.suffix.lower()
-    if suffix == ".png":
-        return {next(iter(sess.inputs)): read_png(p)}
+    name = next(iter(sess.inputs))
+    meta = sess.inputs[name]
+    wants = expected_input(sess.manifest, name, meta.shape, _ort_dtype(meta.type))
+    if suffix in IMAGE_SUFFIXES:
+        if not sess.manifest.get("preprocess"):
+            raise InputError(f"{p}: this bundle has no image pre-processing, so it does not take images; it takes "
+                             f"{wants}")
+        return {name: read_image(p)}
     if suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     elif suffix == ".npy":
         arrays = {next(iter(sess.inputs)): np.load(p, allow_pickle=False)}
     else:
-        raise InputError(f"{p}: give a .npy, .npz or 8-bit .png file")
+        raise InputError(f"{p}: not a file this bundle takes; it takes {wants}")
     for name, arr in arrays.items():  # a single sample without batch axis gets one
         meta = sess.inputs.get(name)
         if meta is not None and arr.ndim == len(meta.shape) - 1 and arr.dtype != np.uint8:
@@ -782,8 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgequant_runtime.py", description="Run an edgequant bundle.")
     parser.add_argument("bundle", help="bundle folder (with manifest.json)")
     given = parser.add_mutually_exclusive_group(required=True)
-    given.add_argument("--input", help=".npy / .npz (one array per input) / 8-bit .png frame")
+    given.add_argument("--input", help=".npy / .npz (one array per input) / .png or .jpg frame (image bundles)")
     given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
+    given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
+                       "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
     given.add_argument("--generate", metavar="PROMPT", help="decoder bundles: continue this prompt")
     gen = parser.add_argument_group("generation (with --generate)")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens")
@@ -794,8 +848,6 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same text)")
     gen.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     gen.add_argument("--truncate", action="store_true", help="drop the start of a prompt too long for the context")
-    given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
-                       "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")

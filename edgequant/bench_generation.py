@@ -107,8 +107,6 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
                      memory: bool = True) -> GenerationBench:
     """Decoder graphs of one model (name → path) → prompt latency, per-token latency, tokens/s and peak memory
     per model and thread count (see the module's docstring)."""
-    from .bench import _environment
-
     if runs < 1 or warmup < 0 or prompt_tokens < 1 or new_tokens < 2:
         raise BenchError("runs, prompt tokens and new tokens must be at least 1, 1 and 2")
     rows = []
@@ -127,7 +125,27 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
             for r in rows:
                 if r["model"] == m:
                     r["peak_memory_mib"] = peak
-    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), _environment())
+    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), _machine())
+
+
+def _machine() -> dict:
+    """The CPU (name and the int8 features ONNX Runtime picks MatMulNBits kernels by), onnxruntime, load."""
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    from ._runtime.edgequant_runtime import cpu_features, describe_cpu
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_features": describe_cpu(cpu_features()), "cores": os.cpu_count(),
+            "onnxruntime": ort.__version__,
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
 def format_generation(result: Mapping) -> str:
@@ -145,6 +163,6 @@ def format_generation(result: Mapping) -> str:
                      f"{r['token_ms_p90']:>8.3f} {r['tokens_per_s']:>9.1f} "
                      f"{r['tokens_per_s'] / b['tokens_per_s']:>8.2f}x {mem}")
     env = result.get("environment") or {}
-    lines.append(f"machine  {env.get('cpu', '?')}, onnxruntime {env.get('onnxruntime', '?')}, load average "
+    lines.append(f"machine  {env.get('cpu', '?')} ({env.get('cpu_features', '?')}), onnxruntime {env.get('onnxruntime', '?')}, load average "
                  f"{env.get('load_average')}")
     return "\n".join(lines)

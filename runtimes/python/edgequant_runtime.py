@@ -17,7 +17,8 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     result = sess.generate("The robot", max_new_tokens=32)   # decoder bundles: text, tokens, tokens/s
 
 Text goes through the bundle's own ``edgequant_text.py`` (and generation through its ``edgequant_generate.py``;
-both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
+both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need
+nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless

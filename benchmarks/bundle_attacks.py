@@ -143,7 +143,7 @@ def _bundle_parts(bundle: Path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest.pop("files")
     report = json.loads((bundle / "report.json").read_text())
-    a = {p.name: p.read_bytes() for p in bundle.iterdir() if p.suffix in (".onnx", ".png", ".html")}
+    a = {p.name: p.read_bytes() for p in bundle.iterdir() if p.suffix in (".onnx", ".png", ".html", ".npz")}
     return manifest, report, a, dict(a, **{"model.onnx": a["model.fp32.onnx"]})
 
 

@@ -182,6 +182,12 @@ def test_sign_and_check_with_ed25519(digits_bundle, tmp_path):
     assert result.returncode == 1 and "is not a valid signature" in result.stderr and "Traceback" not in result.stderr
     bad = CliRunner().invoke(cli, ["sign", str(b), "--key", str(tmp_path / "fleet.pub")])
     assert bad.exit_code == 1 and "is not an unencrypted PEM private key" in bad.output
+    if shutil.which("openssl"):  # docs/cli.md's recipe: keys made by OpenSSL
+        c = copy_of(digits_bundle, tmp_path, "openssl")
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", "o.pem"], cwd=tmp_path, check=True)
+        subprocess.run(["openssl", "pkey", "-in", "o.pem", "-pubout", "-out", "o.pub"], cwd=tmp_path, check=True)
+        assert CliRunner().invoke(cli, ["sign", str(c), "--key", str(tmp_path / "o.pem")]).exit_code == 0
+        assert rt.Session(c, public_key=tmp_path / "o.pub").digest == digits_bundle.digest
 
 
 # --- 3. verify what you run ---------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def test_cli_inputs_never_show_a_traceback(digits_bundle, tmp_path):
               "short.npy": "it is truncated", "huge.npy": "holds a batch of 20000000, more than this session takes",
               "obj.npz": "holds Python objects", "bad.npz": "cannot be read as npz",
               "nan.npy": "input 'x' has 64 NaN and 0 infinite values of 64", "folder.npy": "not found",
-              "missing.npy": "not found", "x.txt": "give a .npy, .npz or 8-bit .png file"}
+              "missing.npy": "not found", "x.txt": "not a file this bundle takes; it takes a .npy of shape"}
     (tmp_path / "x.txt").write_text("1 2 3")
     for name, needle in expect.items():
         result = _cli(digits_bundle.path, "--input", tmp_path / name)

@@ -32,7 +32,7 @@ WRITER = textwrap.dedent("""
     manifest = json.loads((src / "manifest.json").read_text())
     manifest.pop("files")
     report = json.loads((src / "report.json").read_text())
-    a = {p.name: p.read_bytes() for p in src.iterdir() if p.suffix in (".onnx", ".png", ".html")}
+    a = {p.name: p.read_bytes() for p in src.iterdir() if p.suffix in (".onnx", ".png", ".html", ".npz")}
     b = dict(a, **{"model.onnx": a["model.fp32.onnx"]})  # another valid model: another digest
     print("ready", flush=True)
     for i in range(n):
@@ -106,7 +106,7 @@ def test_modes_follow_the_umask(digits_bundle, tmp_path, umask, dirs, files):
     old = os.umask(umask)
     try:
         b = load_bundle(digits_bundle.path)
-        data = {p.name: p.read_bytes() for p in b.path.iterdir() if p.suffix == ".onnx"}
+        data = {p.name: p.read_bytes() for p in b.path.iterdir() if p.suffix in (".onnx", ".npz")}
         manifest = {k: v for k, v in b.manifest.items() if k != "files"}
         write_bundle(tmp_path / "out", data, manifest, b.report)
     finally:
@@ -120,8 +120,7 @@ def test_a_full_disk_is_one_line_and_the_old_bundle_survives(digits_bundle, tmp_
 
     out = tmp_path / "out"
     b = load_bundle(digits_bundle.path)
-    write_bundle(out, {"model.onnx": (b.path / "model.onnx").read_bytes(),
-                       "model.fp32.onnx": (b.path / "model.fp32.onnx").read_bytes()},
+    write_bundle(out, {name: (b.path / name).read_bytes() for name in ("model.onnx", "model.fp32.onnx", "golden.npz")},
                  {k: v for k, v in b.manifest.items() if k != "files"}, b.report)
     before = rt.open_bundle(out).digest
     real, calls = atomic._write, []
@@ -149,7 +148,7 @@ def test_sigint_at_any_moment_is_one_line_and_true(digits_bundle, tmp_path):
             "--force", "--no-progress"]
     first = _writer(tmp_path, digits_bundle.path, out, 1)
     assert first.wait() == 0
-    for delay in (0.5, 2.5):  # (before 0.2 s the interpreter itself is starting: no program runs yet)
+    for delay in (1.0, 3.0):  # (in the first ~0.2 s the interpreter itself starts: no program of ours runs yet)
         before = rt.open_bundle(out).digest
         (out / "report.json").write_text(json.dumps({"marker": delay}))  # tells the old bundle from a new one
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

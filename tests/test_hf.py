@@ -265,7 +265,7 @@ def test_non_text_data_for_a_text_model(minilm_folder, tmp_path):
 def test_max_length_beyond_the_model(minilm, sentences, tmp_path):
     import edgequant
 
-    with pytest.raises(edgequant.DataError, match=r"--max-length 1024 is longer than .* supports \(512 positions\)"):
+    with pytest.raises(edgequant.DataError, match=r"max_length=1024 is longer than .* supports \(512 positions\)"):
         edgequant.export(minilm, sentences[0][:8], out=tmp_path / "out", max_length=1024, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -388,10 +388,10 @@ def test_text_bundle_without_its_tokenizer_is_refused(minilm_bundle, digits_bund
         with pytest.raises(rt.BundleError, match=f"must be a file listed under files, not \"{name}\""):
             rt.Session(bundle)
 
-    with pytest.raises(rt.InputError, match="takes arrays, not text: its manifest has no tokenizer"):
+    with pytest.raises(rt.InputError, match="takes no text to embed: its manifest has no tokenizer entry"):
         rt.Session(digits_bundle.path).run_text(["a cup"])
     assert rt.main([str(digits_bundle.path), "--text", "a cup"]) == 1
-    assert "takes arrays, not text" in capsys.readouterr().err
+    assert "takes no text to embed" in capsys.readouterr().err
     digits = tmp_path / "digits"
     shutil.copytree(digits_bundle.path, digits)
     manifest = json.loads((digits / "manifest.json").read_text())

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._runtime import edgequant_runtime as device
 from .._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
-from ..errors import BundleError
+from ..errors import BundleError, option
 from .atomic import Staging
 
 __all__ = ["DIGEST_FILE", "MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "canonical_manifest", "load_bundle",
@@ -55,9 +55,14 @@ class Bundle:
 def check_out_dir(out: Path, force: bool) -> None:
     """Refuse a non-empty output folder unless ``force``; refuse a file in its place."""
     if out.exists() and not out.is_dir():
-        raise BundleError(f"output {out} is a file: pass a folder path with -o")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BundleError(f"output folder {out} is not empty: choose another folder or pass --force to replace it")
+        raise BundleError(f"output {out} is a file: pass a folder path as {option('out')}")
+    try:
+        full = out.is_dir() and any(out.iterdir())
+    except OSError as exc:
+        raise BundleError(f"output folder {out} cannot be read ({exc.strerror}); choose another folder") from None
+    if full and not force:
+        raise BundleError(f"output folder {out} is not empty: choose another folder or pass {option('force', True)} "
+                          "to replace it")
 
 
 def canonical_manifest(manifest: dict[str, Any]) -> bytes:
@@ -97,7 +102,7 @@ def write_bundle(out: str | Path, files: dict[str, bytes], manifest: dict[str, A
     except OSError as exc:
         why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
         raise BundleError(f"cannot write the bundle to {out}: {why} ({exc.filename or out}); free space or choose "
-                          f"another folder with -o; {out} is as it was") from None
+                          f"another folder as {option('out')}; {out} is as it was") from None
     return Bundle(out, manifest, report, digest)
 
 

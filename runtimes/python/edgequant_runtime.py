@@ -13,9 +13,13 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
                                 [--expect-digest sha256:HEX] [--public-key KEY.pem] [--cache-dir DIR]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
+    python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
+    python edgequant_runtime.py BUNDLE --generate "The robot" [--max-new-tokens 32] [--sample --seed 1]
 
-Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
-only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
+    result = sess.generate("The robot", max_new_tokens=32)   # decoder bundles: text, tokens, tokens/s
+
+Text goes through the bundle's own ``edgequant_text.py`` (and generation through its ``edgequant_generate.py``;
+both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -62,16 +66,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAX_PIXELS", "SCHEMA", "SCHEMA_VERSION", "BundleError", "InputError", "OutputError", "ProviderError",
-           "RuntimeAdapterError", "Session", "VerifiedBundle", "bundle_digest", "default_max_batch",
-           "load_public_key", "open_bundle", "plain_name", "preprocess_image", "read_png", "resize_bilinear",
-           "sha256_file", "to_channels", "used_files", "validate_manifest", "verify_bundle"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "SCHEMA", "SCHEMA_VERSION", "BundleError", "InputError", "OutputError",
+           "ProviderError", "RuntimeAdapterError", "SelfTest", "Session", "VerifiedBundle", "bundle_digest",
+           "check_cpu", "cpu_features", "default_max_batch", "describe_cpu", "expected_input", "int8_saturates",
+           "load_public_key", "open_bundle", "plain_name", "preprocess_image", "read_image", "read_png",
+           "resize_bilinear", "sha256_file", "to_channels", "used_files", "validate_manifest", "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 DIGEST_FILE = "manifest.sha256"  # "sha256:<hex>" of manifest.json, beside it (informative: pin it in the app)
 SIGNATURE_FILE = "manifest.sig"  # base64 Ed25519 signature of manifest.json's bytes (edgequant sign)
 TEXT_ADAPTER = "edgequant_text.py"
+GENERATE_ADAPTER = "edgequant_generate.py"
 CPU = "CPUExecutionProvider"
 MAX_PIXELS = 1 << 24  # 16.7 million pixels (4096 x 4096): larger PNG frames are refused before decompression
 
@@ -324,6 +330,19 @@ SCHEMA = _obj({
                             "mode": (_str(choices=("mean", "mean_sqrt_len", "cls", "max")), False),
                             "normalize": (_bool, False)})), False),
     "source_model": (_null(_map(_any, 0, 64)), False),
+    "requires_cpu": (_null(_obj({"x86_64_one_of": (_list(_str(max_len=64), 0, 16), False)})), False),
+    "selftest": (_null(_obj({
+        "file": (_FILE, True), "samples": (_int(0, 10 ** 6), False), "entries": (_int(1, 10 ** 6), False),
+        "output_steps": (_map(_num(), 0, 1024), False), "tolerance_steps": (_num(), False)})), False),
+    "generation": (_null(_obj({
+        "tokenizer": (_FILE, True), "context": (_int(1, 1 << 24), True),
+        "eos_token_ids": (_list(_int(0, 2 ** 31 - 1), 0, 64), False),
+        "bos_token_id": (_null(_int(0, 2 ** 31 - 1)), False), "inputs": (_map(_str(max_len=1024), 0, 16), False),
+        "logits": (_str(max_len=1024), False),
+        "cache": (_list(_obj({"input": (_str(max_len=1024), True), "output": (_str(max_len=1024), True),
+                              "shape": (_list(_int(0, 2 ** 31 - 1), 1, 8), True), "axis": (_int(0, 7), True),
+                              "dtype": (_str(choices=_DTYPES), False)}), 0, 4096), False),
+        "defaults": (_null(_map(_any, 0, 64)), False)})), False),
 })
 
 
@@ -337,6 +356,11 @@ def _references(m: dict) -> None:
     pre = m.get("preprocess")
     if pre:
         _need(pre["input"] in ins, "preprocess.input", "one of the inputs " + ", ".join(ins), pre["input"])
+    for key, name in (("selftest", "file"), ("generation", "tokenizer")):
+        if m.get(key):
+            _need(m[key][name] in files, f"{key}.{name}", "a file listed under files", m[key][name])
+    if m.get("generation"):
+        _need(GENERATE_ADAPTER in files, "files", f"an object listing {GENERATE_ADAPTER}", "without it")
     tok = m.get("tokenizer")
     if tok:
         for i, name in enumerate([tok["file"], *tok.get("files", []), TEXT_ADAPTER]):
@@ -514,11 +538,17 @@ class VerifiedBundle:
 
 
 def used_files(manifest: dict, *, reference: bool = False) -> list[str]:
-    """The files a Session reads from a bundle: the model it runs, and a text bundle's tokenizer and adapter."""
+    """The files a Session reads from a bundle: the model it runs, a text bundle's tokenizer and adapter, the
+    self-test's golden data, a decoder bundle's tokenizer and generation adapter. Each is read once, checked
+    and kept; nothing else is opened."""
     entry = manifest.get("reference_model") if reference else manifest["model"]
     names = [entry["file"]] if entry else []
     if manifest.get("tokenizer"):
         names += [manifest["tokenizer"]["file"], TEXT_ADAPTER]
+    if manifest.get("selftest"):  # golden data: checked like the model, and read from the checked bytes
+        names.append(manifest["selftest"]["file"])
+    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter
+        names += [manifest["generation"]["tokenizer"], GENERATE_ADAPTER]
     return names
 
 
@@ -736,6 +766,157 @@ def read_png(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.nd
     return img[:, :, 0] if bpp == 1 else img
 
 
+# --- the CPU this runs on -------------------------------------------------------------------------------------
+# Which int8 arithmetic a CPU computes depends on a few instruction-set extensions. On x86-64, ONNX Runtime's
+# fused u8*s8 kernels use VPMADDUBSW (16-bit pair sums that saturate with full-range 8-bit weights) unless the
+# CPU has AVX-512 VNNI or AVX-VNNI (VPDPBUSD, exact 32-bit sums). On aarch64, every int8 kernel accumulates in
+# 32 bits (SDOT/UDOT with asimddp, SMMLA with i8mm, widening multiplies otherwise), so nothing saturates.
+# x86 flags come from the CPUID instruction itself (a 30-byte function run through ctypes): /proc/cpuinfo shows
+# the host's flags even to a program that an emulator (qemu -cpu Haswell) runs on a smaller CPU.
+
+X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # either one gives exact 32-bit u8*s8 dot products
+
+# (leaf, subleaf, register index in (eax, ebx, ecx, edx), bit) of each flag in CPUID's answer.
+_CPUID_BITS = {"avx2": (7, 0, 1, 5), "avx512f": (7, 0, 1, 16), "avx512bw": (7, 0, 1, 30),
+               "avx512_vnni": (7, 0, 2, 11), "avx_vnni": (7, 1, 0, 4), "amx_int8": (7, 0, 3, 25)}
+# void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) for the System V x86-64 calling convention:
+# push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid; mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx;
+# mov [r8+12], edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa2418900418958044189480841895 00c5bc3".replace(" ", ""))
+
+
+def _cpuid_flags() -> set[str] | None:
+    """x86-64 Linux/macOS: the X86_FLAGS the CPUID instruction reports, or None where code cannot be run."""
+    import ctypes
+    import mmap
+
+    if os.name != "posix":
+        return None
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):  # W^X kernels refuse writable+executable pages
+        return None
+    try:
+        buf.write(_CPUID_CODE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        func = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(addr)
+        regs = (ctypes.c_uint32 * 4)()
+        func(0, 0, regs)
+        max_leaf, answers = regs[0], {}
+        flags = set()
+        for name, (leaf, sub, reg, bit) in _CPUID_BITS.items():
+            if leaf > max_leaf:
+                continue
+            if (leaf, sub) not in answers:
+                func(leaf, sub, regs)
+                answers[(leaf, sub)] = tuple(regs)
+            if answers[(leaf, sub)][reg] >> bit & 1:
+                flags.add(name)
+        del func, addr
+        return flags
+    finally:
+        try:
+            buf.close()
+        except BufferError:  # a ctypes view still points into it; the page goes with the process
+            pass
+
+
+def _proc_cpuinfo_flags(names: tuple[str, ...]) -> set[str] | None:
+    """The ``names`` that /proc/cpuinfo's flags (x86) or Features (ARM) line lists, or None without the file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    listed: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            listed.update(value.split())
+    return {n for n in names if n in listed}
+
+
+def cpu_features() -> dict:
+    """This CPU → {"arch": "x86_64" | "aarch64" | ..., "flags": sorted int8-relevant flags, "source": where
+    they were read}. x86 flags come from CPUID (then /proc/cpuinfo), aarch64 flags from /proc/cpuinfo."""
+    import platform
+
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    flags, source = None, "unknown"
+    if arch == "x86_64":
+        flags, source = _cpuid_flags(), "cpuid"
+        if flags is None:
+            flags, source = _proc_cpuinfo_flags(X86_FLAGS), "/proc/cpuinfo"
+    elif arch == "aarch64":
+        flags, source = _proc_cpuinfo_flags(ARM_FLAGS), "/proc/cpuinfo"
+        if flags is None and sys.platform == "darwin":  # Apple silicon: dot product and i8mm from M2 on
+            flags, source = {"asimd", "asimddp"}, "platform"
+    return {"arch": arch, "flags": sorted(flags or ()), "source": source if flags is not None else "unknown"}
+
+
+def int8_saturates(features: dict) -> bool:
+    """True on an x86-64 CPU without VNNI, where ONNX Runtime's fused u8*s8 kernels sum pairs of products in
+    16 bits and saturate with full-range 8-bit weights (7-bit weights are safe); False everywhere else."""
+    return features.get("arch") == "x86_64" and not set(VNNI_FLAGS) & set(features.get("flags", ()))
+
+
+def describe_cpu(features: dict) -> str:
+    """{"arch", "flags"} → a short label, e.g. "x86_64 AVX2, no VNNI" or "aarch64 asimd asimddp"."""
+    flags = set(features.get("flags", ()))
+    arch = features.get("arch", "?")
+    if arch == "x86_64":
+        isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+        vnni = [f for f in VNNI_FLAGS if f in flags]
+        return f"x86_64 {isa}, " + (f"VNNI ({' '.join(vnni)})" if vnni else "no VNNI")
+    return f"{arch} {' '.join(sorted(flags)) or '(no int8 flags read)'}"
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16")
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
+    """Image file → uint8 array (H, W) for grey, (H, W, 3) for colour (alpha dropped, palette expanded).
+    An image of more than ``max_pixels`` (default :data:`MAX_PIXELS`) is refused from its header, before decoding.
+
+    Through Pillow when it is installed (JPEG, PNG, BMP, ...), else through :func:`read_png`, so a board with
+    only numpy and onnxruntime still reads 8-bit PNG frames. The exporter reads calibration images with this
+    same function, so a frame becomes the tensor the ranges were measured on.
+    """
+    path = Path(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        if path.suffix.lower() != ".png":
+            raise InputError(f"{path}: reading {path.suffix or 'this'} images needs Pillow here (pip install pillow); "
+                             "without it only 8-bit PNG frames are read") from None
+        img = read_png(path, max_pixels=max_pixels)
+        return img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(path) as im:  # reads the header only; pixels are decoded by convert()
+            if im.width * im.height > limit:
+                raise InputError(f"{path}: a {im.width}x{im.height} image ({im.width * im.height} pixels) is beyond "
+                                 f"the limit of {limit} pixels; resize it, or raise max_pixels (--max-pixels)")
+            im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from None
+
+
+def expected_input(manifest: dict, name: str, shape: list, dtype: np.dtype) -> str:
+    """What a bundle's input takes, in words for an error message: an image when the manifest records image
+    pre-processing for it, else a .npy array of the model input's shape and dtype."""
+    pre = manifest.get("preprocess")
+    dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in shape)
+    array = f"a .npy of shape ({dims}) {dtype} (batch axis optional), pre-processed as at calibration"
+    if pre and pre.get("input") in (None, name):
+        return f"an image (.png, .jpg) that it pre-processes itself ({pre.get('channel_order', 'rgb')}), or {array}"
+    return array
+
+
 # --- the session ----------------------------------------------------------------------------------------------
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -809,22 +990,30 @@ class Session:
     ``check_finite``: refuse NaN/Inf in float inputs and NaN in outputs (False: run and return them).
     ``max_batch``: the largest batch accepted (default: the manifest's ``runtime.max_batch``, else
     :func:`default_max_batch`).
+    ``allow_saturating_cpu``: run a bundle whose int8 arithmetic this CPU cannot compute (full-range weights on
+    x86 without VNNI) instead of raising a :class:`ProviderError`; the outputs then differ from the report.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, providers: str | list[str] = "auto", *,
                  allow_fallback: bool = False, reference: bool = False, expect_digest: str | None = None,
                  public_key=None, cache_dir: str | os.PathLike | None = None, check_finite: bool = True,
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, allow_saturating_cpu: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = Path(bundle_dir)
         self._text = None
+        self._generator = None
         self.check_finite = check_finite
         self.max_pixels = MAX_PIXELS
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         manifest = open_bundle(self.path, expect_digest=expect_digest, public_key=public_key,
                                keep=lambda m: used_files(m, reference=reference))
         self.manifest, self.digest = manifest.manifest, manifest.digest
+        self.cpu = cpu_features()
+        if not reference:
+            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
+            if degraded:
+                log.warning("%s", degraded)
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
@@ -938,8 +1127,11 @@ class Session:
     def _placement(self) -> dict[str, list[str]]:
         """{provider: [op types of the nodes it ran]} from ONNX Runtime's profiler, one run on zeros."""
         feed = {}
+        cache = {c["input"]: c["shape"] for c in (self.manifest.get("generation") or {}).get("cache", [])}
         for i in self._session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            if i.name in cache:  # a decoder's key/value cache: empty, so the mask covers one position
+                shape = [int(d) for d in cache[i.name]]
             feed[i.name] = np.zeros(shape, dtype=_ort_dtype(i.type))
         self._session.run(None, feed)
         with open(self._session.end_profiling(), encoding="utf-8") as fh:
@@ -981,6 +1173,9 @@ class Session:
             except ValueError as exc:
                 raise InputError(f"input {name!r}: camera frame {arr.shape} cannot be pre-processed: {exc}") from None
         if arr.dtype != want:
+            if arr.dtype == np.uint8 and pre is None and want != np.uint8:
+                raise InputError(f"input {name!r} got a uint8 image {list(arr.shape)}, but this bundle has no image "
+                                 f"pre-processing: it takes {expected_input(self.manifest, name, meta.shape, want)}")
             raise InputError(f"input {name!r} is {arr.dtype}, the model takes {want}: convert it (x.astype(np.{want}))"
                              + (" or pass a uint8 (H, W[, C]) frame" if pre else ""))
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
@@ -1024,6 +1219,11 @@ class Session:
                                       "be used; check the inputs, or pass check_finite=False (--allow-nonfinite)")
         return outputs
 
+    def selftest(self) -> SelfTest:
+        """Runs the bundle's golden samples (held out from the exporter's data) here → a :class:`SelfTest` whose
+        ``passed`` says whether every output is within the manifest's tolerance, in output steps."""
+        return run_selftest(self)
+
     def run_text(self, texts) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """One text or a list (bundles with a ``tokenizer``) → (embeddings (batch, dim) float32 pooled per the
         manifest's ``pooling``, or None when it records none; {output name: array})."""
@@ -1042,20 +1242,9 @@ class Session:
         if self._text is not None:
             return self._text
         if not self.manifest.get("tokenizer"):
-            raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
-                             "run() (--input)")
-        source = self.bundle_file(TEXT_ADAPTER)
-        name = "_edgequant_text_" + hashlib.sha256(source).hexdigest()[:16]
-        module = sys.modules.get(name)
-        if module is None:
-            module = types.ModuleType(name)
-            module.__file__ = str(self.path / TEXT_ADAPTER)
-            sys.modules[name] = module  # dataclasses and typing look their module up while it runs
-            try:
-                exec(compile(source, module.__file__, "exec"), module.__dict__)
-            except BaseException:
-                del sys.modules[name]
-                raise
+            how = "generate() (--generate)" if self.manifest.get("generation") else "run() (--input)"
+            raise InputError(f"{self.path} takes no text to embed: its manifest has no tokenizer entry; use {how}")
+        module = self._bundle_module(TEXT_ADAPTER)
         tok = self.manifest["tokenizer"]
         try:
             self._text = module.TextInputs(str(self.path), self.manifest,
@@ -1069,6 +1258,158 @@ class Session:
             raise BundleError(f"{self.path / tok['file']}: the tokenizers package cannot load it "
                               f"({_first_line(exc)}); install a newer tokenizers") from None
         return self._text
+
+    def _bundle_module(self, filename: str):
+        """A device module that travels in the bundle, compiled from the bytes verified at open (never imported
+        by path, so the file cannot be swapped after the check), once per content."""
+        source = self.bundle_file(filename)
+        name = f"_edgequant_{Path(filename).stem}_" + hashlib.sha256(source).hexdigest()[:16]
+        module = sys.modules.get(name)
+        if module is None:
+            module = types.ModuleType(name)
+            module.__file__ = str(self.path / filename)
+            sys.modules[name] = module  # before running it: dataclasses look their module up there
+            try:
+                exec(compile(source, module.__file__, "exec"), module.__dict__)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return module
+
+    def generate(self, prompt, max_new_tokens: int | None = None, **options):
+        """A prompt (text or token ids) → ``GenerationResult`` (text, token ids, finish reason, prompt and
+        decode times), decoding token by token with the key/value cache (decoder bundles). Options: do_sample,
+        temperature, top_k, top_p, seed, stop (strings), stop_ids, truncate, on_text (a callback for streamed
+        text); see the bundle's edgequant_generate.py."""
+        if self._generator is None:
+            if not self.manifest.get("generation"):
+                raise InputError(f"{self.path} is not a text generation bundle (its manifest has no generation "
+                                 "entry); export a decoder model (--task text-generation-with-past)")
+            module = self._bundle_module(GENERATE_ADAPTER)
+            try:
+                from tokenizers import Tokenizer  # built from the verified bytes, not opened by path
+
+                tokenizer = Tokenizer.from_str(self.bundle_file(self.manifest["generation"]["tokenizer"]).decode())
+                tokenizer.no_padding()
+                tokenizer.no_truncation()
+                self._generator = module.Generator(self._session, str(self.path), self.manifest, tokenizer=tokenizer)
+            except ImportError as exc:
+                if exc.name != "tokenizers":
+                    raise
+                raise RuntimeAdapterError(f"{self.path} generates text, which needs the tokenizers package here: "
+                                          "pip install tokenizers") from None
+            self._generation_error = module.GenerationError
+        try:
+            return self._generator.generate(prompt, max_new_tokens, **options)
+        except self._generation_error as exc:
+            raise InputError(str(exc)) from None
+
+
+# --- what the bundle needs from the CPU, and the self-test ----------------------------------------------------
+# manifest "requires_cpu": {"x86_64_one_of": [flags]}: bundles whose int8 kernels saturate on x86 CPUs without
+# one of these (full-range 8-bit weights through ONNX Runtime's fused u8*s8 kernels). manifest "selftest":
+# golden inputs and the outputs the target computes for them, compared in output quantization steps.
+
+
+def check_cpu(manifest: dict, features: dict, *, allow: bool = False, where: str = "") -> str | None:
+    """Manifest + cpu_features() → None when this CPU computes the bundle's arithmetic; otherwise the reason,
+    raised as a ProviderError unless ``allow`` (then returned, for the caller to log)."""
+    need = (manifest.get("requires_cpu") or {}).get("x86_64_one_of") or []
+    if not need or features.get("arch") != "x86_64" or set(need) & set(features.get("flags", ())):
+        return None
+    target = (manifest.get("target") or {}).get("name", "?")
+    reason = (f"{where}{target} bundle has full-range 8-bit weights, which this CPU ({describe_cpu(features)}) "
+              f"sums in saturating 16-bit pairs: its outputs would differ from the report (needs one of "
+              f"{', '.join(need)})")
+    if not allow:
+        raise ProviderError(f"{reason}; export the model with --target generic-cpu (or x86-avx2) for this CPU, or "
+                            "pass allow_saturating_cpu=True (--allow-saturating-cpu) to run it anyway")
+    return reason
+
+
+class SelfTest:
+    """The result of running a bundle's golden samples: one PASS/FAIL line via :meth:`line`."""
+
+    def __init__(self, samples: int, agreement: float | None, max_steps: float, tolerance: float,
+                 providers: list[str], cpu: dict, worst: str) -> None:
+        self.samples, self.argmax_agreement, self.max_diff_steps = samples, agreement, max_steps
+        self.tolerance_steps, self.providers, self.cpu, self.worst_output = tolerance, providers, cpu, worst
+
+    @property
+    def passed(self) -> bool:
+        return self.max_diff_steps <= self.tolerance_steps
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "samples": self.samples, "argmax_agreement": self.argmax_agreement,
+                "max_diff_steps": self.max_diff_steps, "tolerance_steps": self.tolerance_steps,
+                "worst_output": self.worst_output, "providers": self.providers, "cpu": self.cpu}
+
+    def line(self) -> str:
+        agree = f"argmax agreement {100 * self.argmax_agreement:.2f}%, " if self.argmax_agreement is not None else ""
+        return (f"selftest {'PASS' if self.passed else 'FAIL'}: {self.samples} samples, {agree}max |diff| "
+                f"{self.max_diff_steps:.2f} output steps (tolerance {self.tolerance_steps:g}, worst output "
+                f"{self.worst_output}); providers {' > '.join(self.providers)}; CPU {describe_cpu(self.cpu)}")
+
+
+def _load_golden(root: Path, spec: dict, data: bytes, inputs: dict, outputs: list[str]) -> list[tuple[dict, dict]]:
+    """The golden file's verified bytes → [(inputs, expected outputs)] per sample; BundleError when it does not
+    fit."""
+    path = root / str(spec.get("file", ""))
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path}: the self-test data cannot be read ({exc}); copy the bundle again") from None
+    n = spec.get("entries", spec.get("samples"))
+    if not isinstance(n, int) or n < 1:
+        raise BundleError(f"{path}: manifest selftest.entries must be a positive integer, not {n!r}")
+    cases = []
+    for i in range(n):
+        feed = {k: arrays.get(f"input.{i}.{k}") for k in inputs}
+        want = {k: arrays.get(f"output.{i}.{k}") for k in outputs}
+        gone = [f"input.{i}.{k}" for k, v in feed.items() if v is None] + \
+               [f"output.{i}.{k}" for k, v in want.items() if v is None]
+        if gone:
+            raise BundleError(f"{path} lacks {', '.join(gone)} for this model's inputs/outputs; export the bundle "
+                              "again")
+        for k, v in feed.items():
+            dims = inputs[k].shape
+            fits = v.ndim == len(dims) and all(not isinstance(d, int) or d == s for d, s in zip(dims, v.shape))
+            if not fits:
+                shape = [d if isinstance(d, int) else "?" for d in dims]
+                raise BundleError(f"{path}: golden input {k!r} #{i} has shape {list(v.shape)}, the model takes "
+                                  f"{shape}; the self-test data does not belong to this model, export it again")
+        cases.append((feed, want))
+    return cases
+
+
+def run_selftest(sess: "Session") -> SelfTest:
+    """A loaded Session → its bundle's golden samples run here and compared in output steps."""
+    spec = sess.manifest.get("selftest")
+    if not spec:
+        raise BundleError(f"{sess.path} has no self-test data (golden.npz): it was exported by an older edgequant; "
+                          "export it again to get one")
+    steps = spec.get("output_steps") or {}
+    tolerance = float(spec.get("tolerance_steps", 1.0))
+    cases = _load_golden(sess.path, spec, sess.bundle_file(spec["file"]), sess.inputs, sess.output_names)
+    worst, worst_name, same, total, samples = 0.0, sess.output_names[0], 0, 0, 0
+    for feed, want in cases:
+        samples += next(iter(feed.values())).shape[0] if feed else 1
+        got = sess.run(feed)
+        for name, expected in want.items():
+            out = got[name]
+            if out.shape != expected.shape:
+                raise BundleError(f"{sess.path}: output {name!r} has shape {list(out.shape)} here, the self-test "
+                                  f"data {list(expected.shape)}; export the bundle again")
+            step = float(steps.get(name) or 1.0)
+            diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64)), initial=0.0)) / step
+            if diff > worst or not np.isfinite(diff):
+                worst, worst_name = diff if np.isfinite(diff) else float("inf"), name
+            if name == sess.output_names[0] and expected.ndim == 2 and expected.shape[1] > 1:
+                same += int(np.sum(np.argmax(out, axis=1) == np.argmax(expected, axis=1)))
+                total += expected.shape[0]
+    return SelfTest(samples, same / total if total else None, round(worst, 4), tolerance,
+                    list(sess.providers), sess.cpu, worst_name)
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -1111,8 +1452,14 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise InputError(f"input file {p} not found")
     suffix = p.suffix.lower()
-    if suffix == ".png":
-        return {next(iter(sess.inputs)): read_png(p, max_pixels=sess.max_pixels)}
+    name = next(iter(sess.inputs))
+    meta = sess.inputs[name]
+    wants = expected_input(sess.manifest, name, meta.shape, _ort_dtype(meta.type))
+    if suffix in IMAGE_SUFFIXES:
+        if not sess.manifest.get("preprocess"):
+            raise InputError(f"{p}: this bundle has no image pre-processing, so it does not take images; it takes "
+                             f"{wants}")
+        return {name: read_image(p, max_pixels=sess.max_pixels)}
     try:
         if suffix == ".npz":
             with zipfile.ZipFile(p) as z:
@@ -1123,9 +1470,9 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
                         arrays[key] = _load_npy(io.BufferedReader(fh), f"{p}:{info.filename}", info.file_size, sess)
         elif suffix == ".npy":
             with open(p, "rb") as fh:
-                arrays = {next(iter(sess.inputs)): _load_npy(fh, str(p), p.stat().st_size, sess)}
+                arrays = {name: _load_npy(fh, str(p), p.stat().st_size, sess)}
         else:
-            raise InputError(f"{p}: give a .npy, .npz or 8-bit .png file")
+            raise InputError(f"{p}: not a file this bundle takes; it takes {wants}")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
         raise InputError(f"{p} cannot be read as {suffix[1:]} ({_first_line(exc)}); save it with numpy.save/savez") \
             from None
@@ -1175,8 +1522,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant_runtime.py", description="Run an edgequant bundle.")
     parser.add_argument("bundle", help="bundle folder (with manifest.json)")
     given = parser.add_mutually_exclusive_group(required=True)
-    given.add_argument("--input", help=".npy / .npz (one array per input) / 8-bit .png frame")
+    given.add_argument("--input", help=".npy / .npz (one array per input) / .png or .jpg frame (image bundles)")
     given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
+    given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
+                       "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
+    given.add_argument("--generate", metavar="PROMPT", help="decoder bundles: continue this prompt")
+    gen = parser.add_argument_group("generation (with --generate)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same text)")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    gen.add_argument("--truncate", action="store_true", help="drop the start of a prompt too long for the context")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
@@ -1188,6 +1547,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-nonfinite", action="store_true", help="run NaN/Inf inputs and return NaN outputs")
     parser.add_argument("--max-batch", type=int, metavar="N", help="largest batch to accept")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N", help="largest PNG frame, pixels")
+    parser.add_argument("--allow-saturating-cpu", action="store_true", help="run a full-range int8 bundle on an x86 "
+                        "CPU without VNNI, whose outputs then differ from the report")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -1202,8 +1563,15 @@ def main(argv: list[str] | None = None) -> int:
         providers = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",") if p.strip()]
         sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference,
                        expect_digest=args.expect_digest, public_key=args.public_key, cache_dir=args.cache_dir,
-                       check_finite=not args.allow_nonfinite, max_batch=args.max_batch)
+                       check_finite=not args.allow_nonfinite, max_batch=args.max_batch,
+                       allow_saturating_cpu=args.allow_saturating_cpu)
         sess.max_pixels = args.max_pixels
+        if args.selftest:
+            result = sess.selftest()
+            print(result.line())
+            return 0 if result.passed else 1
+        if args.generate is not None:
+            return _generate(sess, args)
         if args.text:
             def step():  # tokenization is part of what a text bundle costs
                 return sess.run_text(args.text)
@@ -1258,6 +1626,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error {type(exc).__name__}: {_first_line(exc)} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _generate(sess: Session, args) -> int:
+    """--generate: stream the continuation to stdout, then one line of figures on stderr."""
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    options = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
+    result = sess.generate(args.generate, args.max_new_tokens, do_sample=True if args.sample else None,
+                           stop=args.stop, truncate=args.truncate, on_text=show, **options)
+    sys.stdout.write("\n")
+    dropped = f", {result.truncated_tokens} prompt tokens dropped" if result.truncated_tokens else ""
+    print(f"{result.prompt_tokens} prompt tokens in {1e3 * result.prompt_s:.1f} ms{dropped}; {len(result.token_ids)} "
+          f"new tokens ({result.finish_reason}), {result.tokens_per_s:.1f} tokens/s after the first", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

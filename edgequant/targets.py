@@ -43,6 +43,10 @@ class QuantSpec:
     # Regular expressions (searched in node names): the weights of matching MatMul nodes are stored as
     # full-range uint8 instead (U8U8 kernels, which sum in 32 bits), ignoring weight_dtype and reduce_range.
     uint8_weight_nodes: tuple[str, ...] = ()
+    # The target's u8·s8 kernels add pairs of products in saturating 16 bits (x86 AVX2 without VNNI): each
+    # output channel keeps the widest weight range (8 bits down to 7) whose pair sums provably, or measured on
+    # the calibration data, stay within int16 (edgequant.quantize.saturation). Instead of reduce_range.
+    pair_saturation: bool = False
 
     def __post_init__(self) -> None:
         for pattern in self.uint8_weight_nodes:
@@ -58,6 +62,9 @@ class QuantSpec:
                 raise ValueError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
         if self.activation_dtype == "int8" and self.weight_dtype == "uint8":
             raise ValueError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
+        if self.pair_saturation and (self.reduce_range or self.activation_dtype != "uint8"):
+            raise ValueError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
+                             "false (it makes every weight 7-bit) and activation_dtype = \"uint8\"")
         if not self.op_types:
             raise ValueError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
 
@@ -146,6 +153,7 @@ class Target:
                 "per_channel": q.per_channel,
                 "per_channel_op_types": list(q.per_channel_op_types),
                 "reduce_range": q.reduce_range,
+                "pair_saturation": q.pair_saturation,
                 "op_types": list(q.op_types),
                 "float_op_types": list(q.float_op_types),
                 "float_output_op_types": list(q.float_output_op_types),

@@ -94,7 +94,6 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     t1 = time.perf_counter()
     work, algo_report = _apply_fp32_algorithms(fp32, calib, algo, batch_size)
     tensors = tensors_to_calibrate(work, tgt.quantization.op_types)
-    quantize_fn = _quantizer(work, tgt, algo, calib, batch_size)
     if method == "auto":
         from ..transforms.algorithms import auto_ranges
 
@@ -103,6 +102,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         algo_report["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
     else:
         ranges = _calibrate(work, calib, tensors, method, batch_size, progress)
+    quantize_fn = _quantizer(work, tgt, algo, calib, batch_size, ranges, exclude_nodes)
     timings["calibrate_s"] = time.perf_counter() - t1
 
     int8 = quantize_fn(ranges, exclude_nodes)
@@ -204,15 +204,24 @@ def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorith
     return work, report
 
 
-def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
-    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
+def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int,
+               ranges: dict, exclude_nodes: Sequence[str]):
+    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied. On targets whose
+    kernels saturate u8·s8 pair sums, the weight ranges are measured once here on the calibration data."""
     from ..transforms.algorithms import correct_bias
     from ..transforms.smooth import smooth_muls
 
     keep_float = smooth_muls(work)
+    limits = None
+    if tgt.quantization.pair_saturation:
+        from ..quantize.saturation import weight_limits
+
+        limits = weight_limits(work, skip_absurd_ranges(ranges)[0], calib, op_types=tgt.quantization.op_types,
+                               exclude=[*exclude_nodes, *keep_float],
+                               symmetric_activations=tgt.quantization.activation_symmetric)
 
     def run(ranges, exclude):
-        int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
+        int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)
         if algo.bias_correction:
             int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
         return int8

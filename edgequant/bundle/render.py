@@ -15,6 +15,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from ..units import format_bytes, precision_label
+
 __all__ = ["bench_png", "layers_png", "report_html"]
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,8 @@ def report_html(report: dict[str, Any], png: bytes | None) -> str:
     kv = [("target", report.get("target", "")), ("method", report.get("method", "")),
           ("source", report.get("source", ""))]
     if s:
-        kv.append(("size", f"fp32 {s['fp32_bytes'] / 1024:.1f} KiB → int8 {s['int8_bytes'] / 1024:.1f} KiB "
-                           f"({100 * s['ratio']:.1f}%)"))
+        kv.append(("size", f"fp32 {format_bytes(s['fp32_bytes'])} → {precision_label(report)} "
+                           f"{format_bytes(s['int8_bytes'])} ({100 * s['ratio']:.1f}%)"))
     hold = report.get("holdout", {})
     if hold:
         kv.append(("held-out samples", str(hold.get("samples"))))
@@ -113,10 +115,18 @@ def report_html(report: dict[str, Any], png: bytes | None) -> str:
                      "<th>mean |err|</th><th>|fp32| max</th><th>argmax agreement</th><th>samples</th></tr>")
         for f in fid:
             agree = f"{100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None else "–"
+            if f.get("cosine") is None:
+                parts.append(f"<tr><td>{e(f['output'])}</td><td colspan=5>{e(f.get('status', ''))}: "
+                             f"{e(f.get('note') or '')}</td><td class=n>{f['samples']}</td></tr>")
+                continue
             parts.append(f"<tr><td>{e(f['output'])}</td><td class=n>{f['cosine']:.5f}</td>"
                          f"<td class=n>{f['max_abs_error']:.4g}</td><td class=n>{f['mean_abs_error']:.4g}</td>"
                          f"<td class=n>{f['fp32_abs_max']:.4g}</td><td class=n>{agree}</td>"
                          f"<td class=n>{f['samples']}</td></tr>")
+            for p in f.get("parts", []):
+                parts.append(f"<tr><td>&nbsp;&nbsp;{e(p['name'])}</td><td class=n>SQNR {p['sqnr_db']:.1f} dB</td>"
+                             f"<td class=n>{p['max_abs_error']:.4g}</td><td class=n>r {p['correlation']:.4f}</td>"
+                             f"<td class=n>{p['fp32_abs_max']:.4g}</td><td class=n>–</td><td></td></tr>")
         parts.append("</table>")
     rows = report.get("layers") or []
     if rows:

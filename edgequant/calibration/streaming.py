@@ -20,7 +20,7 @@ import onnx
 
 from ..errors import CalibrationError
 
-__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "tensors_to_calibrate"]
+__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "fixed_batch", "tensors_to_calibrate"]
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,18 @@ class HistogramObserver(MinMaxObserver):
 
 def _kl_threshold(hist: np.ndarray, R: float, levels: int = 128) -> float:
     """TensorRT's entropy calibration on |x|: the clip threshold whose 128-level quantized distribution is
-    closest (KL divergence) to the clipped reference distribution."""
+    closest (KL divergence) to the clipped reference distribution.
+
+    The first bin (|x| near 0) takes its neighbour's count, as NVIDIA's pytorch-quantization does: after a
+    ReLU/ReLU6 half or more of all values are exact zeros, which every candidate represents exactly (zero is
+    on the grid). Left in, that spike dominates the divergence: a candidate spreads it over the non-empty
+    bins of its first quantization step, so the smallest candidate (one bin per step) always wins and every
+    such tensor was clipped to 1/8 of its range (EfficientNet-Lite0: cosine 0.08)."""
     n = hist.size
     width = R / n
     total = hist.astype(np.float64)
+    if n > 1:
+        total[0] = total[1]
     best, best_i = np.inf, n
     for i in sorted(set(range(levels, n + 1, max(1, (n - levels) // 256))) | {n}):
         ref = total[:i].copy()
@@ -160,6 +168,21 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> lis
                 seen.add(t)
                 names.append(t)
     return names
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every graph input fixes (an .onnx exported with a static batch), or None if any is free.
+    Such a model runs only in batches of exactly that size: calibration and checks use it."""
+    inits = {i.name for i in model.graph.initializer}
+    sizes = set()
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,

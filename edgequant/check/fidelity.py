@@ -86,48 +86,64 @@ def cpu_kernels(model: onnx.ModelProto) -> KernelReport:
 
 @dataclass
 class Fidelity:
-    """Agreement of one output between the fp32 and the int8 model."""
+    """Agreement of one output between the fp32 and the int8 model (see ``outputs.py`` for the figures, the
+    degenerate cases and the parts of an output that mixes ranges). ``cosine`` is None where it would mean
+    nothing (a constant, zero or integer output)."""
 
     output: str
     samples: int
-    cosine: float
-    max_abs_error: float
-    mean_abs_error: float
-    fp32_abs_max: float
+    cosine: float | None
+    max_abs_error: float | None
+    mean_abs_error: float | None
+    fp32_abs_max: float | None
     argmax_agreement: float | None = None
+    status: str = "ok"  # ok | zero | constant | integer
+    sqnr_db: float | None = None
+    correlation: float | None = None
+    parts: list[dict] = field(default_factory=list)
+    note: str | None = None
+    exact_match: float | None = None
+    zero_fp32_samples: int | None = None
+
+    @classmethod
+    def from_result(cls, r: dict) -> Fidelity:
+        return cls(**{k: r.get(k) for k in ("output", "samples", "cosine", "max_abs_error", "mean_abs_error",
+                                             "fp32_abs_max", "argmax_agreement")},
+                   status=r.get("status", "ok"), sqnr_db=r.get("sqnr_db"), correlation=r.get("correlation"),
+                   parts=list(r.get("parts", [])), note=r.get("note"), exact_match=r.get("exact_match"),
+                   zero_fp32_samples=r.get("zero_fp32_samples"))
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        for k in ("parts", "note", "exact_match", "zero_fp32_samples"):
+            if not out[k]:
+                out.pop(k)
+        return out
 
 
 def compare_outputs(name: str, ref: np.ndarray, test: np.ndarray) -> Fidelity:
     """Two output batches (N, ...) → their agreement. Argmax agreement only for class-like (N, C>1) outputs."""
-    ref64 = ref.reshape(ref.shape[0], -1).astype(np.float64)
-    test64 = test.reshape(test.shape[0], -1).astype(np.float64)
-    num = np.sum(ref64 * test64, axis=1)
-    den = np.linalg.norm(ref64, axis=1) * np.linalg.norm(test64, axis=1)
-    cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
-    diff = np.abs(ref64 - test64)
-    agree = None
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        agree = float(np.mean(np.argmax(ref, axis=1) == np.argmax(test, axis=1)))
-    return Fidelity(name, int(ref.shape[0]), float(np.mean(cos)), float(diff.max()), float(diff.mean()),
-                    float(np.abs(ref64).max()), agree)
+    from .outputs import OutputAgreement
+
+    acc = OutputAgreement(name)
+    acc.update(ref, test)
+    return Fidelity.from_result(acc.result())
 
 
 def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
-             batch_size: int = 16) -> list[Fidelity]:
-    """Both models on the same samples → per-output agreement."""
-    s_ref, s_q = session(fp32), session(int8)
+             batch_size: int = 16, level: str = "all") -> list[Fidelity]:
+    """Both models on the same samples → per-output agreement, folded batch by batch (memory: one batch); the
+    int8 model runs at ONNX Runtime ``level`` (the target's arithmetic: see ``edgequant.graph.sessions``)."""
+    from .outputs import OutputAgreement
+
+    s_ref, s_q = session(fp32), session(int8, level=level)
     dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
     names = [o.name for o in s_ref.get_outputs()]
-    refs: dict[str, list] = {n: [] for n in names}
-    tests: dict[str, list] = {n: [] for n in names}
+    accs = {n: OutputAgreement(n) for n in names}
     for batch in batches(samples, batch_size, dtypes):
         for n, r, t in zip(names, s_ref.run(names, batch), s_q.run(names, batch)):
-            refs[n].append(r)
-            tests[n].append(t)
-    return [compare_outputs(n, np.concatenate(refs[n]), np.concatenate(tests[n])) for n in names]
+            accs[n].update(r, t)
+    return [Fidelity.from_result(accs[n].result()) for n in names]
 
 
 def _dtype(ort_type: str) -> np.dtype:

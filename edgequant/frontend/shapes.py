@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import DataError
+from ..errors import DataError, option
 
 __all__ = ["fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
 
@@ -39,7 +39,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
 def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarray],
                          given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
     """Graph inputs + one sample (no batch axis) + the user's shapes → {input: fixed shape}; an input the user
-    did not name gets batch 1 and the sample's shape. ``given`` may use the key "" for a single-input model."""
+    did not name gets batch 1 (or the batch the model fixes) and the sample's shape. ``given`` may use the key "" for a single-input model."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     given = dict(given or {})
@@ -51,7 +51,8 @@ def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarra
         given[inputs[0].name] = given.pop("")
     unknown = sorted(set(given) - {i.name for i in inputs})
     if unknown:
-        raise DataError(f"--input-shape names {', '.join(unknown)}, which the model does not have; its inputs are "
+        raise DataError(f"{option('input_shapes')} names {', '.join(unknown)}, which the model does not have; its "
+                        "inputs are "
                         f"{', '.join(i.name for i in inputs)}")
     out = {}
     for inp in inputs:
@@ -59,10 +60,11 @@ def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarra
         if inp.name in given:
             shape = tuple(int(d) for d in given[inp.name])
         elif inp.name in example:
-            shape = (1, *np.shape(example[inp.name]))
+            batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1  # a batch the model fixes
+            shape = (batch, *np.shape(example[inp.name]))
         else:
-            raise DataError(f"input {inp.name!r} has no sample to take a fixed shape from: pass --input-shape "
-                            f"{inp.name}:D0,D1,...")
+            raise DataError(f"input {inp.name!r} has no sample to take a fixed shape from: pass it in "
+                            f"{option('input_shapes')}")
         bad = len(shape) != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape))
         if bad:
             want = ["?" if not isinstance(d, int) or d <= 0 else d for d in dims]

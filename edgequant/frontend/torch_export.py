@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 
-from ..errors import ExportError
+from ..errors import ExportError, option
 
 __all__ = ["convert_opset", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 
@@ -154,7 +154,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         return converted
     except Exception as exc:  # the converter raises assorted types
         raise ExportError(f"cannot convert the exported model from opset {_opset(model)} to {opset} "
-                          f"({_first_line(exc)}); use --opset {_opset(model)} or newer") from None
+                          f"({_first_line(exc)}); use {option('opset', _opset(model))} or newer") from None
 
 
 def _trace_hooks(module: Any, stack: list[str]) -> list:
@@ -181,8 +181,31 @@ def _first_line(exc: BaseException) -> str:
     for line in str(seen).splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "File ", "The above", "[torch.onnx]")):
-            return f"{type(seen).__name__}: {line[:300]}"
+            return f"{type(seen).__name__}: {clip_line(line)}"
     return type(seen).__name__
+
+
+def clip_line(line: str, limit: int = 300, hard: int = 1000) -> str:
+    """A long message line → at most about ``limit`` characters, cut where no bracket is open (never inside an
+    expression such as a guard ``Eq(u0, 1)``) and marked with "…"; if no such place comes before ``limit``,
+    at the first one after it (at most ``hard`` characters)."""
+    if len(line) <= limit:
+        return line
+    depth, last = 0, -1
+    for i, ch in enumerate(line[:hard]):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and ch in " ,;":
+            if i <= limit:
+                last = i
+            elif last < 0:
+                last = i
+                break
+    if last < 0:
+        last = min(len(line), hard)
+    return line[:last].rstrip(" ,;:") + " …"
 
 
 @contextlib.contextmanager
@@ -192,7 +215,7 @@ def _quiet():
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)  # a failure is re-raised as one ExportError: its log lines are noise
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):

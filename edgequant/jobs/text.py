@@ -34,7 +34,7 @@ import onnx
 from .. import __version__
 from ..bundle.core import Bundle, check_out_dir, write_bundle
 from ..calibration.streaming import METHODS, calibrate
-from ..errors import CalibrationError, DataError, ExportError, QuantizationError
+from ..errors import CalibrationError, DataError, ExportError, QuantizationError, option
 from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..frontend.hf import TOKENIZER_FILES, HFModel, is_hf_folder, load_hf, quiet
 from ..quantize.qdq import quantize
@@ -43,6 +43,8 @@ from ..targets import Target, load_target
 from ..data.text import (TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize,
                    tokenizer_manifest)
 from ..check.fidelity import cpu_kernels, fidelity
+from ..bundle.golden import add_selftest
+from ..graph.sessions import checked_with
 
 __all__ = ["export_text"]
 
@@ -69,7 +71,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     if num_samples is not None and num_samples < 1:
-        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
+        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
     pre = TextPreprocess(max_length=max_length)
     out = Path(out)
     check_out_dir(out, force)
@@ -86,8 +88,8 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         raise DataError(f"{hf.source} has no tokenizer files (tokenizer.json or vocab.txt): text data feeds only "
                         "text models; pass .npy/.npz calibration data instead")
     if hf.max_positions is not None and pre.max_length > hf.max_positions:
-        raise DataError(f"--max-length {pre.max_length} is longer than {hf.source} supports "
-                        f"({hf.max_positions} positions); use --max-length {hf.max_positions} or less")
+        raise DataError(f"{option('max_length', pre.max_length)} is longer than {hf.source} supports "
+                        f"({hf.max_positions} positions); use {option('max_length', hf.max_positions)} or less")
     tokenizer = hf.tokenizer()
     fp32 = convert_opset(prepare_fp32(hf.onnx_model), opset or tgt.opset)
     inputs = _input_names(fp32)
@@ -125,10 +127,11 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
 
     pooling = _pooling(hf, fp32)
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
+    checked = checked_with(_encoder_target(tgt))
     if pooling:
-        fid = [embedding_agreement(fp32, int8, holdout, pooling, batch_size=batch_size)]
+        fid = [embedding_agreement(fp32, int8, holdout, pooling, batch_size=batch_size, level=checked.level)]
     else:
-        fid = [f.to_dict() for f in fidelity(fp32, int8, holdout, batch_size=batch_size)]
+        fid = [f.to_dict() for f in fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)]
     timings["total_s"] = time.perf_counter() - t0
 
     int8_bytes = int8.SerializeToString(deterministic=True)
@@ -161,6 +164,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         "fidelity": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in f.items()} for f in fid],
         "kernels": kernels.to_dict() if kernels else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "checked_with": checked.to_dict(),
     }
     if weights is not None:
         from ..quantize.weight_only import weight_bytes
@@ -168,6 +172,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         report["weights"] = {**weights.to_dict(), **weight_bytes(int8)}
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
              TEXT_RUNTIME: resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()}
+    add_selftest(files, manifest, int8, holdout, level=checked.level)
     return write_bundle(out, files, manifest, report, force=force)
 
 
@@ -235,9 +240,9 @@ def _encoder_target(tgt: Target) -> Target:
 
 
 def _channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    with tqdm(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample", disable=not progress,
+    with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample", disable=not progress,
               leave=False) as bar:
         return channel_ranges(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
 

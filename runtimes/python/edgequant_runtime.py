@@ -11,9 +11,13 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
+    python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
+    python edgequant_runtime.py BUNDLE --generate "The robot" [--max-new-tokens 32] [--sample --seed 1]
 
-Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
-only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
+    result = sess.generate("The robot", max_new_tokens=32)   # decoder bundles: text, tokens, tokens/s
+
+Text goes through the bundle's own ``edgequant_text.py`` (and generation through its ``edgequant_generate.py``;
+both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -38,13 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION", "Session",
-           "preprocess_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
+__all__ = ["BundleError", "IMAGE_SUFFIXES", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION",
+           "SelfTest", "Session", "check_cpu", "cpu_features", "describe_cpu", "expected_input", "int8_saturates",
+           "preprocess_image", "read_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
            "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_ADAPTER = "edgequant_text.py"
+GENERATE_ADAPTER = "edgequant_generate.py"
 CPU = "CPUExecutionProvider"
 
 log = logging.getLogger("edgequant_runtime")
@@ -170,6 +176,10 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
     if manifest.get("tokenizer"):  # a text bundle: its tokenizer and text adapter are verified like the model
         tok = manifest["tokenizer"]
         needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
+    if manifest.get("selftest"):  # golden data is checked like the model: a changed file is a BundleError
+        needed.append((manifest.get("selftest") or {}).get("file"))
+    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter, likewise
+        needed += [manifest["generation"].get("tokenizer"), GENERATE_ADAPTER]
     for name in needed:
         if name not in files:
             raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
@@ -262,6 +272,152 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     return img[:, :, 0] if bpp == 1 else img
 
 
+# --- the CPU this runs on -------------------------------------------------------------------------------------
+# Which int8 arithmetic a CPU computes depends on a few instruction-set extensions. On x86-64, ONNX Runtime's
+# fused u8*s8 kernels use VPMADDUBSW (16-bit pair sums that saturate with full-range 8-bit weights) unless the
+# CPU has AVX-512 VNNI or AVX-VNNI (VPDPBUSD, exact 32-bit sums). On aarch64, every int8 kernel accumulates in
+# 32 bits (SDOT/UDOT with asimddp, SMMLA with i8mm, widening multiplies otherwise), so nothing saturates.
+# x86 flags come from the CPUID instruction itself (a 30-byte function run through ctypes): /proc/cpuinfo shows
+# the host's flags even to a program that an emulator (qemu -cpu Haswell) runs on a smaller CPU.
+
+X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # either one gives exact 32-bit u8*s8 dot products
+
+# (leaf, subleaf, register index in (eax, ebx, ecx, edx), bit) of each flag in CPUID's answer.
+_CPUID_BITS = {"avx2": (7, 0, 1, 5), "avx512f": (7, 0, 1, 16), "avx512bw": (7, 0, 1, 30),
+               "avx512_vnni": (7, 0, 2, 11), "avx_vnni": (7, 1, 0, 4), "amx_int8": (7, 0, 3, 25)}
+# void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) for the System V x86-64 calling convention:
+# push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid; mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx;
+# mov [r8+12], edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa2418900418958044189480841895 00c5bc3".replace(" ", ""))
+
+
+def _cpuid_flags() -> set[str] | None:
+    """x86-64 Linux/macOS: the X86_FLAGS the CPUID instruction reports, or None where code cannot be run."""
+    import ctypes
+    import mmap
+
+    if os.name != "posix":
+        return None
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):  # W^X kernels refuse writable+executable pages
+        return None
+    try:
+        buf.write(_CPUID_CODE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        func = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(addr)
+        regs = (ctypes.c_uint32 * 4)()
+        func(0, 0, regs)
+        max_leaf, answers = regs[0], {}
+        flags = set()
+        for name, (leaf, sub, reg, bit) in _CPUID_BITS.items():
+            if leaf > max_leaf:
+                continue
+            if (leaf, sub) not in answers:
+                func(leaf, sub, regs)
+                answers[(leaf, sub)] = tuple(regs)
+            if answers[(leaf, sub)][reg] >> bit & 1:
+                flags.add(name)
+        del func, addr
+        return flags
+    finally:
+        try:
+            buf.close()
+        except BufferError:  # a ctypes view still points into it; the page goes with the process
+            pass
+
+
+def _proc_cpuinfo_flags(names: tuple[str, ...]) -> set[str] | None:
+    """The ``names`` that /proc/cpuinfo's flags (x86) or Features (ARM) line lists, or None without the file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    listed: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            listed.update(value.split())
+    return {n for n in names if n in listed}
+
+
+def cpu_features() -> dict:
+    """This CPU → {"arch": "x86_64" | "aarch64" | ..., "flags": sorted int8-relevant flags, "source": where
+    they were read}. x86 flags come from CPUID (then /proc/cpuinfo), aarch64 flags from /proc/cpuinfo."""
+    import platform
+
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    flags, source = None, "unknown"
+    if arch == "x86_64":
+        flags, source = _cpuid_flags(), "cpuid"
+        if flags is None:
+            flags, source = _proc_cpuinfo_flags(X86_FLAGS), "/proc/cpuinfo"
+    elif arch == "aarch64":
+        flags, source = _proc_cpuinfo_flags(ARM_FLAGS), "/proc/cpuinfo"
+        if flags is None and sys.platform == "darwin":  # Apple silicon: dot product and i8mm from M2 on
+            flags, source = {"asimd", "asimddp"}, "platform"
+    return {"arch": arch, "flags": sorted(flags or ()), "source": source if flags is not None else "unknown"}
+
+
+def int8_saturates(features: dict) -> bool:
+    """True on an x86-64 CPU without VNNI, where ONNX Runtime's fused u8*s8 kernels sum pairs of products in
+    16 bits and saturate with full-range 8-bit weights (7-bit weights are safe); False everywhere else."""
+    return features.get("arch") == "x86_64" and not set(VNNI_FLAGS) & set(features.get("flags", ()))
+
+
+def describe_cpu(features: dict) -> str:
+    """{"arch", "flags"} → a short label, e.g. "x86_64 AVX2, no VNNI" or "aarch64 asimd asimddp"."""
+    flags = set(features.get("flags", ()))
+    arch = features.get("arch", "?")
+    if arch == "x86_64":
+        isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+        vnni = [f for f in VNNI_FLAGS if f in flags]
+        return f"x86_64 {isa}, " + (f"VNNI ({' '.join(vnni)})" if vnni else "no VNNI")
+    return f"{arch} {' '.join(sorted(flags)) or '(no int8 flags read)'}"
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Image file → uint8 array (H, W) for grey, (H, W, 3) for colour (alpha dropped, palette expanded).
+
+    Through Pillow when it is installed (JPEG, PNG, BMP, ...), else through :func:`read_png`, so a board with
+    only numpy and onnxruntime still reads 8-bit PNG frames. The exporter reads calibration images with this
+    same function, so a frame becomes the tensor the ranges were measured on.
+    """
+    path = Path(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        if path.suffix.lower() != ".png":
+            raise InputError(f"{path}: reading {path.suffix or 'this'} images needs Pillow here (pip install pillow); "
+                             "without it only 8-bit PNG frames are read") from None
+        img = read_png(path)
+        return img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from None
+
+
+def expected_input(manifest: dict, name: str, shape: list, dtype: np.dtype) -> str:
+    """What a bundle's input takes, in words for an error message: an image when the manifest records image
+    pre-processing for it, else a .npy array of the model input's shape and dtype."""
+    pre = manifest.get("preprocess")
+    dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in shape)
+    array = f"a .npy of shape ({dims}) {dtype} (batch axis optional), pre-processed as at calibration"
+    if pre and pre.get("input") in (None, name):
+        return f"an image (.png, .jpg) that it pre-processes itself ({pre.get('channel_order', 'rgb')}), or {array}"
+    return array
+
+
 # --- the session ----------------------------------------------------------------------------------------------
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -282,15 +438,23 @@ class Session:
     manifest when it names the provider). ``allow_fallback``: run anyway when a provider is missing or nodes
     land outside the chain, and log what runs where; otherwise that is a :class:`ProviderError`.
     ``reference``: open the bundle's fp32 reference model instead of the int8 one (to check int8 on the device).
+    ``allow_saturating_cpu``: run a bundle whose int8 arithmetic this CPU cannot compute (full-range weights on
+    x86 without VNNI) instead of raising a :class:`ProviderError`; the outputs then differ from the report.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, providers: str | list[str] = "auto", *,
-                 allow_fallback: bool = False, reference: bool = False) -> None:
+                 allow_fallback: bool = False, reference: bool = False, allow_saturating_cpu: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = Path(bundle_dir)
         self.manifest = verify_bundle(self.path)
+        self.cpu = cpu_features()
+        if not reference:
+            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
+            if degraded:
+                log.warning("%s", degraded)
         self._text = None
+        self._generator = None
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry or entry.get("file") not in self.manifest["files"]:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
@@ -369,8 +533,11 @@ class Session:
     def _placement(self) -> dict[str, list[str]]:
         """{provider: [op types of the nodes it ran]} from ONNX Runtime's profiler, one run on zeros."""
         feed = {}
+        cache = {c["input"]: c["shape"] for c in (self.manifest.get("generation") or {}).get("cache", [])}
         for i in self._session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            if i.name in cache:  # a decoder's key/value cache: empty, so the mask covers one position
+                shape = [int(d) for d in cache[i.name]]
             feed[i.name] = np.zeros(shape, dtype=_ort_dtype(i.type))
         self._session.run(None, feed)
         with open(self._session.end_profiling(), encoding="utf-8") as fh:
@@ -410,6 +577,9 @@ class Session:
             except ValueError as exc:
                 raise InputError(f"input {name!r}: camera frame {arr.shape} cannot be pre-processed: {exc}") from None
         if arr.dtype != want:
+            if arr.dtype == np.uint8 and pre is None and want != np.uint8:
+                raise InputError(f"input {name!r} got a uint8 image {list(arr.shape)}, but this bundle has no image "
+                                 f"pre-processing: it takes {expected_input(self.manifest, name, meta.shape, want)}")
             raise InputError(f"input {name!r} is {arr.dtype}, the model takes {want}: convert it (x.astype(np.{want}))"
                              + (" or pass a uint8 (H, W[, C]) frame" if pre else ""))
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
@@ -433,6 +603,11 @@ class Session:
         feed = {n: self._prepare(n, v) for n, v in inputs.items()}
         return dict(zip(self.output_names, self._session.run(self.output_names, feed)))
 
+    def selftest(self) -> SelfTest:
+        """Runs the bundle's golden samples (held out from the exporter's data) here → a :class:`SelfTest` whose
+        ``passed`` says whether every output is within the manifest's tolerance, in output steps."""
+        return run_selftest(self)
+
     def run_text(self, texts) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """One text or a list (bundles with a ``tokenizer``) → (embeddings (batch, dim) float32 pooled per the
         manifest's ``pooling``, or None when it records none; {output name: array})."""
@@ -450,15 +625,9 @@ class Session:
         if self._text is not None:
             return self._text
         if not self.manifest.get("tokenizer"):
-            raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
-                             "run() (--input)")
-        name = "_edgequant_text_" + self.manifest["files"][TEXT_ADAPTER]["sha256"][:16]
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, self.path / TEXT_ADAPTER)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            sys.modules[name] = module
+            how = "generate() (--generate)" if self.manifest.get("generation") else "run() (--input)"
+            raise InputError(f"{self.path} takes no text to embed: its manifest has no tokenizer entry; use {how}")
+        module = self._bundle_module(TEXT_ADAPTER)
         try:
             self._text = module.TextInputs(str(self.path), self.manifest)
         except ImportError as exc:
@@ -473,6 +642,151 @@ class Session:
         return self._text
 
 
+    def _bundle_module(self, filename: str):
+        """A device module that travels in the bundle (verified with the model), imported once per content."""
+        name = f"_edgequant_{Path(filename).stem}_" + self.manifest["files"][filename]["sha256"][:16]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, self.path / filename)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it: dataclasses look their module up there
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return module
+
+    def generate(self, prompt, max_new_tokens: int | None = None, **options):
+        """A prompt (text or token ids) → ``GenerationResult`` (text, token ids, finish reason, prompt and
+        decode times), decoding token by token with the key/value cache (decoder bundles). Options: do_sample,
+        temperature, top_k, top_p, seed, stop (strings), stop_ids, truncate, on_text (a callback for streamed
+        text); see the bundle's edgequant_generate.py."""
+        if self._generator is None:
+            if not self.manifest.get("generation"):
+                raise InputError(f"{self.path} is not a text generation bundle (its manifest has no generation "
+                                 "entry); export a decoder model (--task text-generation-with-past)")
+            module = self._bundle_module(GENERATE_ADAPTER)
+            try:
+                self._generator = module.Generator(self._session, str(self.path), self.manifest)
+            except ImportError as exc:
+                if exc.name != "tokenizers":
+                    raise
+                raise RuntimeAdapterError(f"{self.path} generates text, which needs the tokenizers package here: "
+                                          "pip install tokenizers") from None
+            self._generation_error = module.GenerationError
+        try:
+            return self._generator.generate(prompt, max_new_tokens, **options)
+        except self._generation_error as exc:
+            raise InputError(str(exc)) from None
+
+
+# --- what the bundle needs from the CPU, and the self-test ----------------------------------------------------
+# manifest "requires_cpu": {"x86_64_one_of": [flags]}: bundles whose int8 kernels saturate on x86 CPUs without
+# one of these (full-range 8-bit weights through ONNX Runtime's fused u8*s8 kernels). manifest "selftest":
+# golden inputs and the outputs the target computes for them, compared in output quantization steps.
+
+
+def check_cpu(manifest: dict, features: dict, *, allow: bool = False, where: str = "") -> str | None:
+    """Manifest + cpu_features() → None when this CPU computes the bundle's arithmetic; otherwise the reason,
+    raised as a ProviderError unless ``allow`` (then returned, for the caller to log)."""
+    need = (manifest.get("requires_cpu") or {}).get("x86_64_one_of") or []
+    if not need or features.get("arch") != "x86_64" or set(need) & set(features.get("flags", ())):
+        return None
+    target = (manifest.get("target") or {}).get("name", "?")
+    reason = (f"{where}{target} bundle has full-range 8-bit weights, which this CPU ({describe_cpu(features)}) "
+              f"sums in saturating 16-bit pairs: its outputs would differ from the report (needs one of "
+              f"{', '.join(need)})")
+    if not allow:
+        raise ProviderError(f"{reason}; export the model with --target generic-cpu (or x86-avx2) for this CPU, or "
+                            "pass allow_saturating_cpu=True (--allow-saturating-cpu) to run it anyway")
+    return reason
+
+
+class SelfTest:
+    """The result of running a bundle's golden samples: one PASS/FAIL line via :meth:`line`."""
+
+    def __init__(self, samples: int, agreement: float | None, max_steps: float, tolerance: float,
+                 providers: list[str], cpu: dict, worst: str) -> None:
+        self.samples, self.argmax_agreement, self.max_diff_steps = samples, agreement, max_steps
+        self.tolerance_steps, self.providers, self.cpu, self.worst_output = tolerance, providers, cpu, worst
+
+    @property
+    def passed(self) -> bool:
+        return self.max_diff_steps <= self.tolerance_steps
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "samples": self.samples, "argmax_agreement": self.argmax_agreement,
+                "max_diff_steps": self.max_diff_steps, "tolerance_steps": self.tolerance_steps,
+                "worst_output": self.worst_output, "providers": self.providers, "cpu": self.cpu}
+
+    def line(self) -> str:
+        agree = f"argmax agreement {100 * self.argmax_agreement:.2f}%, " if self.argmax_agreement is not None else ""
+        return (f"selftest {'PASS' if self.passed else 'FAIL'}: {self.samples} samples, {agree}max |diff| "
+                f"{self.max_diff_steps:.2f} output steps (tolerance {self.tolerance_steps:g}, worst output "
+                f"{self.worst_output}); providers {' > '.join(self.providers)}; CPU {describe_cpu(self.cpu)}")
+
+
+def _load_golden(root: Path, spec: dict, inputs: dict, outputs: list[str]) -> list[tuple[dict, dict]]:
+    """The verified golden file → [(inputs, expected outputs)] per sample; BundleError when it does not fit."""
+    path = root / str(spec.get("file", ""))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: the self-test data cannot be read ({exc}); copy the bundle again") from None
+    n = spec.get("entries", spec.get("samples"))
+    if not isinstance(n, int) or n < 1:
+        raise BundleError(f"{path}: manifest selftest.entries must be a positive integer, not {n!r}")
+    cases = []
+    for i in range(n):
+        feed = {k: arrays.get(f"input.{i}.{k}") for k in inputs}
+        want = {k: arrays.get(f"output.{i}.{k}") for k in outputs}
+        gone = [f"input.{i}.{k}" for k, v in feed.items() if v is None] + \
+               [f"output.{i}.{k}" for k, v in want.items() if v is None]
+        if gone:
+            raise BundleError(f"{path} lacks {', '.join(gone)} for this model's inputs/outputs; export the bundle "
+                              "again")
+        for k, v in feed.items():
+            dims = inputs[k].shape
+            fits = v.ndim == len(dims) and all(not isinstance(d, int) or d == s for d, s in zip(dims, v.shape))
+            if not fits:
+                shape = [d if isinstance(d, int) else "?" for d in dims]
+                raise BundleError(f"{path}: golden input {k!r} #{i} has shape {list(v.shape)}, the model takes "
+                                  f"{shape}; the self-test data does not belong to this model, export it again")
+        cases.append((feed, want))
+    return cases
+
+
+def run_selftest(sess: "Session") -> SelfTest:
+    """A loaded Session → its bundle's golden samples run here and compared in output steps."""
+    spec = sess.manifest.get("selftest")
+    if not spec:
+        raise BundleError(f"{sess.path} has no self-test data (golden.npz): it was exported by an older edgequant; "
+                          "export it again to get one")
+    steps = spec.get("output_steps") or {}
+    tolerance = float(spec.get("tolerance_steps", 1.0))
+    cases = _load_golden(sess.path, spec, sess.inputs, sess.output_names)
+    worst, worst_name, same, total, samples = 0.0, sess.output_names[0], 0, 0, 0
+    for feed, want in cases:
+        samples += next(iter(feed.values())).shape[0] if feed else 1
+        got = sess.run(feed)
+        for name, expected in want.items():
+            out = got[name]
+            if out.shape != expected.shape:
+                raise BundleError(f"{sess.path}: output {name!r} has shape {list(out.shape)} here, the self-test "
+                                  f"data {list(expected.shape)}; export the bundle again")
+            step = float(steps.get(name) or 1.0)
+            diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64)), initial=0.0)) / step
+            if diff > worst or not np.isfinite(diff):
+                worst, worst_name = diff if np.isfinite(diff) else float("inf"), name
+            if name == sess.output_names[0] and expected.ndim == 2 and expected.shape[1] > 1:
+                same += int(np.sum(np.argmax(out, axis=1) == np.argmax(expected, axis=1)))
+                total += expected.shape[0]
+    return SelfTest(samples, same / total if total else None, round(worst, 4), tolerance,
+                    list(sess.providers), sess.cpu, worst_name)
+
+
 # --- command line ---------------------------------------------------------------------------------------------
 
 
@@ -481,15 +795,21 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise InputError(f"input file {p} not found")
     suffix = p.suffix.lower()
-    if suffix == ".png":
-        return {next(iter(sess.inputs)): read_png(p)}
+    name = next(iter(sess.inputs))
+    meta = sess.inputs[name]
+    wants = expected_input(sess.manifest, name, meta.shape, _ort_dtype(meta.type))
+    if suffix in IMAGE_SUFFIXES:
+        if not sess.manifest.get("preprocess"):
+            raise InputError(f"{p}: this bundle has no image pre-processing, so it does not take images; it takes "
+                             f"{wants}")
+        return {name: read_image(p)}
     if suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     elif suffix == ".npy":
         arrays = {next(iter(sess.inputs)): np.load(p, allow_pickle=False)}
     else:
-        raise InputError(f"{p}: give a .npy, .npz or 8-bit .png file")
+        raise InputError(f"{p}: not a file this bundle takes; it takes {wants}")
     for name, arr in arrays.items():  # a single sample without batch axis gets one
         meta = sess.inputs.get(name)
         if meta is not None and arr.ndim == len(meta.shape) - 1 and arr.dtype != np.uint8:
@@ -513,18 +833,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgequant_runtime.py", description="Run an edgequant bundle.")
     parser.add_argument("bundle", help="bundle folder (with manifest.json)")
     given = parser.add_mutually_exclusive_group(required=True)
-    given.add_argument("--input", help=".npy / .npz (one array per input) / 8-bit .png frame")
+    given.add_argument("--input", help=".npy / .npz (one array per input) / .png or .jpg frame (image bundles)")
     given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
+    given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
+                       "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
+    given.add_argument("--generate", metavar="PROMPT", help="decoder bundles: continue this prompt")
+    gen = parser.add_argument_group("generation (with --generate)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same text)")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    gen.add_argument("--truncate", action="store_true", help="drop the start of a prompt too long for the context")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
     parser.add_argument("--save", metavar="OUT.npz", help="save the outputs (and text embeddings) here")
     parser.add_argument("--reference", action="store_true", help="run the fp32 reference model, not the int8 one")
+    parser.add_argument("--allow-saturating-cpu", action="store_true", help="run a full-range int8 bundle on an x86 "
+                        "CPU without VNNI, whose outputs then differ from the report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         providers = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",") if p.strip()]
-        sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference)
+        sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference,
+                       allow_saturating_cpu=args.allow_saturating_cpu)
+        if args.selftest:
+            result = sess.selftest()
+            print(result.line())
+            return 0 if result.passed else 1
+        if args.generate is not None:
+            return _generate(sess, args)
         if args.text:
             def step():  # tokenization is part of what a text bundle costs
                 return sess.run_text(args.text)
@@ -545,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(sess.describe())
     for name, value in outputs.items():
         line = f"{name}: shape {list(value.shape)} {value.dtype}"
@@ -558,6 +902,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench:
         ms = np.sort(np.array(times)) * 1e3
         print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")
+    return 0
+
+
+def _generate(sess: Session, args) -> int:
+    """--generate: stream the continuation to stdout, then one line of figures on stderr."""
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    options = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
+    result = sess.generate(args.generate, args.max_new_tokens, do_sample=True if args.sample else None,
+                           stop=args.stop, truncate=args.truncate, on_text=show, **options)
+    sys.stdout.write("\n")
+    dropped = f", {result.truncated_tokens} prompt tokens dropped" if result.truncated_tokens else ""
+    print(f"{result.prompt_tokens} prompt tokens in {1e3 * result.prompt_s:.1f} ms{dropped}; {len(result.token_ids)} "
+          f"new tokens ({result.finish_reason}), {result.tokens_per_s:.1f} tokens/s after the first", file=sys.stderr)
     return 0
 
 

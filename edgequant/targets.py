@@ -154,8 +154,10 @@ class Target:
     @property
     def full_range_weights(self) -> bool:
         """8-bit weights with all 8 bits: x86 CPUs without VNNI saturate on them in ONNX Runtime's fused
-        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there."""
-        return self.quantization.weight_dtype == "int8" and not self.quantization.reduce_range
+        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there. Not with
+        ``reduce_range`` (7-bit) nor ``pair_saturation`` (each channel's range keeps its pair sums in int16)."""
+        q = self.quantization
+        return q.weight_dtype == "int8" and not q.reduce_range and not q.pair_saturation
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for the manifest."""
@@ -342,9 +344,9 @@ def _check_primary(q: QuantSpec, r: RuntimeSpec, source: str) -> None:
     if extra:
         raise TargetError(f"{source}: quantization.per_channel_op_types lists {', '.join(extra)}, but {p.name} takes "
                           f"per-channel weights only for {', '.join(p.per_channel_op_types) or 'no op'}")
-    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not q.reduce_range:
+    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not (q.reduce_range or q.pair_saturation):
         raise TargetError(f"{source}: runtime.arithmetic \"host-kernels\" needs weights that cannot saturate on x86 "
-                          "CPUs without VNNI: set quantization.reduce_range = true, or arithmetic = \"vnni-kernels\" "
+                          "CPUs without VNNI: set quantization.pair_saturation = true (or reduce_range), or arithmetic = \"vnni-kernels\" "
                           "(x86 with VNNI) or \"exact\" (ARM, GPUs, NPUs)")
     if p.static_shapes and not r.static_shapes:
         raise TargetError(f"{source}: runtime.static_shapes must be true: {p.name} needs fixed input shapes")

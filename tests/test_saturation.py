@@ -41,10 +41,12 @@ def test_full_range_kept_where_signs_alternate_and_narrowed_where_they_agree():
 
 def test_measured_activations_allow_full_range_only_when_they_stay_small():
     w = np.full((2, 8), 1.0)  # same-sign pairs of 127: 254·255 overflows if both activations reach 255
-    small = {j: np.where(np.arange(256) <= 100, 100, -1) for j in range(4)}   # a0, a1 ≤ 100: 254·100 fits
-    large = {j: np.where(np.arange(256) <= 255, 255, -1) for j in range(4)}   # both reach 255 together
+    small = (np.full(4, 100.0), np.full(4, 100.0))  # a0, a1 ≤ 100: 254·100 fits
+    large = (np.full(4, 255.0), np.full(4, 255.0))  # both can reach 255
+    skewed = (np.full(4, 255.0), np.full(4, 2.0))   # 127·255 + 127·2 fits
     assert (safe_levels(w, small) == 127).all()
     assert (safe_levels(w, large) == 64).all()
+    assert (safe_levels(w, skewed) == 127).all()
 
 
 def test_profile_refuses_pair_saturation_with_reduce_range():

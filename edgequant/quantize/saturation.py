@@ -11,8 +11,9 @@ pretrained mobile networks. Here each output channel of each Conv/Gemm/MatMul ge
 1. from the weights alone: every same-sign pair has ``|q0| + |q1| ≤ 128`` (activations reach 255);
 2. else measured on calibration data: the activations are quantized as the int8 model will quantize them, and
    each reduction position's largest u8 value (its input channel's, or the zero point where padding enters),
-   widened by 10%, bounds ``|q0|·a0 + |q1|·a1`` ≤ 32767. Joint extremes seen in calibration are not trusted:
-   held-out digits broke a rule built on them; per-position extremes with a margin held.
+   widened by 10%, bounds ``|q0|·a0 + |q1|·a1`` ≤ 32767. Joint extremes seen in calibration (which pair of
+   values occurs together) are not trusted: held-out digits broke a rule built on them; per-channel extremes
+   with the margin held. One pass over up to 128 calibration samples, memory one batch of activations.
 
 The pair order is ONNX Runtime's: a convolution's reduction axis runs over (kernel row, kernel column, input
 channel), a Gemm/MatMul's over its inner dimension. Depthwise convolutions run on MLAS kernels that widen to
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 INT16_MAX = 32767
 _FULL, _SAFE = 127, 64  # 8-bit symmetric |q| limit; 7-bit limit, safe for any activations
-_MAX_SAMPLES = 64
+_MAX_SAMPLES = 128
 _MARGIN = 0.1  # measured activation extremes are widened by 10% before they are trusted
 
 
@@ -106,8 +107,8 @@ def _pairs(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.abs(q0) * same, np.abs(q1) * same
 
 
-def safe_levels(wm: np.ndarray, hulls: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
-    """(Cout, K) weights [+ per pair index j, the largest a1 seen for each a0 value (256 entries, -1 = unseen)]
+def safe_levels(wm: np.ndarray, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(Cout, K) weights [+ per pair index j, the largest u8 activations (c0[j], c1[j]) its two positions take]
     → per output channel the largest |q| limit in [64, 127] whose same-sign pair sums stay ≤ 32767."""
     levels = np.full(wm.shape[0], _FULL, dtype=np.int64)
     pending = np.ones(wm.shape[0], dtype=bool)
@@ -118,15 +119,16 @@ def safe_levels(wm: np.ndarray, hulls: Mapping[int, np.ndarray] | None = None) -
         levels[rows] = m
         a, b = _pairs(_quantized(wm[rows], levels[rows]))
         ok = (a + b).max(axis=1, initial=0) * 255 <= INT16_MAX  # proven for any activations
-        if hulls is not None:
-            ok |= _measured_ok(a, b, hulls)
+        if bounds is not None:
+            ok |= (a * bounds[0] + b * bounds[1]).max(axis=1, initial=0) <= INT16_MAX
         pending[rows[ok]] = False
     levels[pending] = _SAFE
     return levels
 
 
 def _measured_ok(a: np.ndarray, b: np.ndarray, hulls: Mapping[int, np.ndarray]) -> np.ndarray:
-    """Rows whose every risky pair j keeps max over seen (a0, a1) of a·a0 + b·a1 within int16."""
+    """Rows whose every risky pair j keeps max over the (a0, a1) points seen of a·a0 + b·a1 within int16
+    (the exact check of :func:`pair_overflows`)."""
     ok = np.ones(a.shape[0], dtype=bool)
     risky = (a + b) * 255 > INT16_MAX
     v = np.arange(256, dtype=np.float64)
@@ -160,9 +162,9 @@ def weight_limits(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, floa
             todo[node.input[1]] = (node, wm, axis)
     first = {name: safe_levels(wm) for name, (_, wm, _) in todo.items()}
     needs = {name for name, lv in first.items() if (lv < _FULL).any()}
-    hulls = _hulls(model, {n: todo[n][0] for n in needs}, ranges, samples, symmetric_activations, batch_size,
-                   max_samples) if needs and samples is not None and len(samples) else {}
-    levels = {name: (safe_levels(todo[name][1], hulls[name]) if name in hulls else lv) for name, lv in first.items()}
+    bounds = _bounds(model, {n: todo[n][0] for n in needs}, ranges, samples, symmetric_activations, batch_size,
+                     max_samples) if needs and samples is not None and len(samples) else {}
+    levels = {name: (safe_levels(todo[name][1], bounds[name]) if name in bounds else lv) for name, lv in first.items()}
     out = WeightLimits(levels, {name: todo[name][2] for name in todo})
     log.info("u8·s8 pair limits: %s", out.summary())
     return out
@@ -181,9 +183,10 @@ def _act_params(lo: float, hi: float, symmetric: bool) -> tuple[float, int]:
     return float(scale), int(zp)
 
 
-def _hulls(model, nodes: Mapping[str, onnx.NodeProto], ranges, samples, symmetric: bool, batch_size: int,
-           max_samples: int) -> dict[str, dict[int, np.ndarray]]:
-    """For each weight's consumer: per pair index j, the largest u8 a1 seen for each u8 a0 on the samples."""
+def _bounds(model, nodes: Mapping[str, onnx.NodeProto], ranges, samples, symmetric: bool, batch_size: int,
+            max_samples: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each weight's consumer: per pair index j, the largest u8 values its two reduction positions take on
+    the samples (an input channel's maximum, or the zero point where padding enters), widened by the margin."""
     import onnxruntime as ort
 
     from ..calibration.streaming import batches
@@ -200,17 +203,40 @@ def _hulls(model, nodes: Mapping[str, onnx.NodeProto], ranges, samples, symmetri
     del aug
     dtypes = {i.name: np.dtype(np.float32) for i in sess.get_inputs() if i.type == "tensor(float)"}
     params = {t: _act_params(*ranges[t], symmetric) for t in inputs}
-    hulls: dict[str, dict[int, np.ndarray]] = {name: {} for name in nodes}
-    n = min(len(samples), max_samples)
-    subset = [samples[i] for i in range(n)]
+    conv_input = {n.input[0] for n in nodes.values() if n.op_type == "Conv"}
+    chmax: dict[str, np.ndarray] = {}
+    subset = [samples[i] for i in range(min(len(samples), max_samples))]
     for batch in batches(subset, batch_size, dtypes):
-        acts = dict(zip(inputs, sess.run(inputs, batch)))
-        for name, node in nodes.items():
-            scale, zp = params[node.input[0]]
-            x = acts[node.input[0]]
-            u8 = np.clip(np.round(x / scale) + zp, 0, 255).astype(np.int64)
-            _fold(hulls[name], _pair_columns(node, u8, zp, _kdims(model, node)), margin=_MARGIN)
-    return hulls
+        for t, x in zip(inputs, sess.run(inputs, batch)):
+            scale, zp = params[t]
+            axis = 1 if t in conv_input else x.ndim - 1
+            top = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).max(axis=1)
+            u8 = np.clip(np.round(top / scale) + zp, 0, 255)
+            chmax[t] = u8 if t not in chmax else np.maximum(chmax[t], u8)
+    out = {}
+    for name, node in nodes.items():
+        cols = _columns(node, chmax[node.input[0]], params[node.input[0]][1], _kdims(model, node))
+        if cols is None:
+            continue
+        cols = np.minimum(255, np.ceil(cols * (1 + _MARGIN)))
+        if cols.size % 2:
+            cols = np.append(cols, 0)
+        out[name] = (cols[0::2], cols[1::2])
+    return out
+
+
+def _columns(node: onnx.NodeProto, chmax: np.ndarray, zp: int, wdims: tuple[int, ...]) -> np.ndarray | None:
+    """Per input channel maxima → the largest u8 value at each position of the reduction axis, in kernel order."""
+    if node.op_type != "Conv":
+        return chmax
+    cout, cg, *kern = wdims
+    group = _attr(node, "group", 1)
+    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or chmax.size != cg * group:
+        return None
+    if any(_attr(node, "pads", [0])):
+        chmax = np.maximum(chmax, zp)  # padding enters as the zero point
+    per_ci = chmax.reshape(group, cg).max(axis=0)  # a group's pairs see its own channels; take the worst group
+    return np.tile(per_ci, int(np.prod(kern)))  # (kh, kw, ci) order: channels fastest
 
 
 def _kdims(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int, ...]:
@@ -313,17 +339,10 @@ def _conv_dims(model, node, wm):
     return tuple(w.dims)
 
 
-def _fold(hull: dict[int, np.ndarray], columns, margin: float | None = None) -> None:
-    """Fold (j, (a0, a1)) columns into per-pair 'largest a1 for each a0' tables: the exact points seen, or
-    with ``margin`` the rectangle up to each column's largest value times ``1 + margin`` (new data rarely
-    repeats the calibration's joint extremes, but seldom exceeds each column's extreme by much)."""
-    v = np.arange(256)
+def _fold(hull: dict[int, np.ndarray], columns) -> None:
+    """Fold (j, (a0, a1)) columns into per-pair 'largest a1 seen for each a0' tables (-1: a0 never seen)."""
     for j, (a0, a1) in columns:
-        if margin is not None:
-            c0, c1 = (min(255, int(np.ceil(int(a.max()) * (1 + margin)))) for a in (a0, a1))
-            last = np.where(v <= c0, c1, -1)
-        else:
-            code = np.bincount((a0 * 256 + a1).ravel(), minlength=65536).reshape(256, 256) > 0
-            last = np.where(code.any(axis=1), 255 - np.argmax(code[:, ::-1], axis=1), -1)
+        code = np.bincount((a0 * 256 + a1).ravel(), minlength=65536).reshape(256, 256) > 0
+        last = np.where(code.any(axis=1), 255 - np.argmax(code[:, ::-1], axis=1), -1)
         prev = hull.get(j)
         hull[j] = last if prev is None else np.maximum(prev, last)

@@ -296,6 +296,8 @@ def summary(report: dict, path: Path) -> str:
     for f in report["fidelity"]:
         agree = f"  argmax agreement {100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None \
             else ""
+        if f.get("pixel_argmax_agreement") is not None:
+            agree += f"  per-pixel argmax agreement {100 * f['pixel_argmax_agreement']:.2f}%"
         if f.get("spearman_pairwise") is not None:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         if f.get("cosine") is None:

@@ -9,7 +9,8 @@ host's int8 kernels, and on x86 without VNNI those sum pairs of u8·s8 products 
 full-range weights. So (see ``RuntimeSpec.arithmetic``):
 
 - ``exact`` targets are measured at ``basic`` everywhere;
-- ``host-kernels`` targets (7-bit weights, which cannot saturate) with the host's fused kernels;
+- ``host-kernels`` targets (weights whose pair sums cannot saturate: 7-bit, or per channel with
+  ``pair_saturation``) with the host's fused kernels;
 - ``vnni-kernels`` targets with the host's fused kernels when the host has VNNI, at ``basic`` otherwise.
 
 This module also opens every CPU session the stages run (calibration, GPTQ, smoothing, the checks, the budget

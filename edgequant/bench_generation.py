@@ -145,6 +145,6 @@ def format_generation(result: Mapping) -> str:
                      f"{r['token_ms_p90']:>8.3f} {r['tokens_per_s']:>9.1f} "
                      f"{r['tokens_per_s'] / b['tokens_per_s']:>8.2f}x {mem}")
     env = result.get("environment") or {}
-    lines.append(f"machine  {env.get('cpu', '?')}, onnxruntime {env.get('onnxruntime', '?')}, load average "
+    lines.append(f"machine  {env.get('cpu', '?')} ({env.get('cpu_features', '?')}), onnxruntime {env.get('onnxruntime', '?')}, load average "
                  f"{env.get('load_average')}")
     return "\n".join(lines)

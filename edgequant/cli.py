@@ -6,6 +6,7 @@ traceback. Usage errors exit 2 (click's convention).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -35,9 +36,17 @@ def _handle_errors(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
+        except KeyboardInterrupt as exc:
+            written = getattr(exc, "written", None)  # a bundle write that completed before the interrupt
+            click.echo(f"interrupted: {written} holds the complete new bundle" if written else
+                       "interrupted: nothing was written", err=True)
             sys.exit(130)
+        except OSError as exc:  # a full disk, a folder that is not writable: the cause and where, in one line
+            if debug:
+                raise
+            why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+            click.echo(f"error: {why}" + (f": {exc.filename}" if exc.filename else ""), err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -45,7 +54,9 @@ def _handle_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
-@click.version_option(package_name="edgequant")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, _, value:
+              _show_version(ctx, value),
+              help="Show the versions of edgequant, onnxruntime, onnx and torch and the CPU's int8 features, and exit.")
 def cli(debug: bool, verbose: int) -> None:
     """edgequant: trained PyTorch model in, fast and accurate int8 ONNX bundle for edge devices out."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -57,6 +68,40 @@ def cli(debug: bool, verbose: int) -> None:
     plog.handlers[:] = [handler]
     plog.propagate = False
     plog.setLevel(logging.INFO)
+
+
+def _show_version(ctx: click.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+def version_text() -> str:
+    """edgequant's version, the versions of the libraries a bundle's figures depend on, and what this CPU has for
+    int8 (AVX2, VNNI, NEON dot product): paste it into a bug report. Reads package metadata: imports no torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    from ._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
+
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {ver(n)}" for n in ("onnxruntime", "onnx", "torch", "numpy"))
+    cpu = cpu_features()
+    if cpu["arch"] == "x86_64":
+        note = ("u8*s8 products summed in pairs in 16 bits: full-range int8 weights saturate (generic-cpu and "
+                "x86-avx2 use 7-bit weights)" if int8_saturates(cpu) else "exact 32-bit u8*s8 dot products")
+    elif cpu["arch"] == "aarch64":
+        note = "int8 dot product (SDOT)" if "asimddp" in cpu["flags"] else "no int8 dot product (int8 gains little)"
+    else:
+        note = "int8 features not known for this architecture"
+    return (f"edgequant {__version__}\n{libs}, python {platform.python_version()}\n"
+            f"cpu {describe_cpu(cpu)}: {note} (read from {cpu['source']})")
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -232,7 +277,8 @@ def summary_dict(report: dict, path: Path) -> dict:
     """A bundle report → the JSON the export command prints with --json: the figures a script checks."""
     from .units import precision_label
 
-    keys = ("target", "source", "method", "sizes", "fidelity", "kernels", "weights", "accuracy_budget", "qat")
+    keys = ("target", "source", "method", "bundle_digest", "sizes", "fidelity", "kernels", "weights",
+            "accuracy_budget", "qat")
     return {"bundle": str(path), "precision": precision_label(report),
             **{k: report[k] for k in keys if report.get(k) is not None}}
 
@@ -245,9 +291,13 @@ def summary(report: dict, path: Path) -> str:
     lines = [f"bundle   {path}  (target {report['target']}, {report['source']}, method {report['method']})",
              f"size     fp32 {format_bytes(s['fp32_bytes'])} -> {precision_label(report)} "
              f"{format_bytes(s['int8_bytes'])} ({100 * s['ratio']:.1f}%)"]
+    if report.get("bundle_digest"):  # what an app pins (runtimes/README.md, "Pinning a bundle")
+        lines.insert(1, f"digest   {report['bundle_digest']}")
     for f in report["fidelity"]:
         agree = f"  argmax agreement {100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None \
             else ""
+        if f.get("pixel_argmax_agreement") is not None:
+            agree += f"  per-pixel argmax agreement {100 * f['pixel_argmax_agreement']:.2f}%"
         if f.get("spearman_pairwise") is not None:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         if f.get("cosine") is None:
@@ -350,25 +400,41 @@ def inspect(bundle, target, layers, as_json):
     from .check.layers import format_layers
     from .inspection import inspect_bundle
 
-    result = inspect_bundle(bundle, target=target)
+    from .bundle.core import load_bundle
+
+    loaded = load_bundle(bundle)
+    result = inspect_bundle(loaded, target=target)
     report = None
     if layers:
-        from .bundle.core import load_bundle
-
-        report = load_bundle(bundle).report.get("layers")
+        report = loaded.report.get("layers")
         if not report:
             raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
                                  "this edgequant to get one")
     if as_json:
         data = result.to_dict()
+        data["digest"] = loaded.digest
         if layers:
             data["layers"] = report
         click.echo(json.dumps(data, indent=2))
         return
+    click.echo(f"digest   {loaded.digest}")
     click.echo("\n".join(result.lines()))
     if layers:
         click.echo("")
         click.echo(format_layers(report))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="KEY.pem",
+              help="Ed25519 private key (PEM, e.g. from `openssl genpkey -algorithm ed25519`).")
+@_handle_errors
+def sign(bundle, key):
+    """Sign BUNDLE's manifest with an Ed25519 key (writes manifest.sig); devices check it with the public key."""
+    from .bundle.sign import sign_bundle
+
+    digest, public = sign_bundle(bundle, key)
+    click.echo(f"signed   {bundle} ({digest}) with Ed25519 key {public}")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -450,7 +516,24 @@ def _generation_bundle(path: Path):
 
 
 def main() -> None:
-    cli(prog_name="edgequant")
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli(prog_name="edgequant", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C outside a command (while options are read)
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ class QuantSpec:
     # Regular expressions (searched in node names): the weights of matching MatMul nodes are stored as
     # full-range uint8 instead (U8U8 kernels, which sum in 32 bits), ignoring weight_dtype and reduce_range.
     uint8_weight_nodes: tuple[str, ...] = ()
+    # The target's u8·s8 kernels add pairs of products in saturating 16 bits (x86 AVX2 without VNNI): each
+    # output channel keeps the widest weight range (8 bits down to 7) whose pair sums provably, or measured on
+    # the calibration data, stay within int16 (edgequant.quantize.saturation). Instead of reduce_range.
+    pair_saturation: bool = False
 
     def __post_init__(self) -> None:
         for pattern in self.uint8_weight_nodes:
@@ -60,6 +64,9 @@ class QuantSpec:
                 raise TargetError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
         if self.activation_dtype == "int8" and self.weight_dtype == "uint8":
             raise TargetError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
+        if self.pair_saturation and (self.reduce_range or self.activation_dtype != "uint8"):
+            raise TargetError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
+                             "false (it makes every weight 7-bit) and activation_dtype = \"uint8\"")
         if not self.op_types:
             raise TargetError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
 
@@ -147,8 +154,17 @@ class Target:
     @property
     def full_range_weights(self) -> bool:
         """8-bit weights with all 8 bits: x86 CPUs without VNNI saturate on them in ONNX Runtime's fused
-        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there."""
-        return self.quantization.weight_dtype == "int8" and not self.quantization.reduce_range
+        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there. Not with
+        ``reduce_range`` (7-bit) nor ``pair_saturation`` (each channel's range keeps its pair sums in int16)."""
+        q = self.quantization
+        return q.weight_dtype == "int8" and not q.reduce_range and not q.pair_saturation
+
+    @property
+    def needs_vnni_on_x86(self) -> bool:
+        """Full-range weights that ONNX Runtime's CPU provider fuses (QDQ fusion is a level-2 rewrite): an x86
+        CPU without VNNI computes them with saturating 16-bit pair sums."""
+        r = self.runtime
+        return self.full_range_weights and r.cpu_int8_fusion and r.graph_optimization_level in ("extended", "all")
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for the manifest."""
@@ -165,6 +181,7 @@ class Target:
                 "per_channel": q.per_channel,
                 "per_channel_op_types": list(q.per_channel_op_types),
                 "reduce_range": q.reduce_range,
+                "pair_saturation": q.pair_saturation,
                 "op_types": list(q.op_types),
                 "float_op_types": list(q.float_op_types),
                 "float_output_op_types": list(q.float_output_op_types),
@@ -334,9 +351,9 @@ def _check_primary(q: QuantSpec, r: RuntimeSpec, source: str) -> None:
     if extra:
         raise TargetError(f"{source}: quantization.per_channel_op_types lists {', '.join(extra)}, but {p.name} takes "
                           f"per-channel weights only for {', '.join(p.per_channel_op_types) or 'no op'}")
-    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not q.reduce_range:
+    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not (q.reduce_range or q.pair_saturation):
         raise TargetError(f"{source}: runtime.arithmetic \"host-kernels\" needs weights that cannot saturate on x86 "
-                          "CPUs without VNNI: set quantization.reduce_range = true, or arithmetic = \"vnni-kernels\" "
+                          "CPUs without VNNI: set quantization.pair_saturation = true (or reduce_range), or arithmetic = \"vnni-kernels\" "
                           "(x86 with VNNI) or \"exact\" (ARM, GPUs, NPUs)")
     if p.static_shapes and not r.static_shapes:
         raise TargetError(f"{source}: runtime.static_shapes must be true: {p.name} needs fixed input shapes")

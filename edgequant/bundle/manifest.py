@@ -41,7 +41,7 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         "runtime": tdict["runtime"],
     }
     quantized_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
-    if quantized_activations and target.full_range_weights and target.runtime.cpu_int8_fusion:
+    if quantized_activations and target.needs_vnni_on_x86:
         manifest["requires_cpu"] = {"x86_64_one_of": list(VNNI_FLAGS)}  # the device refuses other x86 CPUs
     return manifest
 

@@ -115,6 +115,8 @@ def report_html(report: dict[str, Any], png: bytes | None) -> str:
                      "<th>mean |err|</th><th>|fp32| max</th><th>argmax agreement</th><th>samples</th></tr>")
         for f in fid:
             agree = f"{100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None else "–"
+            if f.get("pixel_argmax_agreement") is not None:
+                agree = f"{100 * f['pixel_argmax_agreement']:.2f}% of pixels"
             if f.get("cosine") is None:
                 parts.append(f"<tr><td>{e(f['output'])}</td><td colspan=5>{e(f.get('status', ''))}: "
                              f"{e(f.get('note') or '')}</td><td class=n>{f['samples']}</td></tr>")

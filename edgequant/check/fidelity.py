@@ -86,6 +86,7 @@ class Fidelity:
     note: str | None = None
     exact_match: float | None = None
     zero_fp32_samples: int | None = None
+    pixel_argmax_agreement: float | None = None  # (N, C, H, W) outputs: share of pixels with the same class
 
     @classmethod
     def from_result(cls, r: dict) -> Fidelity:
@@ -93,11 +94,12 @@ class Fidelity:
                                              "fp32_abs_max", "argmax_agreement")},
                    status=r.get("status", "ok"), sqnr_db=r.get("sqnr_db"), correlation=r.get("correlation"),
                    parts=list(r.get("parts", [])), note=r.get("note"), exact_match=r.get("exact_match"),
-                   zero_fp32_samples=r.get("zero_fp32_samples"))
+                   zero_fp32_samples=r.get("zero_fp32_samples"),
+                   pixel_argmax_agreement=r.get("pixel_argmax_agreement"))
 
     def to_dict(self) -> dict:
         out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-        for k in ("parts", "note", "exact_match", "zero_fp32_samples"):
+        for k in ("parts", "note", "exact_match", "zero_fp32_samples", "pixel_argmax_agreement"):
             if not out[k]:
                 out.pop(k)
         return out

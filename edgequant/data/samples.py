@@ -212,8 +212,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _read_image(path: Path) -> np.ndarray:
     """The device adapter's reader, so calibration and the device see the same pixels."""
-    with device_errors():
-        return read_image(path)
+    with device_errors():  # the device refuses frames over 16.7 MP before decoding; calibration photos may be larger
+        return read_image(path, max_pixels=1 << 28)
 
 
 def _stacked(arrays: dict[str, np.ndarray], source: str, label: str) -> Samples:

@@ -9,7 +9,8 @@ host's int8 kernels, and on x86 without VNNI those sum pairs of u8·s8 products 
 full-range weights. So (see ``RuntimeSpec.arithmetic``):
 
 - ``exact`` targets are measured at ``basic`` everywhere;
-- ``host-kernels`` targets (7-bit weights, which cannot saturate) with the host's fused kernels;
+- ``host-kernels`` targets (weights whose pair sums cannot saturate: 7-bit, or per channel with
+  ``pair_saturation``) with the host's fused kernels;
 - ``vnni-kernels`` targets with the host's fused kernels when the host has VNNI, at ``basic`` otherwise.
 
 This module also opens every CPU session the stages run (calibration, GPTQ, smoothing, the checks, the budget
@@ -93,8 +94,7 @@ def checked_with(target: Target, features: dict[str, Any] | None = None) -> Chec
 def host_would_differ(target: Target, checked: CheckedWith) -> bool:
     """True when this machine's own fused kernels would compute the bundle differently from the target: an x86
     host without VNNI and a bundle with full-range 8-bit weights that was checked in exact arithmetic."""
-    return checked.arithmetic == "exact" and target.full_range_weights and int8_saturates(checked.host) \
-        and target.runtime.cpu_int8_fusion
+    return checked.arithmetic == "exact" and target.needs_vnni_on_x86 and int8_saturates(checked.host)
 
 
 LEVELS = ("disable", "basic", "extended", "all")

@@ -117,6 +117,12 @@ def export_decoder(model: str | Path, calibration: Any, *, out: str | Path, weig
     )
     files = {"model.onnx": q_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
              GENERATE_RUNTIME: resources.files("edgequant._runtime").joinpath(GENERATE_RUNTIME).read_bytes()}
+    from ..bundle.golden import add_selftest
+    from ..graph.sessions import checked_with
+
+    # the self-test: the first generation step (empty cache) of held-out texts, in the target's arithmetic
+    add_selftest(files, manifest, quantized, [first_step_sample(fp32, spec, s) for s in holdout],
+                 level=checked_with(tgt).level)
     return write_bundle(out, files, manifest, report, force=force)
 
 

@@ -5,6 +5,7 @@ per-layer error. The order is in :mod:`edgequant.jobs`."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
@@ -83,7 +84,6 @@ def calibrate(run: Run) -> None:
     method = run.method = cfg.calibration.method or "minmax"
     batch = run.batch_size
     tensors = tensors_to_calibrate(run.work, tgt.quantization.op_types)
-    run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch)
     if method == "auto":
         from ..calibration.auto import auto_ranges
 
@@ -96,17 +96,28 @@ def calibrate(run: Run) -> None:
                           disable=not cfg.progress, leave=False) as bar:
             run.ranges = streaming_calibrate(run.work, run.calib, tensors, method=method, batch_size=batch,
                                              progress=bar.update)
+    run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch, run.ranges,
+                                 cfg.calibration.exclude_nodes)
 
 
-def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, batch_size: int):
-    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
+def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, batch_size: int, ranges: dict,
+               exclude_nodes: Sequence[str]):
+    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied. On targets whose
+    kernels saturate u8·s8 pair sums, the weight ranges are measured once here on the calibration data."""
     from ..quantize.bias_correction import correct_bias
     from ..transforms.smooth import smooth_muls
 
     keep_float = smooth_muls(work)
+    limits = None
+    if tgt.quantization.pair_saturation:
+        from ..quantize.saturation import weight_limits
+
+        limits = weight_limits(work, skip_absurd_ranges(ranges)[0], calib, op_types=tgt.quantization.op_types,
+                               exclude=[*exclude_nodes, *keep_float],
+                               symmetric_activations=tgt.quantization.activation_symmetric)
 
     def run(ranges, exclude):
-        int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
+        int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)
         if algo.bias_correction:
             int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
         return int8

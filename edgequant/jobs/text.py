@@ -246,7 +246,7 @@ def dynamic_int8(fp32: onnx.ModelProto, tgt: Target, exclude_nodes: Sequence[str
         try:
             with quiet():
                 quantize_dynamic(fp32, path, op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
-                                 reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
+                                 reduce_range=q.reduce_range or q.pair_saturation, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(exclude_nodes), extra_options={"MatMulConstBOnly": True})
         except Exception as exc:
             raise QuantizationError(f"ONNX Runtime's dynamic quantizer failed: {type(exc).__name__}: {exc}") from exc

@@ -81,9 +81,11 @@ def _weight_range(config: QATConfig, target: Target) -> tuple[int, int]:
         raise UnsupportedOnTarget(f"target {target.name}: QAT needs symmetric int8 weights (weight_dtype = \"int8\", "
                                   "weight_symmetric = true in the profile)")
     bits = config.weight_bits
+    # learned weights have no calibrated pair limits: saturating-pair targets (AVX2) get 7 bits, as reduce_range
+    narrow = q.reduce_range or q.pair_saturation
     if bits is None:
-        return (-64, 64) if q.reduce_range else (-127, 127)
-    if q.reduce_range and bits > 7:
+        return (-64, 64) if narrow else (-127, 127)
+    if narrow and bits > 7:
         raise UnsupportedOnTarget(f"target {target.name} limits weights to 7 bits (reduce_range): use weight_bits=7 "
                                   "or fewer, or a target without reduce_range such as x86-vnni or arm64")
     m = 2 ** (bits - 1) - 1

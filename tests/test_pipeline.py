@@ -12,7 +12,7 @@ import onnx
 import edgequant
 from edgequant.check.fidelity import cpu_kernels
 
-from conftest import DIGITS, ROOT, run_onnx
+from conftest import DIGITS, ROOT, residual_block, run_onnx
 
 
 def test_digits_int8_accuracy_within_half_a_point(digits_bundle, digits_split):
@@ -90,18 +90,9 @@ def test_residual_network_fuses_every_conv_add_and_pool(tmp_path):
     import torch
     from torch import nn
 
-    class Block(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.a, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-            self.b = nn.Conv2d(c, c, 3, padding=1)
-
-        def forward(self, x):
-            return torch.relu(self.b(torch.relu(self.bn(self.a(x)))) + x)
-
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), Block(16), Block(16),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), residual_block(16),
+                          residual_block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
     rng = np.random.default_rng(0)
     data = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(20)]
     bundle = edgequant.export(model, data, out=tmp_path / "res", progress=False)

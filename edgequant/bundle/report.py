@@ -17,11 +17,12 @@ __all__ = ["REPORT_KEYS", "REPORT_SCHEMA_VERSION", "holdout_block", "new_report"
 REPORT_SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "edgequant_version", "source", "target", "method", "calibration", "holdout",
                "sizes", "fidelity", "fidelity_gate", "checked_with", "host_kernels", "kernels", "weights",
-               "generation", "qat", "algorithms", "accuracy_budget", "layers", "timings")
+               "generation", "qat", "algorithms", "accuracy_budget", "layers", "timings", "bundle_digest")
 
 
 def new_report(*, source: str, target: str, method: str, **parts: Any) -> dict[str, Any]:
-    """The job's parts → a report with every key of REPORT_KEYS (those not given are None), in schema order.
+    """The job's parts → a report with every key of REPORT_KEYS (those not given are None; the writer fills in
+    ``bundle_digest``), in schema order.
     An unknown part is a programming error (a key every reader would miss), so it raises."""
     unknown = set(parts) - set(REPORT_KEYS)
     if unknown:

@@ -15,8 +15,8 @@ from ..version import __version__
 __all__ = ["REPORT_KEYS", "REPORT_SCHEMA_VERSION", "holdout_block", "new_report", "sizes_block"]
 
 REPORT_SCHEMA_VERSION = 1
-REPORT_KEYS = ("schema_version", "edgequant_version", "source", "target", "method", "calibration", "holdout",
-               "sizes", "fidelity", "fidelity_gate", "checked_with", "host_kernels", "kernels", "weights",
+REPORT_KEYS = ("schema_version", "edgequant_version", "bundle_digest", "source", "target", "method", "calibration",
+               "holdout", "sizes", "fidelity", "fidelity_gate", "checked_with", "host_kernels", "kernels", "weights",
                "generation", "qat", "algorithms", "accuracy_budget", "layers", "timings")
 
 

@@ -19,13 +19,13 @@ from typing import Any
 
 from .._runtime import edgequant_runtime as device
 from .._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
-from ..errors import BundleError, option
+from ..errors import BundleError, device_errors, option
 from .atomic import Staging
+from .manifest import SCHEMA_VERSION
 
 __all__ = ["DIGEST_FILE", "MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "canonical_manifest", "load_bundle",
            "sha256_file", "write_bundle"]
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 RUNTIME = "edgequant_runtime.py"
@@ -110,10 +110,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """A bundle folder → :class:`Bundle`; with ``verify``, every file's size and sha256 must match the manifest
     (the device adapter's check, which is the contract)."""
     path = Path(path)
-    try:
+    with device_errors():
         read = device.open_bundle(path, keep=[], all_files=verify)
-    except device.BundleError as exc:
-        raise BundleError(str(exc)) from None
     rpath = path / REPORT
     try:
         report = json.loads(rpath.read_text(encoding="utf-8")) if rpath.is_file() else {}

@@ -10,7 +10,7 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     embeddings, outputs = sess.run_text(["a robot arm", "a gripper"])   # bundles with a tokenizer
     print(sess.placement)                          # {provider: nodes it runs}
 
-    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
+    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png|.jpg [--bench] [--allow-fallback] [--save o.npz]
                                 [--expect-digest sha256:HEX] [--public-key KEY.pem] [--cache-dir DIR]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
     python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
@@ -19,7 +19,8 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     result = sess.generate("The robot", max_new_tokens=32)   # decoder bundles: text, tokens, tokens/s
 
 Text goes through the bundle's own ``edgequant_text.py`` (and generation through its ``edgequant_generate.py``;
-both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
+both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need
+nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -1190,7 +1191,9 @@ class Session:
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
         ok = arr.ndim == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
         if not ok:
-            raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model takes {shape} (batch axis first)")
+            also = "; this bundle also takes a uint8 (H, W[, C]) frame or an image file" if pre else ""
+            raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model takes {shape} (batch axis "
+                             f"first){also}")
         if shape and not isinstance(shape[0], int) and arr.shape[0] > self.max_batch:
             raise InputError(f"input {name!r} has a batch of {arr.shape[0]}, more than this session takes "
                              f"({self.max_batch}); run it in smaller batches, or raise max_batch (--max-batch, the "

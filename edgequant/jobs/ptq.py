@@ -18,6 +18,7 @@ from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_
 from ..data.samples import ImagePreprocess, Samples, load_samples
 from ..errors import CalibrationError, DataError, ExportError, FidelityError
 from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
+from ..quantize.heads import mixed_range_heads
 from ..quantize.qdq import quantize, skip_absurd_ranges
 from ..graph.rewrite import rewrite_for_int8
 from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
@@ -31,6 +32,7 @@ __all__ = ["export", "split_holdout"]
 log = logging.getLogger(__name__)
 
 MAX_HOLDOUT = 256
+DETECT_RUNTIME = "edgequant_detect.py"
 
 
 def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
@@ -112,6 +114,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         ranges = _calibrate(work, calib, tensors, method, batch_size, progress)
     timings["calibrate_s"] = time.perf_counter() - t1
 
+    heads = mixed_range_heads(work, ranges)
+    exclude_nodes = [*exclude_nodes, *(n for h in heads for n in h.float_nodes if n not in exclude_nodes)]
     int8 = quantize_fn(ranges, exclude_nodes)
     budget_report = None
     if budget is not None:
@@ -121,6 +125,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
             budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
             labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress)
     fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
+    detection = _detection(fp32, int8, holdout, heads, batch_size)
     t2 = time.perf_counter()
     failures = gross_failures([f.to_dict() for f in fid])
     layers = _layers(work, int8, holdout, batch_size, progress) if layer_report or failures else None
@@ -156,10 +161,16 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "algorithms": algo_report,
         "accuracy_budget": budget_report,
+        "heads": [h.to_dict() for h in heads],
+        "detection": detection,
         "fidelity_gate": {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
                           "overridden": bool(failures) and allow_inaccurate},
     }
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
+    if detection is not None:
+        from importlib import resources
+
+        files[DETECT_RUNTIME] = resources.files("edgequant._runtime").joinpath(DETECT_RUNTIME).read_bytes()
     if layers is not None:
         report["layers"] = layers
         files.update(_report_pages(report))
@@ -302,6 +313,16 @@ def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
         log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
         return None
     return [r.to_dict() for r in rows]
+
+
+def _detection(fp32, int8, holdout, heads, batch_size) -> dict | None:
+    """Detection agreement (the device's reference NMS on both models) for a box+scores head, else None."""
+    from ..check.detection import detection_agreement, yolo_output
+
+    for h in heads:
+        if yolo_output(h):
+            return detection_agreement(fp32, int8, holdout, h.output, batch_size=batch_size)
+    return None
 
 
 def _report_pages(report: dict[str, Any]) -> dict[str, bytes]:

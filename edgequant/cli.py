@@ -203,6 +203,7 @@ def summary(report: dict, path: Path) -> str:
     det = report.get("detection")
     if det:
         lines.append(f"detect   {det['summary']}")
+    lines += _arithmetic_lines(report)
     w = report.get("weights")
     if w:
         lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "
@@ -233,6 +234,21 @@ def summary(report: dict, path: Path) -> str:
 
         lines += describe(report["accuracy_budget"])
     return "\n".join(lines)
+
+
+def _arithmetic_lines(report: dict) -> list[str]:
+    """report.json's checked_with (and host_kernels, when this machine would compute differently) → lines."""
+    c = report.get("checked_with")
+    if not c:
+        return []
+    lines = [f"checked  in {c['arithmetic']} arithmetic (onnxruntime level {c['onnxruntime_level']}) on "
+             f"{c['host_cpu_label']}: {c['reason']}"]
+    h = report.get("host_kernels")
+    if h:
+        here, there = h["fidelity"][0], report["fidelity"][0]
+        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {here['cosine']:.5f}; the "
+                     f"target computes {there['cosine']:.5f} — {h['advice']}")
+    return lines
 
 
 @cli.command()

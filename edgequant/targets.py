@@ -16,11 +16,13 @@ from typing import Any
 
 from .errors import TargetError
 
-__all__ = ["ProviderSpec", "QuantSpec", "RuntimeSpec", "Target", "list_targets", "load_target"]
+__all__ = ["ARITHMETICS", "ProviderSpec", "QuantSpec", "RuntimeSpec", "Target", "list_targets", "load_target"]
 
 _DTYPES = ("int8", "uint8")
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 _KERNELS = ("ort-cpu", "declared")
+# How the target's int8 kernels compute (see RuntimeSpec.arithmetic).
+ARITHMETICS = ("exact", "host-kernels", "vnni-kernels")
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,19 @@ class RuntimeSpec:
     session_config: tuple[tuple[str, str], ...] = ()
     static_shapes: bool = False
     cpu_int8_fusion: bool = True
+    # What the target's int8 kernels compute, which decides how the exporter measures the int8 graph:
+    #   "exact"        int32 sums without saturation, rounding as the ONNX QDQ reference (ARM NEON/SDOT/i8mm,
+    #                  XNNPACK, TensorRT, NNAPI): measured with ONNX Runtime at level "basic", no QDQ fusion,
+    #                  which equals aarch64 ONNX Runtime bit for bit, on any build machine;
+    #   "host-kernels" ONNX Runtime's fused CPU kernels with weights that cannot saturate anywhere (7-bit or
+    #                  u8*u8): the build machine's own kernels compute what the device does;
+    #   "vnni-kernels" x86 fused kernels that need VNNI (full-range u8*s8): the build machine's kernels when it
+    #                  has AVX-512 VNNI or AVX-VNNI, exact arithmetic otherwise.
+    arithmetic: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, not {self.arithmetic!r}")
         if self.graph_optimization_level not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}")
         if not self.providers:
@@ -130,6 +143,12 @@ class Target:
     quantization: QuantSpec
     runtime: RuntimeSpec
     source: str = field(default="", compare=False)
+
+    @property
+    def full_range_weights(self) -> bool:
+        """8-bit weights with all 8 bits: x86 CPUs without VNNI saturate on them in ONNX Runtime's fused
+        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there."""
+        return self.quantization.weight_dtype == "int8" and not self.quantization.reduce_range
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for the manifest."""
@@ -159,6 +178,7 @@ class Target:
                 "session_config": dict(r.session_config),
                 "static_shapes": r.static_shapes,
                 "cpu_int8_fusion": r.cpu_int8_fusion,
+                "arithmetic": r.arithmetic,
             },
         }
 
@@ -314,5 +334,9 @@ def _check_primary(q: QuantSpec, r: RuntimeSpec, source: str) -> None:
     if extra:
         raise TargetError(f"{source}: quantization.per_channel_op_types lists {', '.join(extra)}, but {p.name} takes "
                           f"per-channel weights only for {', '.join(p.per_channel_op_types) or 'no op'}")
+    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not q.reduce_range:
+        raise TargetError(f"{source}: runtime.arithmetic \"host-kernels\" needs weights that cannot saturate on x86 "
+                          "CPUs without VNNI: set quantization.reduce_range = true, or arithmetic = \"vnni-kernels\" "
+                          "(x86 with VNNI) or \"exact\" (ARM, GPUs, NPUs)")
     if p.static_shapes and not r.static_shapes:
         raise TargetError(f"{source}: runtime.static_shapes must be true: {p.name} needs fixed input shapes")

@@ -13,6 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 
 
+def pytest_report_header(config):
+    """The CPU features the int8 figures of this run depend on, at the top of the run."""
+    from edgequant._runtime.edgequant_runtime import cpu_features, describe_cpu
+
+    f = cpu_features()
+    return f"host CPU: {describe_cpu(f)}; int8 flags {' '.join(f['flags']) or '-'} (from {f['source']})"
+
+
 def load_example_module(path: Path, name: str):
     """Import an example's model.py under a unique module name."""
     spec = importlib.util.spec_from_file_location(name, path)
@@ -64,3 +72,11 @@ def target_bundle(digits_bundle, tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qat_example(tmp_path_factory):
+    """examples/qat_digits: digits_dw with 3-bit weights, PTQ and QAT (4 epochs) bundles."""
+    example = load_example_module(ROOT / "examples" / "qat_digits" / "qat_digits.py", "_qat_digits_example")
+    result = example.run(tmp_path_factory.mktemp("qat"), epochs=4, log=lambda line: None)
+    return example, result

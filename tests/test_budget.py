@@ -55,6 +55,10 @@ def dw_budget(tmp_path_factory):
 def test_budget_keeps_few_sensitive_nodes_in_float(dw_budget):
     rep = dw_budget.report["accuracy_budget"]
     assert rep["all_int8_value"] < 0.99995 and rep["met"] and rep["value"] >= 0.99995
+    # decided on the lower end of the 95% bootstrap interval over the held-out samples, not the point value
+    lo, hi = rep["interval"]
+    assert rep["decided_on"] == "lower" and 0.99995 <= lo <= rep["value"] <= hi and rep["samples"] == 60
+    assert rep["all_int8_interval"][0] < rep["all_int8_value"] < rep["all_int8_interval"][1]
     names = [f["node"] for f in rep["float_nodes"]]
     assert 1 <= len(names) < rep["candidates"] // 2 + 2
     gains = [f["sqnr_gain_db"] for f in rep["float_nodes"]]
@@ -63,7 +67,9 @@ def test_budget_keeps_few_sensitive_nodes_in_float(dw_budget):
     int8, fp32 = onnx.load(str(dw_budget.model_path)), onnx.load(str(dw_budget.fp32_model_path))
     macs = {n.name for n in fp32.graph.node if n.op_type in ("Conv", "Gemm")}
     still_float = {k.split(":", 1)[1] for k in dw_budget.report["kernels"]["float_compute"]}
-    assert still_float == macs & set(names)
+    # every MAC ONNX Runtime leaves in float is one the search chose (a chosen Conv between quantized neighbours
+    # can still be fused by ONNX Runtime: its exclusion changes the QDQ around it, not its kernel)
+    assert still_float and still_float <= macs & set(names)
     assert fidelity(fp32, int8, [{"x": x} for x in np.stack([np.load(p) for p in sorted(DATA.glob("*.npy"))])[4::5]]
                     )[0].cosine >= 0.99995
     assert dw_budget.report["fidelity"][0]["cosine"] >= 0.99995
@@ -113,3 +119,20 @@ def test_custom_metric_and_label_errors(tmp_path):
     with pytest.raises(DataError, match="labels hold 3 entries but there are 300 samples"):
         edgequant.export(DIGITS, DATA, out=tmp_path / "c", num_samples=20, progress=False,
                          accuracy_budget="top1>=90", labels=np.arange(3))
+
+
+def test_bootstrap_interval_narrows_with_more_samples():
+    from edgequant.check.budget import bootstrap_interval, resample_indices
+
+    rng = np.random.default_rng(1)
+    budget = AccuracyBudget.parse("cosine>=0.999")
+    widths = []
+    for n in (40, 1000):
+        ref = {"y": rng.standard_normal((n, 10)).astype(np.float32)}
+        test = {"y": ref["y"] + rng.standard_normal((n, 10)).astype(np.float32) * rng.uniform(0.01, 0.08, (n, 1))}
+        point = budget.measure(ref, test, None)
+        lo, hi = bootstrap_interval(budget, ref, test, None, resample_indices(n))
+        assert lo < point < hi and budget.decisive((lo, hi)) == lo
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 3  # ~ 1/sqrt(n): 5x narrower for 25x the samples
+    assert AccuracyBudget.parse("top1-drop<=1").decisive((0.2, 0.9)) == 0.9

@@ -82,7 +82,7 @@ def test_export_digits_writes_bundle_and_table(tmp_path):
                     "--no-progress")
     assert result.exit_code == 0, result.output
     assert "QLinearConv" in result.output and "no Conv/MatMul/Gemm left in float" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["edgequant_runtime.py", "layers.png", "manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == ["edgequant_runtime.py", "golden.npz", "layers.png", "manifest.json",
                                                      "model.fp32.onnx", "model.onnx", "report.html", "report.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 

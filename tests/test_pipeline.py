@@ -47,7 +47,8 @@ def test_manifest_describes_inputs_and_checksums(digits_bundle):
     assert m["schema_version"] == 1
     assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
     assert m["quantization"]["activation_dtype"] == "uint8" and m["quantization"]["per_channel"] is True
-    assert set(m["files"]) == {"model.onnx", "model.fp32.onnx", "edgequant_runtime.py", "layers.png", "report.html"}
+    assert set(m["files"]) == {"model.onnx", "model.fp32.onnx", "edgequant_runtime.py", "layers.png", "report.html",
+                            "golden.npz"}
     edgequant.load_bundle(digits_bundle.path)  # checksums verify
 
 

@@ -23,14 +23,6 @@ QAT_DIGITS = ROOT / "examples" / "qat_digits"
 DW = ROOT / "examples" / "digits_dw"
 
 
-@pytest.fixture(scope="session")
-def qat_example(tmp_path_factory):
-    """examples/qat_digits: digits_dw with 3-bit weights, PTQ and QAT (4 epochs) bundles."""
-    example = load_example_module(QAT_DIGITS / "qat_digits.py", "_qat_digits_example")
-    result = example.run(tmp_path_factory.mktemp("qat"), epochs=4, log=lambda line: None)
-    return example, result
-
-
 def _kernels(bundle):
     return bundle.report["kernels"]["int8"], bundle.report["kernels"]["float_compute"]
 

@@ -149,6 +149,11 @@ def test_input_shape_option_fixes_shapes(tmp_path, digits_bundle):
     assert result.exit_code == 0, result.output
     m = edgequant.load_bundle(tmp_path / "b").manifest
     assert m["inputs"][0]["shape"] == [4, 1, 8, 8] and m["outputs"][0]["shape"] == [4, 10]
+    assert (m["selftest"]["samples"], m["selftest"]["entries"]) == (16, 4)  # golden batches of the fixed 4
+    from edgequant._runtime.edgequant_runtime import Session
+
+    result = Session(tmp_path / "b").selftest()
+    assert result.passed and result.samples == 16 and result.argmax_agreement == 1.0
     assert_user_error(invoke("export", digits_bundle.fp32_model_path, "--calibrate", DIGITS / "data", "-o",
                              tmp_path / "c", "--input-shape", "1x3x8x8"), "input 'x': fixed shape [1, 3, 8, 8]")
     assert_user_error(invoke("export", digits_bundle.fp32_model_path, "--calibrate", DIGITS / "data", "-o",

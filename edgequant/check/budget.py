@@ -12,6 +12,12 @@ Here the choice is measured on the held-out samples:
    bisection, every step verified by quantizing and measuring;
 3. pruning: each chosen node, least sensitive first, is put back to int8 if the budget still holds.
 
+A budget is decided on what the held-out samples say about unseen ones, not on their point value: the metric
+is recomputed on 1,000 bootstrap resamples of the held-out samples (the same resamples for every trial, so
+trials are compared pairwise) and a ``>=`` budget is met when the lower end of the 95% interval (2.5th
+percentile) reaches the bound, a ``<=`` budget when the upper end (97.5th) does. With a few dozen samples the
+interval is wide and the search keeps more nodes in float; more held-out data narrows it.
+
 Budgets are ``metric>=bound`` or ``metric<=bound`` over the model outputs on the held-out samples:
 ``cosine`` (mean per-sample cosine, worst output), ``sqnr`` (dB, worst output), ``argmax`` (% agreement of
 the first output's argmax with fp32), ``top1`` and ``top1-drop`` (% and points, first output vs labels), or a
@@ -33,12 +39,16 @@ import onnx
 from ..calibration.streaming import batches
 from ..errors import BudgetError, DataError
 
-__all__ = ["METRICS", "AccuracyBudget", "keep_float_until", "run_outputs"]
+__all__ = ["CONFIDENCE", "METRICS", "RESAMPLES", "AccuracyBudget", "bootstrap_interval", "keep_float_until",
+           "run_outputs"]
 
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 MetricFn = Callable[[Outputs, Outputs, "np.ndarray | None"], float]
+
+RESAMPLES = 1000
+CONFIDENCE = 0.95
 
 # Ops that move or select 8-bit values without arithmetic (ORT drops their Q/DQ): keeping one in float
 # cannot reduce the error, so they are not candidates.
@@ -154,13 +164,32 @@ class AccuracyBudget:
     def holds(self, value: float) -> bool:
         return value >= self.bound if self.op == ">=" else value <= self.bound
 
+    def decisive(self, interval: tuple[float, float]) -> float:
+        """The end of the interval the budget is decided on: the lower one for >=, the upper one for <=."""
+        return interval[0] if self.op == ">=" else interval[1]
+
+
+def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(resamples, n) indices drawn with replacement, fixed by ``seed`` so that every trial sees the same ones."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def bootstrap_interval(budget: AccuracyBudget, ref: Outputs, test: Outputs, labels: np.ndarray | None,
+                       indices: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The metric over each resample of the samples (rows of ``indices``) → its percentile interval."""
+    values = [budget.measure({k: v[i] for k, v in ref.items()}, {k: v[i] for k, v in test.items()},
+                             None if labels is None else labels[i]) for i in indices]
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    lo, hi = np.percentile(values, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
 
 def run_outputs(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
-                batch_size: int = 16) -> Outputs:
-    """A model on the samples → {output name: outputs stacked over the samples}."""
+                batch_size: int = 16, level: str = "all") -> Outputs:
+    """A model on the samples (at ONNX Runtime ``level``) → {output name: outputs stacked over the samples}."""
     from .fidelity import _dtype, session
 
-    s = session(model)
+    s = session(model, level=level)
     dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
     names = [o.name for o in s.get_outputs()]
     parts: dict[str, list] = {n: [] for n in names}
@@ -180,7 +209,8 @@ def candidate_nodes(model: onnx.ModelProto, op_types: Sequence[str], exclude: Se
 def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn: Callable[[Sequence[str]], Any],
                      holdout: Sequence[dict[str, np.ndarray]], *, op_types: Sequence[str],
                      labels: np.ndarray | None = None, exclude: Sequence[str] = (), batch_size: int = 16,
-                     latency_runs: int = 30, progress: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                     latency_runs: int = 30, progress: bool = False,
+                     level: str = "all") -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Budget + fp32 model + ``quantize_fn(float_nodes) -> int8 ModelProto`` + held-out samples → (int8 model
     with the fewest float nodes found that meets the budget, report dict). Raises BudgetError when even the
     fp32 model misses the budget."""
@@ -199,20 +229,31 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
                           f"scores {best:.6g} on {len(holdout)} held-out samples; loosen the budget")
     base_exclude = list(exclude)
     cache: dict[frozenset, tuple[onnx.ModelProto, Outputs]] = {}
+    indices = resample_indices(len(holdout))
+    intervals: dict[frozenset, tuple[float, float]] = {}
+
+    def interval(nodes: Sequence[str]) -> tuple[float, float]:
+        key = frozenset(nodes)
+        if key not in intervals:
+            intervals[key] = bootstrap_interval(budget, ref, trial(nodes)[1], labels, indices)
+        return intervals[key]
 
     def trial(float_nodes: Sequence[str]) -> tuple[onnx.ModelProto, Outputs]:
         key = frozenset(float_nodes)
         if key not in cache:
             model = quantize_fn([*base_exclude, *float_nodes])
-            cache[key] = (model, run_outputs(model, holdout, batch_size=batch_size))
+            cache[key] = (model, run_outputs(model, holdout, batch_size=batch_size, level=level))
         return cache[key]
 
     int8, out0 = trial([])
     value0 = budget.measure(ref, out0, labels)
     report: dict[str, Any] = {"budget": str(budget), "samples": len(holdout), "fp32_value": round(best, 6),
-                              "all_int8_value": round(value0, 6)}
-    if budget.holds(value0):
-        report.update(met=True, value=round(value0, 6), float_nodes=[], candidates=0, trials=len(cache))
+                              "all_int8_value": round(value0, 6), "all_int8_interval": _rounded(interval([])),
+                              "confidence": CONFIDENCE, "resamples": RESAMPLES,
+                              "decided_on": "lower" if budget.op == ">=" else "upper"}
+    if budget.holds(budget.decisive(interval([]))):
+        report.update(met=True, value=round(value0, 6), interval=_rounded(interval([])), float_nodes=[],
+                      candidates=0, trials=len(cache))
         return int8, report
 
     candidates = candidate_nodes(fp32, op_types, base_exclude)
@@ -223,13 +264,15 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
     ranked = sorted(candidates, key=lambda n: -gains[n])
 
     def ok(nodes: Sequence[str]) -> tuple[bool, float]:
-        value = budget.measure(ref, trial(nodes)[1], labels)
-        return budget.holds(value), value
+        bound = budget.decisive(interval(nodes))
+        return budget.holds(bound), bound
 
     lo, hi = 0, len(ranked)  # prefix of length hi meets the budget (checked below), lo does not
     if not ok(ranked)[0]:
+        end = "lower" if budget.op == ">=" else "upper"
         raise BudgetError(f"accuracy budget {budget} cannot be met: with all {len(ranked)} quantizable nodes in "
-                          f"float the model scores {ok(ranked)[1]:.6g}; loosen the budget")
+                          f"float the {end} end of the {100 * CONFIDENCE:.0f}% interval over {len(holdout)} "
+                          f"held-out samples is {ok(ranked)[1]:.6g}; loosen the budget or give more data")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(ranked[:mid])[0]:
@@ -242,10 +285,12 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
         if rest and ok(rest)[0]:
             chosen = rest
     final, outputs = trial(chosen)
-    held, value = ok(chosen)
+    held, _ = ok(chosen)
+    value = budget.measure(ref, outputs, labels)
     ops = {n.name: n.op_type for n in fp32.graph.node}
     report.update(
-        met=held, value=round(value, 6), candidates=len(candidates), trials=len(cache),
+        met=held, value=round(value, 6), interval=_rounded(interval(chosen)), candidates=len(candidates),
+        trials=len(cache),
         float_nodes=[{"node": n, "op_type": ops.get(n, "?"), "sqnr_gain_db": round(gains[n], 3)}
                      for n in sorted(chosen, key=lambda n: -gains[n])],
         sensitivity=[{"node": n, "op_type": ops.get(n, "?"), "sqnr_gain_db": round(gains[n], 3)}
@@ -253,6 +298,10 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
         latency=_latency_cost(fp32, int8, final, latency_runs))
     log.info("accuracy budget %s: %d node(s) kept in float, %s = %.6g", budget, len(chosen), budget.name, value)
     return final, report
+
+
+def _rounded(pair: tuple[float, float]) -> list[float]:
+    return [round(pair[0], 6), round(pair[1], 6)]
 
 
 def _latency_cost(fp32: onnx.ModelProto, int8: onnx.ModelProto, mixed: onnx.ModelProto,
@@ -291,6 +340,10 @@ def describe(report: Mapping[str, Any]) -> list[str]:
     lines = [f"budget   {report['budget']}: {'met' if report['met'] else 'NOT met'} "
              f"(all-int8 {report['all_int8_value']:.6g} -> {report['value']:.6g}, fp32 {report['fp32_value']:.6g}; "
              f"{report['trials']} trials on {report['samples']} held-out samples)"]
+    if report.get("interval"):
+        lo, hi = report["interval"]
+        lines.append(f"budget   estimate {report['value']:.6g}, {100 * report['confidence']:.0f}% bootstrap interval "
+                     f"{lo:.6g} .. {hi:.6g}: decided on its {report['decided_on']} end")
     for f in report.get("float_nodes", []):
         lines.append(f"float    {f['op_type']} {f['node']}: kept in fp32 (SQNR +{f['sqnr_gain_db']:.2f} dB alone)")
     lat = report.get("latency")

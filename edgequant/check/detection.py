@@ -27,12 +27,12 @@ def yolo_output(plan) -> bool:
 
 
 def detection_agreement(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]],
-                        output: str, *, batch_size: int = 16, conf: float = CONF) -> dict:
+                        output: str, *, batch_size: int = 16, conf: float = CONF, level: str = "all") -> dict:
     """Both models on ``samples`` → the detection agreement entry of the report."""
     from .._runtime.edgequant_detect import decode, match
     from .fidelity import session
 
-    s_ref, s_q = session(fp32), session(int8)
+    s_ref, s_q = session(fp32), session(int8, level=level)
     dtypes = {i.name: _np_dtype(i.type) for i in s_ref.get_inputs()}
     n_ref = n_q = matched = images = with_dets = 0
     for batch in batches(samples, batch_size, dtypes):

@@ -131,11 +131,12 @@ def compare_outputs(name: str, ref: np.ndarray, test: np.ndarray) -> Fidelity:
 
 
 def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
-             batch_size: int = 16) -> list[Fidelity]:
-    """Both models on the same samples → per-output agreement, folded batch by batch (memory: one batch)."""
+             batch_size: int = 16, level: str = "all") -> list[Fidelity]:
+    """Both models on the same samples → per-output agreement, folded batch by batch (memory: one batch); the
+    int8 model runs at ONNX Runtime ``level`` (the target's arithmetic: see ``edgequant.graph.sessions``)."""
     from .outputs import OutputAgreement
 
-    s_ref, s_q = session(fp32), session(int8)
+    s_ref, s_q = session(fp32), session(int8, level=level)
     dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
     names = [o.name for o in s_ref.get_outputs()]
     accs = {n: OutputAgreement(n) for n in names}

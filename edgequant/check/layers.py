@@ -77,8 +77,10 @@ class _Row:
 
 
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
-                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[LayerError]:
-    """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first."""
+                 batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                 level: str = "all") -> list[LayerError]:
+    """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first. The
+    int8 graphs run at ONNX Runtime ``level``, the same arithmetic as the output fidelity."""
     from .fidelity import session
 
     rows = _rows(fp32, int8)
@@ -88,7 +90,7 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence
     graph_inputs = {i.name for i in fp32.graph.input}
     ref_names = sorted({r.fp32_name for r in rows if r.fp32_name not in graph_inputs})
     alone_model, alone_out = _alone_model(fp32, int8, rows, ref_names)
-    s_acc, s_alone = session(acc_model), session(alone_model)
+    s_acc, s_alone = session(acc_model, level=level), session(alone_model, level=level)
     dtypes = {i.name: _np_dtype(i.type) for i in s_alone.get_inputs()}
     alone_names = [alone_out[r.q_node] for r in rows]
     sums = np.zeros((len(rows), 4))  # Σx², Σ(x - x̂acc)², Σ(x - x̂alone)², n

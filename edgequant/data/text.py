@@ -106,14 +106,14 @@ def tokenizer_manifest(tokenizer: Any, files: Sequence[str], input_names: Sequen
 
 
 def embedding_agreement(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Samples, pooling: dict[str, Any],
-                        *, batch_size: int = 16) -> dict[str, Any]:
+                        *, batch_size: int = 16, level: str = "all") -> dict[str, Any]:
     """Both models on held-out samples → agreement of the pooled embeddings: mean/min cosine, and Spearman's
     rank correlation of all pairwise similarities (does int8 order sentence pairs as fp32 does?)."""
     from .._runtime.edgequant_text import pool
     from ..calibration.streaming import batches
     from ..check.fidelity import session
 
-    s_ref, s_q = session(fp32), session(int8)
+    s_ref, s_q = session(fp32), session(int8, level=level)  # int8 in the target's arithmetic
     output = pooling["output"]
     dtypes = {i.name: np.dtype(np.int64) for i in s_ref.get_inputs()}
     refs, tests = [], []

@@ -14,6 +14,7 @@ import onnx
 from .. import __version__
 from ..transforms.algorithms import Algorithms
 from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..bundle.golden import add_selftest
 from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_calibrate
 from ..data.samples import ImagePreprocess, Samples, load_samples
 from ..errors import CalibrationError, DataError, ExportError, FidelityError
@@ -25,13 +26,14 @@ from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
 from ..targets import Target, load_target
 from ..check.fidelity import cpu_kernels, fidelity
 from ..check.outputs import gate_message, gross_failures
+from ..graph.sessions import checked_with, host_would_differ
 from ..quantize.weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
 
 log = logging.getLogger(__name__)
 
-MAX_HOLDOUT = 256
+MAX_HOLDOUT = 1000
 DETECT_RUNTIME = "edgequant_detect.py"
 
 
@@ -117,18 +119,21 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     heads = mixed_range_heads(work, ranges)
     exclude_nodes = [*exclude_nodes, *(n for h in heads for n in h.float_nodes if n not in exclude_nodes)]
     int8 = quantize_fn(ranges, exclude_nodes)
+    checked = checked_with(tgt)  # every int8 figure below in the target's arithmetic
     budget_report = None
     if budget is not None:
         from ..check.budget import keep_float_until
 
         int8, budget_report = keep_float_until(
             budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
-            labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress)
-    fid = fidelity(fp32, int8, holdout, batch_size=batch_size)
-    detection = _detection(fp32, int8, holdout, heads, batch_size)
+            labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress, level=checked.level)
+    fid = fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)
+    detection = _detection(fp32, int8, holdout, heads, batch_size, checked.level)
+    host_kernels = host_kernels_report(fp32, int8, holdout, tgt, checked, batch_size)
     t2 = time.perf_counter()
     failures = gross_failures([f.to_dict() for f in fid])
-    layers = _layers(work, int8, holdout, batch_size, progress) if layer_report or failures else None
+    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report or failures \
+        else None
     timings["layers_s"] = time.perf_counter() - t2
     if failures and not allow_inaccurate:
         raise FidelityError(gate_message(failures, layers, fp32, method))
@@ -157,6 +162,8 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
                   "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
         "fidelity": [f.to_dict() for f in fid],
+        "checked_with": checked.to_dict(),
+        "host_kernels": host_kernels,
         "kernels": kernels.to_dict() if kernels else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "algorithms": algo_report,
@@ -171,6 +178,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
         from importlib import resources
 
         files[DETECT_RUNTIME] = resources.files("edgequant._runtime").joinpath(DETECT_RUNTIME).read_bytes()
+    add_selftest(files, manifest, int8, holdout, level=checked.level)
     if layers is not None:
         report["layers"] = layers
         files.update(_report_pages(report))
@@ -187,7 +195,7 @@ def _is_text_job(model: Any, calibration: Any) -> bool:
 
 
 def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:
-    """Every 5th sample (at most 256) is held out for checking; calibration uses the rest (first N of them).
+    """Every 5th sample (at most 1,000) is held out for checking; calibration uses the rest (first N of them).
     With fewer than 5 samples there is nothing to spare: both use all samples."""
     n = len(samples)
     if n < 5:
@@ -299,7 +307,19 @@ def _calibrate(fp32, calib, tensors, method, batch_size, progress):
     return ranges
 
 
-def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
+def host_kernels_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, holdout: Samples, tgt: Target, checked: Any,
+                        batch_size: int) -> dict[str, Any] | None:
+    """When this machine's own fused kernels would compute the bundle differently from the target (x86 without
+    VNNI, full-range weights), the fidelity they would give and what to do about it; None otherwise."""
+    if not host_would_differ(tgt, checked):
+        return None
+    fid = fidelity(fp32, int8, holdout, batch_size=batch_size, level=tgt.runtime.graph_optimization_level)
+    return {"cpu": checked.to_dict()["host_cpu_label"], "fidelity": [f.to_dict() for f in fid],
+            "advice": "for x86 devices without VNNI export with --target generic-cpu (or x86-avx2); the device "
+                      f"adapter refuses this {tgt.name} bundle on such CPUs"}
+
+
+def _layers(fp32, int8, holdout, batch_size, progress, level="all") -> list[dict] | None:
     """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
     from tqdm import tqdm
 
@@ -308,20 +328,20 @@ def _layers(fp32, int8, holdout, batch_size, progress) -> list[dict] | None:
     try:
         with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
                   leave=False) as bar:
-            rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update)
+            rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update, level=level)
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses
         log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
         return None
     return [r.to_dict() for r in rows]
 
 
-def _detection(fp32, int8, holdout, heads, batch_size) -> dict | None:
+def _detection(fp32, int8, holdout, heads, batch_size, level="all") -> dict | None:
     """Detection agreement (the device's reference NMS on both models) for a box+scores head, else None."""
     from ..check.detection import detection_agreement, yolo_output
 
     for h in heads:
         if yolo_output(h):
-            return detection_agreement(fp32, int8, holdout, h.output, batch_size=batch_size)
+            return detection_agreement(fp32, int8, holdout, h.output, batch_size=batch_size, level=level)
     return None
 
 
@@ -348,7 +368,7 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         inputs = [i.name for i in graph.input if i.name not in inits]
         pre = {"input": inputs[0], **preprocess.to_dict()}
     tdict = target.to_dict()
-    return {
+    manifest = {
         "schema": "edgequant.bundle",
         "schema_version": SCHEMA_VERSION,
         "producer": f"edgequant {__version__}",
@@ -361,6 +381,12 @@ def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[st
         "target": {"name": target.name, "description": target.description},
         "runtime": tdict["runtime"],
     }
+    quantized_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    if quantized_activations and target.full_range_weights and target.runtime.cpu_int8_fusion:
+        from .._runtime.edgequant_runtime import VNNI_FLAGS
+
+        manifest["requires_cpu"] = {"x86_64_one_of": list(VNNI_FLAGS)}
+    return manifest
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -43,6 +43,8 @@ from ..targets import Target, load_target
 from ..data.text import (TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize,
                    tokenizer_manifest)
 from ..check.fidelity import cpu_kernels, fidelity
+from ..bundle.golden import add_selftest
+from ..graph.sessions import checked_with
 
 __all__ = ["export_text"]
 
@@ -125,10 +127,11 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
 
     pooling = _pooling(hf, fp32)
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
+    checked = checked_with(_encoder_target(tgt))
     if pooling:
-        fid = [embedding_agreement(fp32, int8, holdout, pooling, batch_size=batch_size)]
+        fid = [embedding_agreement(fp32, int8, holdout, pooling, batch_size=batch_size, level=checked.level)]
     else:
-        fid = [f.to_dict() for f in fidelity(fp32, int8, holdout, batch_size=batch_size)]
+        fid = [f.to_dict() for f in fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)]
     timings["total_s"] = time.perf_counter() - t0
 
     int8_bytes = int8.SerializeToString(deterministic=True)
@@ -161,6 +164,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         "fidelity": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in f.items()} for f in fid],
         "kernels": kernels.to_dict() if kernels else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "checked_with": checked.to_dict(),
     }
     if weights is not None:
         from ..quantize.weight_only import weight_bytes
@@ -168,6 +172,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         report["weights"] = {**weights.to_dict(), **weight_bytes(int8)}
     files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
              TEXT_RUNTIME: resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()}
+    add_selftest(files, manifest, int8, holdout, level=checked.level)
     return write_bundle(out, files, manifest, report, force=force)
 
 

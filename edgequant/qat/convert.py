@@ -169,16 +169,16 @@ def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
     return steps
 
 
-def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool = False
-              ) -> list[dict[str, Any]]:
-    """The QAT module in PyTorch vs the int8 graph on ONNX Runtime (CPU), per output: argmax agreement and the
-    largest absolute difference, also in output quantization steps."""
+def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool = False,
+              level: str = "all") -> list[dict[str, Any]]:
+    """The QAT module in PyTorch vs the int8 graph on ONNX Runtime (CPU, at ``level``: the target's
+    arithmetic), per output: argmax agreement and the largest absolute difference, also in output steps."""
     import torch
 
     threads, training = torch.get_num_threads(), gm.training
     torch.set_num_threads(1)  # small batches: one thread is fastest, and contention-free on busy machines
     try:
-        outputs = _run_both(gm, int8, samples, batch_size, progress)
+        outputs = _run_both(gm, int8, samples, batch_size, progress, level)
     finally:
         torch.set_num_threads(threads)
         gm.train(training)
@@ -195,7 +195,8 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     return result
 
 
-def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool) -> dict[str, tuple]:
+def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, progress: bool,
+              level: str = "all") -> dict[str, tuple]:
     """Output name → (PyTorch outputs, ONNX Runtime outputs) over all samples."""
     import torch
     from tqdm import tqdm
@@ -203,7 +204,7 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     from ..calibration.streaming import batches
     from ..check.fidelity import session
 
-    sess = session(int8)
+    sess = session(int8, level=level)
     names = [o.name for o in sess.get_outputs()]
     ref: dict[str, list] = {n: [] for n in names}
     got: dict[str, list] = {n: [] for n in names}
@@ -231,6 +232,8 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     from .modules import ActQuant, fixed_copy, quantize_dequantize_onnx
     from ..graph.rewrite import rewrite_for_int8
     from ..check.fidelity import cpu_kernels, fidelity
+    from ..bundle.golden import add_selftest
+    from ..graph.sessions import checked_with
 
     tgt, config = state.target, state.config
     samples = samples.bind(input_names_of(gm))
@@ -253,8 +256,9 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
     if kernels is not None and kernels.float_compute:
         log.warning("these run in float on this machine's CPU provider: %s", ", ".join(kernels.float_compute[:8]))
-    fid = fidelity(fp32, int8, samples, batch_size=batch_size)
-    agree = agreement(gm, int8, samples, batch_size, progress)
+    checked = checked_with(tgt)
+    fid = fidelity(fp32, int8, samples, batch_size=batch_size, level=checked.level)
+    agree = agreement(gm, int8, samples, batch_size, progress, checked.level)
     n_act = sum(isinstance(m, ActQuant) for m in gm.modules())
     int8_bytes = int8.SerializeToString(deterministic=True)
     fp32_bytes = fp32.SerializeToString(deterministic=True)
@@ -272,5 +276,8 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
                   "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
         "fidelity": [f.to_dict() for f in fid],
         "kernels": kernels.to_dict() if kernels else None,
+        "checked_with": checked.to_dict(),
     }
-    return {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}, manifest, report
+    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
+    add_selftest(files, manifest, int8, samples[len(samples) - min(len(samples), 16):], level=checked.level)
+    return files, manifest, report

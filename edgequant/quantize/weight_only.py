@@ -281,6 +281,8 @@ def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, c
     from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32
     from ..targets import load_target
     from ..check.fidelity import cpu_kernels, fidelity
+    from ..bundle.golden import add_selftest
+    from ..graph.sessions import checked_with
 
     tgt = load_target(target)
     out = Path(out)
@@ -298,7 +300,8 @@ def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, c
     quantized = quantize_weights(fp32, config, calib if config.method == "gptq" else None,
                                  exclude_nodes=exclude_nodes, batch_size=batch_size, progress=progress)
     timings["quantize_s"] = time.perf_counter() - t1
-    fid = fidelity(fp32, quantized, holdout, batch_size=batch_size)
+    checked = checked_with(tgt)
+    fid = fidelity(fp32, quantized, holdout, batch_size=batch_size, level=checked.level)
     kernels = cpu_kernels(quantized)
     timings["total_s"] = time.perf_counter() - t0
 
@@ -324,6 +327,8 @@ def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, c
         "fidelity": [f.to_dict() for f in fid],
         "kernels": None,  # no int8 activations; what ORT runs is under "weights"
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "checked_with": checked.to_dict(),
     }
     files = {"model.onnx": q_bytes, "model.fp32.onnx": fp32_bytes}
+    add_selftest(files, manifest, quantized, holdout, level=checked.level)
     return write_bundle(out, files, manifest, report, force=force)

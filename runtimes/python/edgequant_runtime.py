@@ -11,6 +11,7 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
+    python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
 
 Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
 only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
@@ -39,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION", "Session",
-           "preprocess_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
-           "verify_bundle"]
+           "SelfTest", "check_cpu", "cpu_features", "describe_cpu", "int8_saturates", "preprocess_image", "read_png", "resize_bilinear",
+           "sha256_file", "to_channels", "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -170,6 +171,8 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
     if manifest.get("tokenizer"):  # a text bundle: its tokenizer and text adapter are verified like the model
         tok = manifest["tokenizer"]
         needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
+    if manifest.get("selftest"):  # golden data is checked like the model: a changed file is a BundleError
+        needed.append((manifest.get("selftest") or {}).get("file"))
     for name in needed:
         if name not in files:
             raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
@@ -262,6 +265,113 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     return img[:, :, 0] if bpp == 1 else img
 
 
+# --- the CPU this runs on -------------------------------------------------------------------------------------
+# Which int8 arithmetic a CPU computes depends on a few instruction-set extensions. On x86-64, ONNX Runtime's
+# fused u8*s8 kernels use VPMADDUBSW (16-bit pair sums that saturate with full-range 8-bit weights) unless the
+# CPU has AVX-512 VNNI or AVX-VNNI (VPDPBUSD, exact 32-bit sums). On aarch64, every int8 kernel accumulates in
+# 32 bits (SDOT/UDOT with asimddp, SMMLA with i8mm, widening multiplies otherwise), so nothing saturates.
+# x86 flags come from the CPUID instruction itself (a 30-byte function run through ctypes): /proc/cpuinfo shows
+# the host's flags even to a program that an emulator (qemu -cpu Haswell) runs on a smaller CPU.
+
+X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # either one gives exact 32-bit u8*s8 dot products
+
+# (leaf, subleaf, register index in (eax, ebx, ecx, edx), bit) of each flag in CPUID's answer.
+_CPUID_BITS = {"avx2": (7, 0, 1, 5), "avx512f": (7, 0, 1, 16), "avx512bw": (7, 0, 1, 30),
+               "avx512_vnni": (7, 0, 2, 11), "avx_vnni": (7, 1, 0, 4), "amx_int8": (7, 0, 3, 25)}
+# void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) for the System V x86-64 calling convention:
+# push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid; mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx;
+# mov [r8+12], edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa2418900418958044189480841895 00c5bc3".replace(" ", ""))
+
+
+def _cpuid_flags() -> set[str] | None:
+    """x86-64 Linux/macOS: the X86_FLAGS the CPUID instruction reports, or None where code cannot be run."""
+    import ctypes
+    import mmap
+
+    if os.name != "posix":
+        return None
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):  # W^X kernels refuse writable+executable pages
+        return None
+    try:
+        buf.write(_CPUID_CODE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        func = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(addr)
+        regs = (ctypes.c_uint32 * 4)()
+        func(0, 0, regs)
+        max_leaf, answers = regs[0], {}
+        flags = set()
+        for name, (leaf, sub, reg, bit) in _CPUID_BITS.items():
+            if leaf > max_leaf:
+                continue
+            if (leaf, sub) not in answers:
+                func(leaf, sub, regs)
+                answers[(leaf, sub)] = tuple(regs)
+            if answers[(leaf, sub)][reg] >> bit & 1:
+                flags.add(name)
+        del func, addr
+        return flags
+    finally:
+        try:
+            buf.close()
+        except BufferError:  # a ctypes view still points into it; the page goes with the process
+            pass
+
+
+def _proc_cpuinfo_flags(names: tuple[str, ...]) -> set[str] | None:
+    """The ``names`` that /proc/cpuinfo's flags (x86) or Features (ARM) line lists, or None without the file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    listed: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            listed.update(value.split())
+    return {n for n in names if n in listed}
+
+
+def cpu_features() -> dict:
+    """This CPU → {"arch": "x86_64" | "aarch64" | ..., "flags": sorted int8-relevant flags, "source": where
+    they were read}. x86 flags come from CPUID (then /proc/cpuinfo), aarch64 flags from /proc/cpuinfo."""
+    import platform
+
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    flags, source = None, "unknown"
+    if arch == "x86_64":
+        flags, source = _cpuid_flags(), "cpuid"
+        if flags is None:
+            flags, source = _proc_cpuinfo_flags(X86_FLAGS), "/proc/cpuinfo"
+    elif arch == "aarch64":
+        flags, source = _proc_cpuinfo_flags(ARM_FLAGS), "/proc/cpuinfo"
+        if flags is None and sys.platform == "darwin":  # Apple silicon: dot product and i8mm from M2 on
+            flags, source = {"asimd", "asimddp"}, "platform"
+    return {"arch": arch, "flags": sorted(flags or ()), "source": source if flags is not None else "unknown"}
+
+
+def int8_saturates(features: dict) -> bool:
+    """True on an x86-64 CPU without VNNI, where ONNX Runtime's fused u8*s8 kernels sum pairs of products in
+    16 bits and saturate with full-range 8-bit weights (7-bit weights are safe); False everywhere else."""
+    return features.get("arch") == "x86_64" and not set(VNNI_FLAGS) & set(features.get("flags", ()))
+
+
+def describe_cpu(features: dict) -> str:
+    """{"arch", "flags"} → a short label, e.g. "x86_64 AVX2, no VNNI" or "aarch64 asimd asimddp"."""
+    flags = set(features.get("flags", ()))
+    arch = features.get("arch", "?")
+    if arch == "x86_64":
+        isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+        vnni = [f for f in VNNI_FLAGS if f in flags]
+        return f"x86_64 {isa}, " + (f"VNNI ({' '.join(vnni)})" if vnni else "no VNNI")
+    return f"{arch} {' '.join(sorted(flags)) or '(no int8 flags read)'}"
+
+
 # --- the session ----------------------------------------------------------------------------------------------
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -282,14 +392,21 @@ class Session:
     manifest when it names the provider). ``allow_fallback``: run anyway when a provider is missing or nodes
     land outside the chain, and log what runs where; otherwise that is a :class:`ProviderError`.
     ``reference``: open the bundle's fp32 reference model instead of the int8 one (to check int8 on the device).
+    ``allow_saturating_cpu``: run a bundle whose int8 arithmetic this CPU cannot compute (full-range weights on
+    x86 without VNNI) instead of raising a :class:`ProviderError`; the outputs then differ from the report.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, providers: str | list[str] = "auto", *,
-                 allow_fallback: bool = False, reference: bool = False) -> None:
+                 allow_fallback: bool = False, reference: bool = False, allow_saturating_cpu: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = Path(bundle_dir)
         self.manifest = verify_bundle(self.path)
+        self.cpu = cpu_features()
+        if not reference:
+            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
+            if degraded:
+                log.warning("%s", degraded)
         self._text = None
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry or entry.get("file") not in self.manifest["files"]:
@@ -433,6 +550,11 @@ class Session:
         feed = {n: self._prepare(n, v) for n, v in inputs.items()}
         return dict(zip(self.output_names, self._session.run(self.output_names, feed)))
 
+    def selftest(self) -> SelfTest:
+        """Runs the bundle's golden samples (held out from the exporter's data) here → a :class:`SelfTest` whose
+        ``passed`` says whether every output is within the manifest's tolerance, in output steps."""
+        return run_selftest(self)
+
     def run_text(self, texts) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """One text or a list (bundles with a ``tokenizer``) → (embeddings (batch, dim) float32 pooled per the
         manifest's ``pooling``, or None when it records none; {output name: array})."""
@@ -471,6 +593,112 @@ class Session:
             raise BundleError(f"{self.path / self.manifest['tokenizer']['file']}: the tokenizers package cannot load "
                               f"it ({first}); install a newer tokenizers") from None
         return self._text
+
+
+# --- what the bundle needs from the CPU, and the self-test ----------------------------------------------------
+# manifest "requires_cpu": {"x86_64_one_of": [flags]}: bundles whose int8 kernels saturate on x86 CPUs without
+# one of these (full-range 8-bit weights through ONNX Runtime's fused u8*s8 kernels). manifest "selftest":
+# golden inputs and the outputs the target computes for them, compared in output quantization steps.
+
+
+def check_cpu(manifest: dict, features: dict, *, allow: bool = False, where: str = "") -> str | None:
+    """Manifest + cpu_features() → None when this CPU computes the bundle's arithmetic; otherwise the reason,
+    raised as a ProviderError unless ``allow`` (then returned, for the caller to log)."""
+    need = (manifest.get("requires_cpu") or {}).get("x86_64_one_of") or []
+    if not need or features.get("arch") != "x86_64" or set(need) & set(features.get("flags", ())):
+        return None
+    target = (manifest.get("target") or {}).get("name", "?")
+    reason = (f"{where}{target} bundle has full-range 8-bit weights, which this CPU ({describe_cpu(features)}) "
+              f"sums in saturating 16-bit pairs: its outputs would differ from the report (needs one of "
+              f"{', '.join(need)})")
+    if not allow:
+        raise ProviderError(f"{reason}; export the model with --target generic-cpu (or x86-avx2) for this CPU, or "
+                            "pass allow_saturating_cpu=True (--allow-saturating-cpu) to run it anyway")
+    return reason
+
+
+class SelfTest:
+    """The result of running a bundle's golden samples: one PASS/FAIL line via :meth:`line`."""
+
+    def __init__(self, samples: int, agreement: float | None, max_steps: float, tolerance: float,
+                 providers: list[str], cpu: dict, worst: str) -> None:
+        self.samples, self.argmax_agreement, self.max_diff_steps = samples, agreement, max_steps
+        self.tolerance_steps, self.providers, self.cpu, self.worst_output = tolerance, providers, cpu, worst
+
+    @property
+    def passed(self) -> bool:
+        return self.max_diff_steps <= self.tolerance_steps
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "samples": self.samples, "argmax_agreement": self.argmax_agreement,
+                "max_diff_steps": self.max_diff_steps, "tolerance_steps": self.tolerance_steps,
+                "worst_output": self.worst_output, "providers": self.providers, "cpu": self.cpu}
+
+    def line(self) -> str:
+        agree = f"argmax agreement {100 * self.argmax_agreement:.2f}%, " if self.argmax_agreement is not None else ""
+        return (f"selftest {'PASS' if self.passed else 'FAIL'}: {self.samples} samples, {agree}max |diff| "
+                f"{self.max_diff_steps:.2f} output steps (tolerance {self.tolerance_steps:g}, worst output "
+                f"{self.worst_output}); providers {' > '.join(self.providers)}; CPU {describe_cpu(self.cpu)}")
+
+
+def _load_golden(root: Path, spec: dict, inputs: dict, outputs: list[str]) -> list[tuple[dict, dict]]:
+    """The verified golden file → [(inputs, expected outputs)] per sample; BundleError when it does not fit."""
+    path = root / str(spec.get("file", ""))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: the self-test data cannot be read ({exc}); copy the bundle again") from None
+    n = spec.get("entries", spec.get("samples"))
+    if not isinstance(n, int) or n < 1:
+        raise BundleError(f"{path}: manifest selftest.entries must be a positive integer, not {n!r}")
+    cases = []
+    for i in range(n):
+        feed = {k: arrays.get(f"input.{i}.{k}") for k in inputs}
+        want = {k: arrays.get(f"output.{i}.{k}") for k in outputs}
+        gone = [f"input.{i}.{k}" for k, v in feed.items() if v is None] + \
+               [f"output.{i}.{k}" for k, v in want.items() if v is None]
+        if gone:
+            raise BundleError(f"{path} lacks {', '.join(gone)} for this model's inputs/outputs; export the bundle "
+                              "again")
+        for k, v in feed.items():
+            dims = inputs[k].shape
+            fits = v.ndim == len(dims) and all(not isinstance(d, int) or d == s for d, s in zip(dims, v.shape))
+            if not fits:
+                shape = [d if isinstance(d, int) else "?" for d in dims]
+                raise BundleError(f"{path}: golden input {k!r} #{i} has shape {list(v.shape)}, the model takes "
+                                  f"{shape}; the self-test data does not belong to this model, export it again")
+        cases.append((feed, want))
+    return cases
+
+
+def run_selftest(sess: "Session") -> SelfTest:
+    """A loaded Session → its bundle's golden samples run here and compared in output steps."""
+    spec = sess.manifest.get("selftest")
+    if not spec:
+        raise BundleError(f"{sess.path} has no self-test data (golden.npz): it was exported by an older edgequant; "
+                          "export it again to get one")
+    steps = spec.get("output_steps") or {}
+    tolerance = float(spec.get("tolerance_steps", 1.0))
+    cases = _load_golden(sess.path, spec, sess.inputs, sess.output_names)
+    worst, worst_name, same, total, samples = 0.0, sess.output_names[0], 0, 0, 0
+    for feed, want in cases:
+        samples += next(iter(feed.values())).shape[0] if feed else 1
+        got = sess.run(feed)
+        for name, expected in want.items():
+            out = got[name]
+            if out.shape != expected.shape:
+                raise BundleError(f"{sess.path}: output {name!r} has shape {list(out.shape)} here, the self-test "
+                                  f"data {list(expected.shape)}; export the bundle again")
+            step = float(steps.get(name) or 1.0)
+            diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64)), initial=0.0)) / step
+            if diff > worst or not np.isfinite(diff):
+                worst, worst_name = diff if np.isfinite(diff) else float("inf"), name
+            if name == sess.output_names[0] and expected.ndim == 2 and expected.shape[1] > 1:
+                same += int(np.sum(np.argmax(out, axis=1) == np.argmax(expected, axis=1)))
+                total += expected.shape[0]
+    return SelfTest(samples, same / total if total else None, round(worst, 4), tolerance,
+                    list(sess.providers), sess.cpu, worst_name)
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -515,16 +743,25 @@ def main(argv: list[str] | None = None) -> int:
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--input", help=".npy / .npz (one array per input) / 8-bit .png frame")
     given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
+    given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
+                       "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
     parser.add_argument("--save", metavar="OUT.npz", help="save the outputs (and text embeddings) here")
     parser.add_argument("--reference", action="store_true", help="run the fp32 reference model, not the int8 one")
+    parser.add_argument("--allow-saturating-cpu", action="store_true", help="run a full-range int8 bundle on an x86 "
+                        "CPU without VNNI, whose outputs then differ from the report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         providers = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",") if p.strip()]
-        sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference)
+        sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference,
+                       allow_saturating_cpu=args.allow_saturating_cpu)
+        if args.selftest:
+            result = sess.selftest()
+            print(result.line())
+            return 0 if result.passed else 1
         if args.text:
             def step():  # tokenization is part of what a text bundle costs
                 return sess.run_text(args.text)

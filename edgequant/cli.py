@@ -30,6 +30,12 @@ def _handle_errors(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except MemoryError:
+            if debug:
+                raise
+            click.echo("error: out of memory (nothing was written): free memory, or calibrate on fewer samples "
+                       "(--num-samples)", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             sys.exit(130)
@@ -132,6 +138,10 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
     int8 bundle in OUT."""
     from click.core import ParameterSource
+
+    from ._memory import release_freed_buffers
+
+    release_freed_buffers()
 
     from .transforms.algorithms import Algorithms
     from .jobs.ptq import export as run_export

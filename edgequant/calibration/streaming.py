@@ -20,11 +20,16 @@ import onnx
 
 from ..errors import CalibrationError
 
-__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "fixed_batch", "tensors_to_calibrate"]
+__all__ = ["ACTIVATION_BUDGET", "METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "fit_batch",
+           "fixed_batch", "tensors_to_calibrate"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+# Bytes of exposed activations one batch may hold: stages that expose every activation (calibration, the
+# per-layer report) shrink their batch to this, so that peak memory is one such batch (plus ONNX Runtime's
+# arena for it) whatever the image size; YOLOv8n at 640×640 exposes ~0.4 GB per image.
+ACTIVATION_BUDGET = 512 * 2**20
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
@@ -39,6 +44,11 @@ class MinMaxObserver:
         if x.size:
             self.lo = min(self.lo, float(x.min()))
             self.hi = max(self.hi, float(x.max()))
+
+    def update_known(self, x: np.ndarray, lo: float, hi: float) -> None:
+        """``update`` with x's min and max already computed."""
+        if x.size:
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     def range(self) -> tuple[float, float]:
         return min(self.lo, 0.0), max(self.hi, 0.0)
@@ -72,6 +82,9 @@ class HistogramObserver(MinMaxObserver):
         idx = ((flat.astype(np.float64) + self.R) * (self.bins / (2.0 * self.R))).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.hist += np.bincount(idx, minlength=self.bins)
+
+    def update_known(self, x: np.ndarray, lo: float, hi: float) -> None:
+        self.update(x)
 
     def _centres(self) -> np.ndarray:
         width = 2.0 * self.R / self.bins
@@ -185,6 +198,20 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def fit_batch(sessions: Sequence, samples: Sequence[dict[str, np.ndarray]], dtypes: dict[str, np.dtype],
+              batch_size: int, budget: int = ACTIVATION_BUDGET) -> int:
+    """Sessions that expose activations + samples → the largest batch (at most ``batch_size``) whose outputs
+    fit ``budget`` bytes, measured on one sample; a model with a fixed batch keeps it."""
+    if not len(samples):
+        return batch_size
+    fixed = {i.shape[0] for s in sessions for i in s.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    if fixed:
+        return max(fixed)
+    one = next(batches(samples[:1] if isinstance(samples, list) else [samples[0]], 1, dtypes))
+    per = sum(v.nbytes for s in sessions for v in s.run(None, one))
+    return int(max(1, min(batch_size, budget // max(per, 1))))
+
+
 def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
             dtypes: dict[str, np.dtype]) -> Iterator[dict[str, np.ndarray]]:
     """Samples → stacked batches, cast to the model's input dtypes."""
@@ -211,19 +238,23 @@ def calibrate(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False  # see check.fidelity.session: the arena grows with the number of batches
     session = ort.InferenceSession(augmented.SerializeToString(), so, providers=["CPUExecutionProvider"])
     dtypes = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
     names = [n for n in tensors]
     observers = {n: MinMaxObserver() if method == "minmax" else HistogramObserver(method) for n in names}
+    batch_size = fit_batch([session], samples, dtypes, batch_size)
     for batch in batches(samples, batch_size, dtypes):
         outputs = session.run(names, batch)
         for name, value in zip(names, outputs):
             if value.dtype.kind != "f":
                 continue
-            if not np.isfinite(value).all():
+            lo, hi = (float(value.min()), float(value.max())) if value.size else (0.0, 0.0)
+            if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max propagate NaN and show Inf
                 raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
                                        "overflows there; check the model and the data's pre-processing")
-            observers[name].update(value)
+            observers[name].update_known(value, lo, hi)
+        del outputs, value  # before the next batch is computed: one batch alive, not two
         if progress:
             progress(len(next(iter(batch.values()))))
     return {n: obs.range() for n, obs in observers.items() if np.isfinite(obs.lo)}

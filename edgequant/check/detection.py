@@ -32,7 +32,7 @@ def detection_agreement(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: S
     from .._runtime.edgequant_detect import decode, match
     from .fidelity import session
 
-    s_ref, s_q = session(fp32), session(int8, level=level)
+    s_ref, s_q = session(fp32, arena=False), session(int8, level=level, arena=False)
     dtypes = {i.name: _np_dtype(i.type) for i in s_ref.get_inputs()}
     n_ref = n_q = matched = images = with_dets = 0
     for batch in batches(samples, batch_size, dtypes):

@@ -46,11 +46,15 @@ class KernelReport:
                 "float_compute": list(self.float_compute), "other": dict(sorted(self.other.items()))}
 
 
-def session(model: onnx.ModelProto, *, level: str = "all", threads: int = 0, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session on an in-memory model."""
+def session(model: onnx.ModelProto, *, level: str = "all", threads: int = 0, optimized_path: str | None = None,
+            arena: bool = True):
+    """An ONNX Runtime CPU session on an in-memory model. ``arena=False`` for the checks, which run many
+    batches: ONNX Runtime's arena keeps every block it ever grew to and, fragmented across batches, grows with
+    the number of samples; without it each batch's buffers go back to the allocator."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -136,13 +140,14 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
     int8 model runs at ONNX Runtime ``level`` (the target's arithmetic: see ``edgequant.graph.sessions``)."""
     from .outputs import OutputAgreement
 
-    s_ref, s_q = session(fp32), session(int8, level=level)
+    s_ref, s_q = session(fp32, arena=False), session(int8, level=level, arena=False)
     dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
     names = [o.name for o in s_ref.get_outputs()]
     accs = {n: OutputAgreement(n) for n in names}
     for batch in batches(samples, batch_size, dtypes):
         for n, r, t in zip(names, s_ref.run(names, batch), s_q.run(names, batch)):
             accs[n].update(r, t)
+        del r, t
     return [Fidelity.from_result(accs[n].result()) for n in names]
 
 

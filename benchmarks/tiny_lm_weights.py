@@ -3,7 +3,9 @@
 Rows: fp32, q8, q4 (round to nearest) and q4-gptq at each block size. Columns: perplexity on the held-out
 Python reference manual text (all non-overlapping 128-byte windows), relative to fp32; the mean per-byte KL
 divergence of the next-byte distribution from fp32's (a finer measure than perplexity, whose small changes
-can go either way); bytes of the MatMul weights relative to float32; the time to quantize; and batch-1
+can go either way); greedy generation against fp32's: 64 bytes greedily decoded after the first 64 bytes of
+16 held-out windows, as the fraction of positions with the same byte ("greedy") and the fraction before the
+first difference ("prefix"; the causal model reads its 128-byte window, position t sees only bytes ≤ t); bytes of the MatMul weights relative to float32; the time to quantize; and batch-1
 latency (128 tokens) on one thread relative to fp32 (all models interleaved in one run).
 
     python benchmarks/tiny_lm_weights.py [--block-sizes 32,64,128] [--calibration 64] [--runs 40] [--json out.json]
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+GREEDY = 64  # bytes of prompt, then bytes generated
 TINY_LM = ROOT / "examples" / "tiny_lm"
 
 from edgequant.bench import interleaved_latency  # noqa: E402
@@ -57,8 +60,25 @@ def main() -> None:
     def ppl(lp):
         return float(np.exp(-np.take_along_axis(lp[:, :-1], ids[:, 1:, None], axis=-1).mean()))
 
+    prompts = ids[::max(1, len(ids) // 16)][:16, :GREEDY]
+
+    def greedy(model):
+        s = session(model)
+        window = np.zeros((len(prompts), lm.SEQ), dtype=np.int64)
+        window[:, :GREEDY] = prompts
+        for t in range(GREEDY, lm.SEQ):
+            window[:, t] = s.run(None, {"input_ids": window})[0][:, t - 1].argmax(-1)
+        return window[:, GREEDY:]
+
+    def agreement(a, b):
+        same = a == b
+        prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1)) / same.shape[1]
+        return float(same.mean()), float(prefix.mean())
+
     ref = logp(fp32)
+    ref_greedy = greedy(fp32)
     rows = [{"preset": "fp32", "block_size": None, "perplexity": ppl(ref), "kl": 0.0, "weight_ratio": 1.0,
+             "greedy_match": 1.0, "greedy_prefix": 1.0,
              "quantize_s": 0.0}]
     models = {"fp32": fp32}
     for bs in (int(b) for b in args.block_sizes.split(",")):
@@ -68,7 +88,9 @@ def main() -> None:
             took = time.perf_counter() - t
             sizes = weight_bytes(q)
             lp = logp(q)
+            match, prefix = agreement(ref_greedy, greedy(q))
             rows.append({"preset": preset, "block_size": bs, "perplexity": ppl(lp), "kl": lm.kl_divergence(ref, lp),
+                         "greedy_match": match, "greedy_prefix": prefix,
                          "weight_ratio": sizes["ratio"],
                          "weight_bytes": sizes["quantized_bytes"], "fp32_weight_bytes": sizes["fp32_bytes"],
                          "quantize_s": took})
@@ -76,13 +98,15 @@ def main() -> None:
     lat = interleaved_latency(models, {"input_ids": ids[:1]}, threads=1, runs=args.runs)
     base = rows[0]["perplexity"]
     print(f"held-out: {ids.size} bytes in {len(ids)} windows; GPTQ calibration: {len(calib)} windows of {lm.SEQ}")
-    print(f"{'preset':<9} {'block':>5} {'perplexity':>10} {'vs fp32':>8} {'KL nats':>8} {'weights':>8} {'quantize':>9} "
-          f"{'latency':>8}")
+    print(f"greedy: {GREEDY} bytes after {GREEDY}-byte prompts from {len(prompts)} held-out windows")
+    print(f"{'preset':<9} {'block':>5} {'perplexity':>10} {'vs fp32':>8} {'KL nats':>8} {'greedy':>7} {'prefix':>7} "
+          f"{'weights':>8} {'quantize':>9} {'latency':>8}")
     for r in rows:
         key = r["preset"] if r["block_size"] is None else f"{r['preset']}/{r['block_size']}"
         r["latency_ratio"] = lat[key].p50_ms / lat["fp32"].p50_ms
         print(f"{r['preset']:<9} {r['block_size'] or '-':>5} {r['perplexity']:>10.4f} "
-              f"{100 * (r['perplexity'] / base - 1):>+7.2f}% {r['kl']:>8.5f} {100 * r['weight_ratio']:>7.2f}% "
+              f"{100 * (r['perplexity'] / base - 1):>+7.2f}% {r['kl']:>8.5f} {100 * r['greedy_match']:>6.1f}% "
+              f"{100 * r['greedy_prefix']:>6.1f}% {100 * r['weight_ratio']:>7.2f}% "
               f"{r['quantize_s']:>8.1f}s {r['latency_ratio']:>7.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -141,7 +141,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
           memory: bool = True) -> BenchResult:
     """A bundle folder (fp32 and int8 interleaved) or an .onnx file → latency p50/p90/p99, throughput and peak
     memory per batch size and thread count. Inputs are random, shaped by the model (batch axis = batch)."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     models, name = _models_of(Path(model))
     provider = _provider(provider)
@@ -153,7 +153,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
     proto = onnx.load(str(next(iter(models.values()))), load_external_data=False)
     rows, ratios = [], []
     configs = [(b, t) for b in batches for t in threads]
-    for b, t in tqdm(configs, desc="bench", unit="config", leave=False, disable=len(configs) < 2):
+    for b, t in progress_bar(configs, desc="bench", unit="config", leave=False, disable=len(configs) < 2):
         inputs = _inputs_for(proto, b)
         times = interleaved_times(models, inputs, threads=t, runs=runs, warmup=warmup, provider=provider)
         for m, ts in times.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgeQuantError
+from .errors import EdgeQuantError, cli_spelling
 
 __all__ = ["main"]
 
@@ -24,7 +24,8 @@ def _handle_errors(fn):
         ctx = click.get_current_context()
         debug = ctx.find_root().params.get("debug", False)
         try:
-            return fn(*args, **kwargs)
+            with cli_spelling():
+                return fn(*args, **kwargs)
         except EdgeQuantError as exc:
             if debug:
                 raise
@@ -51,6 +52,13 @@ def cli(debug: bool, verbose: int) -> None:
     """edgequant: trained PyTorch model in, fast and accurate int8 ONNX bundle for edge devices out."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Progress lines (edgequant.progress, shown when stderr is not a terminal) are plain text on stderr.
+    plog = logging.getLogger("edgequant.progress")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    plog.handlers[:] = [handler]
+    plog.propagate = False
+    plog.setLevel(logging.INFO)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -103,7 +111,14 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"]), default=None, help="Images: channel order.")
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Images: tensor layout.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
-@click.option("--no-progress", is_flag=True, help="Hide the calibration progress bar.")
+@click.option("--progress", "progress_bars", is_flag=True,
+              help="Draw progress bars even when stderr is not a terminal (default: bars on a terminal, a few "
+                   "plain lines elsewhere).")
+@click.option("--no-progress", is_flag=True, help="No progress output at all.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print nothing but errors; the exit status says whether the bundle was written (0) or not.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the bundle's summary as one JSON object on stdout (sizes, fidelity, kernels, budget).")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME:]D0,D1,...",
               help="Fix an input's shape, batch axis included (repeatable; static-shape targets default to batch 1 "
                    "and the data's shape).")
@@ -111,7 +126,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
                    "learned scales; DATA gives shapes and check samples).")
 @click.option("--task", default="feature-extraction", show_default=True,
-              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...).")
+              help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...; "
+                   "text-generation-with-past for a decoder, the default for a causal LM's folder).")
 @click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
               help="Text: pad and truncate every sample to this many tokens.")
 @click.option("--dynamic", is_flag=True,
@@ -119,8 +135,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--weights", default=None, metavar="q8|q4|q4-gptq",
               help="Weight-only: block-quantize MatMul/Gemm weights to 8 or 4 bits (GPTQ: from the calibration "
                    "data); activations stay float.")
-@click.option("--block-size", type=int, default=None, metavar="32|64|128",
-              help="Weight-only: weights per scale along the input axis (default 32).")
+@click.option("--block-size", type=int, default=None, metavar="16|32|64|128|256",
+              help="Weight-only: weights per scale along the input axis (default 32; it must divide each weight's "
+                   "input size).")
 @click.option("--accuracy-budget", default=None, metavar="METRIC>=X|METRIC<=X",
               help="Keep the most sensitive nodes in float until this holds on the held-out samples, e.g. "
               "cosine>=0.995, sqnr>=25, argmax>=99, top1>=97, top1-drop<=0.5 (top1 needs --labels).")
@@ -133,10 +150,34 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="Write the bundle even when the int8 model is grossly wrong (the report records it).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
-           layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size,
-           accuracy_budget, labels, equalize, bias_correction, smooth_quant, allow_inaccurate):
+           layout, force, progress_bars, no_progress, quiet, as_json, input_shape, qat_checkpoint, task, max_length,
+           dynamic, weights, block_size, accuracy_budget, labels, equalize, bias_correction, smooth_quant,
+           allow_inaccurate):
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
-    int8 bundle in OUT."""
+    int8 bundle in OUT. Exit status 0: the bundle is written and its check passed; 1: an error, nothing
+    written; 2: a usage error."""
+    from .progress import progress_style
+
+    if quiet:
+        no_progress = True
+        logging.getLogger("edgequant").setLevel(logging.ERROR)
+    with progress_style("bars" if progress_bars else "auto"):
+        bundle = _export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std,
+                         channels, layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic,
+                         weights, block_size, accuracy_budget, labels, equalize, bias_correction, smooth_quant,
+                         allow_inaccurate)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(summary_dict(bundle.report, bundle.path), indent=2))
+    elif not quiet:
+        click.echo(summary(bundle.report, bundle.path))
+
+
+def _export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
+            layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size,
+            accuracy_budget, labels, equalize, bias_correction, smooth_quant, allow_inaccurate):
+    """The export command's options → the bundle (through the same library calls as the Python API)."""
     from click.core import ParameterSource
 
     from ._memory import release_freed_buffers
@@ -170,29 +211,37 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
     if qat_checkpoint is not None:
         from .qat import export_checkpoint
 
-        bundle = export_checkpoint(model, qat_checkpoint, data, out=out, preprocess=pre, force=force,
-                                   progress=not no_progress)
-        click.echo(summary(bundle.report, bundle.path))
-        return
+        return export_checkpoint(model, qat_checkpoint, data, out=out, preprocess=pre, force=force,
+                                 progress=not no_progress)
     from .frontend.shapes import parse_input_shape
 
     shapes = dict(parse_input_shape(s) for s in input_shape) or None
-    bundle = run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
+    return run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
                         preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
                         input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic,
                         weights=weights, block_size=block_size,
                         algorithms=Algorithms(equalize=equalize, bias_correction=bias_correction,
                                               smooth_quant=smooth_quant),
                         accuracy_budget=budget, labels=labels, allow_inaccurate=allow_inaccurate)
-    click.echo(summary(bundle.report, bundle.path))
+
+
+def summary_dict(report: dict, path: Path) -> dict:
+    """A bundle report → the JSON the export command prints with --json: the figures a script checks."""
+    from .units import precision_label
+
+    keys = ("target", "source", "method", "sizes", "fidelity", "kernels", "weights", "accuracy_budget", "qat")
+    return {"bundle": str(path), "precision": precision_label(report),
+            **{k: report[k] for k in keys if report.get(k) is not None}}
 
 
 def summary(report: dict, path: Path) -> str:
     """A bundle report → a short terminal table."""
+    from .units import format_bytes, precision_label
+
     s = report["sizes"]
     lines = [f"bundle   {path}  (target {report['target']}, {report['source']}, method {report['method']})",
-             f"size     fp32 {s['fp32_bytes'] / 1024:.1f} KiB -> int8 {s['int8_bytes'] / 1024:.1f} KiB "
-             f"({100 * s['ratio']:.1f}%)"]
+             f"size     fp32 {format_bytes(s['fp32_bytes'])} -> {precision_label(report)} "
+             f"{format_bytes(s['int8_bytes'])} ({100 * s['ratio']:.1f}%)"]
     for f in report["fidelity"]:
         agree = f"  argmax agreement {100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None \
             else ""
@@ -207,17 +256,25 @@ def summary(report: dict, path: Path) -> str:
         for p in f.get("parts", []):
             lines.append(f"  part   {p['name']}: SQNR {p['sqnr_db']:.1f} dB  correlation {p['correlation']:.4f}  "
                          f"max|err| {p['max_abs_error']:.4g} (|fp32| max {p['fp32_abs_max']:.4g})")
+    lines += _arithmetic_lines(report)
     gate = report.get("fidelity_gate")
     if gate and gate.get("failures"):
         lines.append(f"WARNING  written despite a grossly wrong int8 model (allow_inaccurate): {gate['failures'][0]}")
     det = report.get("detection")
     if det:
         lines.append(f"detect   {det['summary']}")
-    lines += _arithmetic_lines(report)
+    g = report.get("generation")
+    if g and g.get("samples"):
+        lines.append(f"text     {g['samples']} held-out texts ({g['tokens']} tokens): perplexity {g['perplexity']:.3f} "
+                     f"(fp32 {g['perplexity_fp32']:.3f}), KL {g['kl_nats']:.4g} nats/token, next token as fp32 "
+                     f"{100 * g['next_token_agreement']:.1f}%")
+        if g.get("greedy_match") is not None:
+            lines.append(f"greedy   {g['greedy_tokens']} new tokens: {100 * g['greedy_match']:.1f}% the same as "
+                         f"fp32, {100 * g['greedy_prefix']:.1f}% before the first difference")
     w = report.get("weights")
     if w:
         lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "
-                     f"({w['method']}): {w['fp32_bytes'] / 1024:.1f} KiB -> {w['quantized_bytes'] / 1024:.1f} KiB "
+                     f"({w['method']}): {format_bytes(w['fp32_bytes'])} -> {format_bytes(w['quantized_bytes'])} "
                      f"({100 * w['ratio']:.1f}%)")
     k = report.get("kernels")
     if k:
@@ -327,7 +384,12 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--batch", default="1", show_default=True, metavar="B[,B...]", help="Batch sizes, e.g. 1,8.")
 @click.option("--threads", default="1", show_default=True, metavar="T[,T...]", help="Intra-op threads, e.g. 1,2.")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed runs per model (default 50; decoder bundles: 3 generations).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Decoder bundles: tokens in the prompt processed in one step.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Decoder bundles: tokens then generated one by one.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -335,13 +397,28 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG plot of the latencies to this file.")
 @_handle_errors
-def bench(model, batch, threads, provider, runs, warmup, no_memory, json_out, plot):
-    """Latency, throughput and peak memory of a bundle (fp32 vs int8, interleaved) or of one MODEL.onnx."""
+def bench(model, batch, threads, provider, runs, prompt_tokens, new_tokens, warmup, no_memory, json_out, plot):
+    """Latency, throughput and peak memory of a bundle (fp32 vs int8, interleaved) or of one MODEL.onnx; for a
+    decoder bundle, prompt latency, per-token latency, tokens/s and peak memory of fp32 and the quantized model."""
     import json
 
     from .bench import bench as run_bench
     from .bench import format_bench
 
+    generation = _generation_bundle(model)
+    if generation is not None:
+        from .bench_generation import bench_generation, format_generation
+
+        models, spec, preset = generation
+        result = bench_generation({"fp32": models[0], preset: models[1]}, spec, name=str(model),
+                                  threads=_ints(threads, "--threads"), prompt_tokens=prompt_tokens,
+                                  new_tokens=new_tokens, runs=runs or 3, warmup=min(warmup, 1),
+                                  memory=not no_memory).to_dict()
+        click.echo(format_generation(result))
+        if json_out:
+            json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return
+    runs = runs or 50
     result = run_bench(model, batches=_ints(batch, "--batch"), threads=_ints(threads, "--threads"),
                        provider=provider, runs=runs, warmup=warmup, memory=not no_memory).to_dict()
     click.echo(format_bench(result))
@@ -355,6 +432,18 @@ def bench(model, batch, threads, provider, runs, warmup, no_memory, json_out, pl
             logging.getLogger(__name__).warning("matplotlib is not installed: no plot written to %s", plot)
         else:
             plot.write_bytes(png)
+
+
+def _generation_bundle(path: Path):
+    """A decoder bundle → ((fp32 path, quantized path), its generation entry, the preset); else None."""
+    from .bundle.core import MANIFEST, load_bundle
+
+    if not (path.is_dir() and (path / MANIFEST).is_file()):
+        return None
+    b = load_bundle(path)
+    if not b.manifest.get("generation") or b.fp32_model_path is None:
+        return None
+    return (b.fp32_model_path, b.model_path), b.manifest["generation"], b.report.get("method", "quantized")
 
 
 def main() -> None:

@@ -3,6 +3,10 @@ file, tensor or node at fault and says how to fix it. The CLI prints ``error: <m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 __all__ = [
     "BenchError",
     "BudgetError",
@@ -15,7 +19,46 @@ __all__ = [
     "QuantizationError",
     "TargetError",
     "UnsupportedOnTarget",
+    "cli_spelling",
+    "option",
+    "spelled",
 ]
+
+_FRONT_END: contextvars.ContextVar[str] = contextvars.ContextVar("edgequant_front_end", default="python")
+_FLAG_OF = {"exclude_nodes": "exclude", "input_shapes": "input-shape", "batches": "batch"}
+_NAME = object()
+
+
+def option(name: str, value: object = _NAME) -> str:
+    """A keyword argument of the Python API → how the user who called us spells it: ``option("force", True)`` is
+    ``force=True`` from Python and ``--force`` from the command line, ``option("weights", "q4")`` is
+    ``weights="q4"`` or ``--weights q4``, ``option("method")`` is ``method`` or ``--method``. Messages name the
+    fix in the user's own words."""
+    if _FRONT_END.get() == "cli":
+        flag = "--" + _FLAG_OF.get(name, name).replace("_", "-")
+        if isinstance(value, (list, tuple)):
+            return " ".join(f"{flag} {v}" for v in value)
+        return flag if value is _NAME or value is True else f"{flag} {value}"
+    if value is _NAME:
+        return name
+    if isinstance(value, (list, tuple)):
+        return f"{name}={list(value)!r}"
+    return f'{name}="{value}"' if isinstance(value, str) else f"{name}={value!r}"
+
+
+def spelled(*, cli: str, python: str) -> str:
+    """The command-line or the Python form of a fix, for the front end that called us (see :func:`option`)."""
+    return cli if _FRONT_END.get() == "cli" else python
+
+
+@contextlib.contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within this block, :func:`option` spells options as command-line flags (the CLI runs its commands here)."""
+    token = _FRONT_END.set("cli")
+    try:
+        yield
+    finally:
+        _FRONT_END.reset(token)
 
 
 class EdgeQuantError(Exception):

@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .bundle.core import Bundle, load_bundle
-from .errors import BundleError, TargetError
+from .errors import BundleError, TargetError, option
 from .targets import ProviderSpec, Target, load_target
 from .check.fidelity import INT8_OPS, session
 
@@ -41,7 +41,8 @@ class NodePlacement:
 
     node: str
     op_type: str
-    precision: str  # "int8", "float", or "fused" (no kernel of its own after ONNX Runtime's optimizer)
+    precision: str  # "int8", "4-bit weights" (MatMulNBits), "float", or "fused" (no kernel of its own after
+    #                 ONNX Runtime's optimizer)
     provider: str  # "" when no provider of the chain is known to take it
     macs: int
     reason: str
@@ -68,22 +69,43 @@ class Inspection:
         """int8 MACs / all MACs (1.0 for a model without MACs)."""
         return self.int8_macs / self.total_macs if self.total_macs else 1.0
 
+    @property
+    def quantized_macs(self) -> int:
+        """MACs of nodes that run with 8 bits or fewer (int8 kernels, or MatMulNBits' 4/8-bit weights)."""
+        return sum(n.macs for n in self.nodes if n.precision not in ("float", "fused"))
+
     def to_dict(self) -> dict:
         return {"target": self.target, "providers": list(self.providers), "total_macs": self.total_macs,
                 "int8_macs": self.int8_macs, "int8_mac_share": round(self.int8_mac_share, 6),
+                "quantized_macs": self.quantized_macs,
                 "nodes": [asdict(n) for n in self.nodes]}
 
     def lines(self) -> list[str]:
         """A terminal table: one line per node, then the MAC share."""
+        width = max([9, *(len(n.precision) for n in self.nodes)])
         out = [f"target {self.target}: {' > '.join(self.providers)}",
-               f"{'node':<28} {'op':<18} {'precision':<9} {'provider':<26} {'MACs':>10}  why"]
+               f"{'node':<28} {'op':<18} {'precision':<{width}} {'provider':<26} {'MACs':>10}  why"]
         for n in self.nodes:
-            out.append(f"{n.node[:28]:<28} {n.op_type[:18]:<18} {n.precision:<9} {n.provider[:26] or '-':<26} "
+            out.append(f"{n.node[:28]:<28} {n.op_type[:18]:<18} {n.precision:<{width}} {n.provider[:26] or '-':<26} "
                        f"{n.macs:>10}  {n.reason}")
-        int8 = sum(n.precision == "int8" for n in self.nodes)
-        out.append(f"{int8} of {len(self.nodes)} nodes in int8; MACs in int8: {self.int8_macs:,} of "
-                   f"{self.total_macs:,} ({100 * self.int8_mac_share:.1f}%)")
+        out.append(self.summary())
         return out
+
+    def summary(self) -> str:
+        """One line: how many nodes and MACs run quantized, in the words of their precision (int8, 4-bit weights)."""
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            if n.precision not in ("float", "fused"):
+                counts[n.precision] = counts.get(n.precision, 0) + 1
+        what = "int8" if set(counts) <= {"int8"} else ", ".join(
+            f"{c} {'with ' if p.endswith('weights') else 'in '}{p}" for p, c in sorted(counts.items()))
+        nodes = (f"{sum(counts.values())} of {len(self.nodes)} nodes in int8" if what == "int8"
+                 else f"{sum(counts.values())} of {len(self.nodes)} nodes quantized ({what})")
+        if not self.total_macs:
+            return f"{nodes}; no multiply-accumulates counted (no Conv/MatMul/Gemm with known shapes)"
+        share = 100 * self.quantized_macs / self.total_macs
+        label = "MACs in int8" if what == "int8" else "MACs quantized"
+        return f"{nodes}; {label}: {self.quantized_macs:,} of {self.total_macs:,} ({share:.1f}%)"
 
 
 def inspect_bundle(bundle: str | Path | Bundle, *, target: str | Path | Target | None = None) -> Inspection:
@@ -103,7 +125,8 @@ def inspect_bundle(bundle: str | Path | Bundle, *, target: str | Path | Target |
                 providers = load_target(name).runtime.providers
             except TargetError:
                 raise BundleError(f"{b.path}: the manifest does not say what its providers run in int8 and "
-                                  f"{name!r} is not a built-in target; pass --target with its profile") from None
+                                  f"{name!r} is not a built-in target; pass {option('target')} with its "
+                                  "profile") from None
     cpu = _cpu_placement(model, level) if any(p.kernels == "ort-cpu" for p in providers) else {}
     macs = _macs(model)
     graph = _Graph(model)
@@ -112,6 +135,11 @@ def inspect_bundle(bundle: str | Path | Bundle, *, target: str | Path | Target |
         if node.op_type in _QDQ:
             continue
         precision, provider, reason = _place(node, graph, providers, cpu)
+        if node.op_type == "MatMulNBits" and precision == "int8":
+            attrs = {a.name: a.i for a in node.attribute}
+            precision = f"{attrs.get('bits', 4)}-bit weights"
+            reason = (f"ONNX Runtime runs MatMulNBits: {attrs.get('bits', 4)}-bit weights in blocks of "
+                      f"{attrs.get('block_size', '?')}, float activations")
         rows.append(NodePlacement(node.name, node.op_type, precision, provider, macs.get(node.name, 0), reason))
     return Inspection(name, tuple(p.name for p in providers), tuple(rows))
 
@@ -241,6 +269,14 @@ def _macs(model: onnx.ModelProto) -> dict[str, int]:
     MatMul and Gemm: MACs = output elements × reduction length."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    for i, n in enumerate(work.graph.node):  # MatMulNBits → MatMul on a data-less [K, N] input: shapes propagate
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            w = f"{n.name}__weight_shape"
+            work.graph.input.append(onnx.helper.make_tensor_value_info(w, onnx.TensorProto.FLOAT,
+                                                                       [attrs["K"], attrs["N"]]))
+            work.graph.node[i].CopyFrom(onnx.helper.make_node("MatMul", [n.input[0], w], list(n.output)[:1],
+                                                              name=n.name))
     for v in work.graph.input:
         for d in v.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):

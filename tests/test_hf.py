@@ -265,7 +265,7 @@ def test_non_text_data_for_a_text_model(minilm_folder, tmp_path):
 def test_max_length_beyond_the_model(minilm, sentences, tmp_path):
     import edgequant
 
-    with pytest.raises(edgequant.DataError, match=r"--max-length 1024 is longer than .* supports \(512 positions\)"):
+    with pytest.raises(edgequant.DataError, match=r"max_length=1024 is longer than .* supports \(512 positions\)"):
         edgequant.export(minilm, sentences[0][:8], out=tmp_path / "out", max_length=1024, progress=False)
     assert not (tmp_path / "out").exists()
 

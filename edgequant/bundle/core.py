@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._runtime.edgequant_runtime import sha256_file  # one implementation, shared with the device
-from ..errors import BundleError
+from ..errors import BundleError, option
 
 __all__ = ["MANIFEST", "REPORT", "SCHEMA_VERSION", "Bundle", "load_bundle", "sha256_file", "write_bundle"]
 
@@ -48,9 +48,10 @@ class Bundle:
 def check_out_dir(out: Path, force: bool) -> None:
     """Refuse a non-empty output folder unless ``force``; refuse a file in its place."""
     if out.exists() and not out.is_dir():
-        raise BundleError(f"output {out} is a file: pass a folder path with -o")
+        raise BundleError(f"output {out} is a file: pass a folder path as {option('out')}")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise BundleError(f"output folder {out} is not empty: choose another folder or pass --force to replace it")
+        raise BundleError(f"output folder {out} is not empty: choose another folder or pass {option('force', True)} "
+                          "to replace it")
 
 
 def write_bundle(out: str | Path, files: dict[str, bytes], manifest: dict[str, Any], report: dict[str, Any], *,

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from ..units import format_bytes, precision_label
+
 __all__ = ["bench_png", "layers_png", "report_html"]
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,8 @@ def report_html(report: dict[str, Any], png: bytes | None) -> str:
     kv = [("target", report.get("target", "")), ("method", report.get("method", "")),
           ("source", report.get("source", ""))]
     if s:
-        kv.append(("size", f"fp32 {s['fp32_bytes'] / 1024:.1f} KiB → int8 {s['int8_bytes'] / 1024:.1f} KiB "
-                           f"({100 * s['ratio']:.1f}%)"))
+        kv.append(("size", f"fp32 {format_bytes(s['fp32_bytes'])} → {precision_label(report)} "
+                           f"{format_bytes(s['int8_bytes'])} ({100 * s['ratio']:.1f}%)"))
     hold = report.get("holdout", {})
     if hold:
         kv.append(("held-out samples", str(hold.get("samples"))))

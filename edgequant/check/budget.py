@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from ..calibration.streaming import batches
-from ..errors import BudgetError, DataError
+from ..errors import BudgetError, DataError, option
 
 __all__ = ["CONFIDENCE", "METRICS", "RESAMPLES", "AccuracyBudget", "bootstrap_interval", "keep_float_until",
            "run_outputs"]
@@ -214,11 +214,11 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
     """Budget + fp32 model + ``quantize_fn(float_nodes) -> int8 ModelProto`` + held-out samples → (int8 model
     with the fewest float nodes found that meets the budget, report dict). Raises BudgetError when even the
     fp32 model misses the budget."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     if budget.needs_labels:
         if labels is None:
-            raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
+            raise BudgetError(f"accuracy budget {budget} needs labels: pass {option('labels', 'labels.npy')} (one "
                               "integer class per calibration sample, in the order the samples are read)")
         if len(labels) != len(holdout):
             raise DataError(f"{len(labels)} labels for {len(holdout)} held-out samples; give one label per sample")
@@ -259,7 +259,7 @@ def keep_float_until(budget: AccuracyBudget, fp32: onnx.ModelProto, quantize_fn:
     candidates = candidate_nodes(fp32, op_types, base_exclude)
     sqnr0 = sqnr_db(ref, out0)
     gains: dict[str, float] = {}
-    for name in tqdm(candidates, desc="sensitivity", unit="node", disable=not progress, leave=False):
+    for name in progress_bar(candidates, desc="sensitivity", unit="node", disable=not progress, leave=False):
         gains[name] = sqnr_db(ref, trial([name])[1]) - sqnr0
     ranked = sorted(candidates, key=lambda n: -gains[n])
 

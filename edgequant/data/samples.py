@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime.edgequant_runtime import preprocess_image
-from ..errors import DataError
+from .._runtime.edgequant_runtime import InputError, preprocess_image, read_image
+from ..errors import DataError, spelled
 
-__all__ = ["ImagePreprocess", "Samples", "load_samples"]
+__all__ = ["ImagePreprocess", "Samples", "channel_fix", "image_mismatch", "load_samples"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _SINGLE = ""  # key of a sample from a .npy source, before it is bound to the model's only input
@@ -116,6 +116,34 @@ class Samples(Sequence):
         return self
 
 
+def channel_fix(preprocess: ImagePreprocess, got: int, want: int) -> str | None:
+    """Images read with ``preprocess`` give ``got`` channels where the model takes ``want`` → the image option
+    that fixes it, in the caller's words (``--channels gray`` or ``ImagePreprocess(channel_order="gray")``)."""
+    order = {1: "gray", 3: "rgb"}.get(want)
+    if order is None or got == want:
+        return None
+    options = {"channel_order": order, **({"layout": preprocess.layout} if preprocess.layout != "nchw" else {})}
+    python = ", ".join(f'{k}="{v}"' for k, v in options.items())
+    return spelled(cli=f"--channels {order}", python=f"preprocess=ImagePreprocess({python})")
+
+
+def image_mismatch(samples: Samples, reason: str) -> DataError | None:
+    """A model that refused image samples (PyTorch's "expected input[...] to have 1 channels, but got 3") → a
+    DataError naming the image option that fixes it, or None when the reason is not a channel count."""
+    import re
+
+    m = re.search(r"to have (\d+) channels, but got (\d+) channels", reason)
+    if samples.preprocess is None or m is None:
+        return None
+    want, got = int(m.group(1)), int(m.group(2))
+    fix = channel_fix(samples.preprocess, got, want)
+    if fix is None:
+        return None
+    pre = samples.preprocess
+    return DataError(f"{samples.source}: the images become {got}-channel inputs ({pre.channel_order}, {pre.layout}), "
+                     f"but the model takes {want} channel{'s' if want > 1 else ''}: pass {fix}")
+
+
 def load_samples(data: Any, *, preprocess: ImagePreprocess | None = None) -> Samples:
     """A path (folder of .npy/.npz/images, or one stacked .npy/.npz), or an iterable of arrays or dicts →
     :class:`Samples`, checked for consistent shapes and dtypes."""
@@ -183,14 +211,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
+    """The device adapter's reader, so calibration and the device see the same pixels."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("L") if im.mode in ("L", "I;16", "I", "1", "P") and im.mode != "P" else im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
+        return read_image(path)
+    except InputError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _stacked(arrays: dict[str, np.ndarray], source: str, label: str) -> Samples:

@@ -22,12 +22,15 @@ from typing import Any
 
 import onnx
 
-from ..errors import ExportError
+from ..errors import ExportError, option
 
-__all__ = ["HFModel", "is_hf_folder", "load_hf"]
+__all__ = ["DECODER_TASKS", "HFModel", "is_causal_lm", "is_hf_folder", "load_hf", "read_decoder_config"]
 
 log = logging.getLogger(__name__)
 
+# Tasks that mean a decoder exported for generation (always with its key/value cache: see jobs/decoder.py).
+DECODER_TASKS = ("text-generation-with-past", "text-generation")
+GENERATION_CONFIG = "generation_config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 # Tokenizer files the device may need; tokenizer.json alone is enough for the ``tokenizers`` package.
@@ -84,6 +87,41 @@ def load_hf(folder: str | Path, *, task: str = "feature-extraction", opset: int 
                    positions if isinstance(positions, int) and positions > 0 else None)
 
 
+def is_causal_lm(path: Any) -> bool:
+    """True for a Hugging Face model folder whose config names a causal language model (``...ForCausalLM``,
+    ``...LMHeadModel``): a decoder for text generation."""
+    if not is_hf_folder(path):
+        return False
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(archs, list) and any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel"))
+                                           for a in archs)
+
+
+def read_decoder_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A decoder's model folder → (config.json, generation_config.json), both required: generation needs the
+    end-of-sequence tokens and the model's own decoding defaults, and the bundle needs its tokenizer."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    path = folder / GENERATION_CONFIG
+    if not path.is_file():
+        raise ExportError(f"{folder} has no {GENERATION_CONFIG}: a decoder bundle needs the model's end-of-sequence "
+                          "tokens and decoding defaults; save it with model.generation_config.save_pretrained()")
+    try:
+        generation = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc}); save it again with save_pretrained()") from None
+    if not isinstance(generation, dict):
+        raise ExportError(f"{path}: not a generation config (a JSON object)")
+    if not (folder / "tokenizer.json").is_file() and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise ExportError(f"{folder} has no tokenizer.json: a decoder bundle carries the model's own tokenizer; "
+                          "save it with tokenizer.save_pretrained() into that folder")
+    return config, generation
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder: pass a Hugging Face model folder (config.json, weights, "
@@ -124,8 +162,8 @@ def _check_task(folder: Path, model_type: str, task: str) -> None:
         raise ExportError(f"{folder}: optimum cannot export model type {model_type!r} to ONNX; export it yourself "
                           "and pass the .onnx file")
     if task not in tasks:
-        raise ExportError(f"{folder}: optimum does not know task {task!r} for a {model_type} model; use --task with "
-                          f"one of {', '.join(tasks)}")
+        raise ExportError(f"{folder}: optimum does not know task {task!r} for a {model_type} model; use "
+                          f"{option('task')} with one of {', '.join(tasks)}")
 
 
 def _tokenizer_files(folder: Path) -> dict[str, bytes]:

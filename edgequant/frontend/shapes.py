@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import DataError
+from ..errors import DataError, option
 
 __all__ = ["fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
 
@@ -51,7 +51,8 @@ def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarra
         given[inputs[0].name] = given.pop("")
     unknown = sorted(set(given) - {i.name for i in inputs})
     if unknown:
-        raise DataError(f"--input-shape names {', '.join(unknown)}, which the model does not have; its inputs are "
+        raise DataError(f"{option('input_shapes')} names {', '.join(unknown)}, which the model does not have; its "
+                        "inputs are "
                         f"{', '.join(i.name for i in inputs)}")
     out = {}
     for inp in inputs:
@@ -62,8 +63,8 @@ def resolve_input_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarra
             batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1  # a batch the model fixes
             shape = (batch, *np.shape(example[inp.name]))
         else:
-            raise DataError(f"input {inp.name!r} has no sample to take a fixed shape from: pass --input-shape "
-                            f"{inp.name}:D0,D1,...")
+            raise DataError(f"input {inp.name!r} has no sample to take a fixed shape from: pass it in "
+                            f"{option('input_shapes')}")
         bad = len(shape) != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape))
         if bad:
             want = ["?" if not isinstance(d, int) or d <= 0 else d for d in dims]

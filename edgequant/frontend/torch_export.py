@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 
-from ..errors import ExportError
+from ..errors import ExportError, option
 
 __all__ = ["convert_opset", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 
@@ -154,7 +154,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         return converted
     except Exception as exc:  # the converter raises assorted types
         raise ExportError(f"cannot convert the exported model from opset {_opset(model)} to {opset} "
-                          f"({_first_line(exc)}); use --opset {_opset(model)} or newer") from None
+                          f"({_first_line(exc)}); use {option('opset', _opset(model))} or newer") from None
 
 
 def _trace_hooks(module: Any, stack: list[str]) -> list:
@@ -215,7 +215,7 @@ def _quiet():
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)  # a failure is re-raised as one ExportError: its log lines are noise
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):

@@ -16,8 +16,8 @@ from ..transforms.algorithms import Algorithms
 from ..bundle.core import Bundle, check_out_dir, write_bundle
 from ..bundle.golden import add_selftest
 from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_calibrate
-from ..data.samples import ImagePreprocess, Samples, load_samples
-from ..errors import CalibrationError, DataError, ExportError, FidelityError
+from ..data.samples import ImagePreprocess, Samples, channel_fix, image_mismatch, load_samples
+from ..errors import CalibrationError, DataError, ExportError, FidelityError, option
 from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
 from ..quantize.heads import mixed_range_heads
 from ..quantize.qdq import quantize, skip_absurd_ranges
@@ -25,8 +25,8 @@ from ..graph.rewrite import rewrite_for_int8
 from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
 from ..targets import Target, load_target
 from ..check.fidelity import cpu_kernels, fidelity
-from ..check.outputs import gate_message, gross_failures
 from ..graph.sessions import checked_with, host_would_differ
+from ..check.outputs import gate_message, gross_failures
 from ..quantize.weight_only import check_options, export_weight_only
 
 __all__ = ["export", "split_holdout"]
@@ -51,7 +51,9 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
     Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
     "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
-    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`.
+    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`; a
+    decoder (``--task text-generation-with-past``, or a causal LM's folder) goes to
+    :func:`edgequant.jobs.decoder.export_decoder` and needs ``weights``.
     ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
     ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
     ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
@@ -63,6 +65,14 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
 
     wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
                        num_samples=num_samples, dynamic=dynamic)
+    if _is_decoder_job(model, task):
+        from .decoder import export_decoder
+
+        if dynamic:
+            raise ExportError(f"{model} is a decoder (text generation): its bundle quantizes weights only; use "
+                              "--weights q8, q4 or q4-gptq instead of --dynamic")
+        return export_decoder(model, calibration, out=out, weights=wo, target=target, num_samples=num_samples,
+                              opset=opset, exclude_nodes=exclude_nodes, force=force, progress=progress)
     if _is_text_job(model, calibration) or dynamic:
         from .text import export_text
 
@@ -80,7 +90,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     if method not in METHODS and method != "auto":
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
     if num_samples is not None and num_samples < 1:
-        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
+        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
     out = Path(out)
     check_out_dir(out, force)
     timings: dict[str, float] = {}
@@ -132,8 +142,7 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     host_kernels = host_kernels_report(fp32, int8, holdout, tgt, checked, batch_size)
     t2 = time.perf_counter()
     failures = gross_failures([f.to_dict() for f in fid])
-    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report or failures \
-        else None
+    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report or failures else None
     timings["layers_s"] = time.perf_counter() - t2
     if failures and not allow_inaccurate:
         raise FidelityError(gate_message(failures, layers, fp32, method))
@@ -185,6 +194,13 @@ def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path 
     return write_bundle(out, files, manifest, report, force=force)
 
 
+def _is_decoder_job(model: Any, task: str) -> bool:
+    """A decoder for text generation: asked for with the task, or the folder's config names a causal LM."""
+    from ..frontend.hf import DECODER_TASKS, is_causal_lm, is_hf_folder
+
+    return is_hf_folder(model) and (task in DECODER_TASKS or (task == "feature-extraction" and is_causal_lm(model)))
+
+
 def _is_text_job(model: Any, calibration: Any) -> bool:
     from ..frontend.hf import HFModel, is_hf_folder
     from ..data.text import is_text_path
@@ -219,7 +235,7 @@ def _budget_labels(budget: Any, labels: Any, n: int):
     from ..errors import BudgetError
 
     if budget is not None and budget.needs_labels and labels is None:
-        raise BudgetError(f"accuracy budget {budget} needs labels: pass labels (CLI: --labels labels.npy, one "
+        raise BudgetError(f"accuracy budget {budget} needs labels: pass {option('labels', 'labels.npy')} (one "
                           "integer class per calibration sample, in the order the samples are read)")
     return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
 
@@ -266,6 +282,9 @@ def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> 
     try:
         return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
     except ExportError as exc:
+        mismatch = image_mismatch(samples, str(exc))
+        if mismatch is not None:
+            raise mismatch from None
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
         raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
 
@@ -294,14 +313,21 @@ def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
         shape = list(example[inp.name].shape)
         if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
             want = ["?" if d is None else d for d in dims]
+            pre = samples.preprocess
+            if pre is not None and len(dims) == 3 and len(shape) == 3:
+                axis = 0 if pre.layout == "nchw" else 2
+                fix = channel_fix(pre, shape[axis], dims[axis]) if dims[axis] is not None else None
+                if fix is not None:
+                    raise DataError(f"{samples.source}: the images become inputs of shape {shape} "
+                                    f"({pre.channel_order}, {pre.layout}), but the model expects {want}: pass {fix}")
             raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
                             f"{want} (without batch axis); fix the data or its pre-processing")
 
 
 def _calibrate(fp32, calib, tensors, method, batch_size, progress):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    with tqdm(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
+    with progress_bar(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
               leave=False) as bar:
         ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
     return ranges
@@ -321,12 +347,12 @@ def host_kernels_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, holdout: S
 
 def _layers(fp32, int8, holdout, batch_size, progress, level="all") -> list[dict] | None:
     """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..check.layers import layer_errors
 
     try:
-        with tqdm(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
+        with progress_bar(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
                   leave=False) as bar:
             rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update, level=level)
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses

@@ -34,7 +34,7 @@ import onnx
 from .. import __version__
 from ..bundle.core import Bundle, check_out_dir, write_bundle
 from ..calibration.streaming import METHODS, calibrate
-from ..errors import CalibrationError, DataError, ExportError, QuantizationError
+from ..errors import CalibrationError, DataError, ExportError, QuantizationError, option
 from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..frontend.hf import TOKENIZER_FILES, HFModel, is_hf_folder, load_hf, quiet
 from ..quantize.qdq import quantize
@@ -71,7 +71,7 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     if num_samples is not None and num_samples < 1:
-        raise DataError(f"--num-samples must be at least 1, not {num_samples}")
+        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
     pre = TextPreprocess(max_length=max_length)
     out = Path(out)
     check_out_dir(out, force)
@@ -88,8 +88,8 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         raise DataError(f"{hf.source} has no tokenizer files (tokenizer.json or vocab.txt): text data feeds only "
                         "text models; pass .npy/.npz calibration data instead")
     if hf.max_positions is not None and pre.max_length > hf.max_positions:
-        raise DataError(f"--max-length {pre.max_length} is longer than {hf.source} supports "
-                        f"({hf.max_positions} positions); use --max-length {hf.max_positions} or less")
+        raise DataError(f"{option('max_length', pre.max_length)} is longer than {hf.source} supports "
+                        f"({hf.max_positions} positions); use {option('max_length', hf.max_positions)} or less")
     tokenizer = hf.tokenizer()
     fp32 = convert_opset(prepare_fp32(hf.onnx_model), opset or tgt.opset)
     inputs = _input_names(fp32)
@@ -240,9 +240,9 @@ def _encoder_target(tgt: Target) -> Target:
 
 
 def _channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    with tqdm(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample", disable=not progress,
+    with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample", disable=not progress,
               leave=False) as bar:
         return channel_ranges(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
 

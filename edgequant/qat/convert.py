@@ -199,7 +199,7 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
               level: str = "all") -> dict[str, tuple]:
     """Output name → (PyTorch outputs, ONNX Runtime outputs) over all samples."""
     import torch
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..calibration.streaming import batches
     from ..check.fidelity import session
@@ -210,7 +210,7 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     got: dict[str, list] = {n: [] for n in names}
     gm.eval()
     with torch.no_grad():
-        for batch in tqdm(batches(samples, batch_size, {i.name: np.float32 for i in sess.get_inputs()}),
+        for batch in progress_bar(batches(samples, batch_size, {i.name: np.float32 for i in sess.get_inputs()}),
                           total=-(-len(samples) // batch_size), desc="checking against PyTorch", unit="batch",
                           disable=not progress, leave=False):
             outs = gm(**{k: torch.from_numpy(v) for k, v in batch.items()})

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..errors import QuantizationError
+from ..errors import QuantizationError, option
 
 __all__ = ["BLOCK_SIZES", "PRESETS", "WeightOnly", "gemm_to_matmul", "quantize_weights", "weight_bytes",
            "weight_matmuls"]
@@ -47,6 +47,11 @@ class WeightOnly:
     preset: str
     block_size: int = DEFAULT_BLOCK_SIZE
     damp: float = 0.01
+    # MatMulNBits' accuracy_level: 0 multiplies in float (the weights dequantized); 4 quantizes each activation
+    # block to int8 and multiplies in integers, the fast kernels on x86 and ARM (8-bit weights have no other
+    # fast path in ONNX Runtime 1.32: one 768×8192 product, 1 thread, VNNI host: q8 31.6 ms at 0, 0.30 ms at 4,
+    # fp32 2.2 ms). Decoders use 4 (see jobs/decoder.py).
+    accuracy_level: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -54,6 +59,8 @@ class WeightOnly:
         if self.block_size not in BLOCK_SIZES:
             raise QuantizationError(f"block size {self.block_size} is not one MatMulNBits takes: use one of "
                                     f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise QuantizationError(f"accuracy level must be 0 to 4 (MatMulNBits), not {self.accuracy_level}")
         if not 0 < self.damp < 1:
             raise QuantizationError(f"GPTQ damping must be between 0 and 1, not {self.damp}")
 
@@ -68,7 +75,10 @@ class WeightOnly:
     def to_dict(self) -> dict:
         return {"weights": self.preset, "bits": self.bits, "block_size": self.block_size, "method": self.method,
                 "symmetric": False, "scale_dtype": "float32", "op": "com.microsoft.MatMulNBits",
-                "activations": "float"}
+                "activations": "int8 per block" if self.accuracy_level == 4 else "float",
+                "accuracy_level": self.accuracy_level,
+                "precision": f"{self.bits}-bit weights, "
+                             f"{'int8' if self.accuracy_level == 4 else 'float'} activations"}
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -131,16 +141,19 @@ def quantize_weights(model: onnx.ModelProto, config: WeightOnly,
     work = gemm_to_matmul(model)
     for name in exclude_nodes:
         if not any(n.name == name for n in work.graph.node):
-            raise QuantizationError(f"--exclude {name}: the model has no node of that name; the bundle's "
+            raise QuantizationError(f"{option('exclude_nodes', [name])}: the model has no node of that name; the "
+                                    "bundle's "
                                     "model.fp32.onnx lists the node names (open it in Netron)")
     layers = weight_matmuls(work, exclude_nodes)
     if not layers:
         raise QuantizationError("the model has no MatMul or Gemm with a constant weight: weight-only quantization "
-                                "(--weights) has nothing to quantize; drop --weights for int8 activations instead")
+                                f"({option('weights')}) has nothing to quantize; drop {option('weights')} for int8 "
+                                "activations instead")
     for node, _, weight, (k, _n) in layers:
         if k % config.block_size:
             fits = [b for b in BLOCK_SIZES if k % b == 0]
-            hint = f"use --block-size {fits[-1]}" if fits else f"exclude it with --exclude {node}"
+            hint = (f"use {option('block_size', fits[-1])}" if fits
+                    else f"exclude it with {option('exclude_nodes', [node])}")
             raise QuantizationError(f"block size {config.block_size} does not divide the input size K={k} of "
                                     f"{node!r} (weight {weight!r}): {hint}")
     if config.method == "rtn":
@@ -149,6 +162,12 @@ def quantize_weights(model: onnx.ModelProto, config: WeightOnly,
         if samples is None or not len(samples):
             raise QuantizationError(f"{config.preset} needs calibration samples to run GPTQ")
         out = _gptq(work, config, layers, samples, batch_size, progress)
+    if config.accuracy_level:
+        for node in out.graph.node:
+            if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+                keep = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*keep, onnx.helper.make_attribute("accuracy_level", config.accuracy_level)])
     out.producer_name = "edgequant"
     return out
 
@@ -180,8 +199,8 @@ def _rtn(model: onnx.ModelProto, config: WeightOnly, include: set[str]) -> onnx.
 
     version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
     if config.bits == 8 and version < (1, 22):
-        raise QuantizationError(f"--weights q8 needs onnxruntime 1.22 or newer (8-bit MatMulNBits), this is "
-                                f"{ort.__version__}: upgrade onnxruntime or use --weights q4")
+        raise QuantizationError(f"{option('weights', 'q8')} needs onnxruntime 1.22 or newer (8-bit MatMulNBits), "
+                                f"this is {ort.__version__}: upgrade onnxruntime or use {option('weights', 'q4')}")
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include]
     with _quiet_ort_quantizer() as mnq:
         quantizer = mnq.MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size,
@@ -196,17 +215,18 @@ def _rtn(model: onnx.ModelProto, config: WeightOnly, include: set[str]) -> onnx.
 
 def _gptq(model: onnx.ModelProto, config: WeightOnly, layers: list, samples, batch_size: int,
           progress: bool) -> onnx.ModelProto:
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from .gptq import gptq, hessians, pack_nbits
 
     inputs = {inp: k for _, inp, _, (k, _n) in layers}
-    with tqdm(total=len(samples), desc="GPTQ activations", unit="sample", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(samples), desc="GPTQ activations", unit="sample", disable=not progress,
+                      leave=False) as bar:
         h = hessians(model, samples, inputs, batch_size=batch_size, progress=bar.update)
     m = ir.serde.deserialize_model(model)
     graph = m.graph
     nodes = {n.name: n for n in graph}
-    for name, inp, _weight, (k, n) in tqdm(layers, desc="GPTQ layers", unit="layer", disable=not progress,
+    for name, inp, _weight, (k, n) in progress_bar(layers, desc="GPTQ layers", unit="layer", disable=not progress,
                                           leave=False):
         node = nodes[name]
         w = node.inputs[1].const_value.numpy()
@@ -251,19 +271,20 @@ def check_options(*, weights: str | None, block_size: int | None, method_given: 
     apply to weight-only quantization."""
     if weights is None:
         if block_size is not None:
-            raise QuantizationError("--block-size applies only to weight-only quantization: add --weights q8, q4 "
-                                    "or q4-gptq, or drop --block-size")
+            raise QuantizationError(f"{option('block_size')} applies only to weight-only quantization: add "
+                                    f"{option('weights', 'q8')}, q4 or q4-gptq, or drop {option('block_size')}")
         return None
     config = WeightOnly(weights, block_size=DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     if dynamic:
-        raise QuantizationError(f"--dynamic quantizes activations, but --weights {weights} keeps them in float: "
-                                "choose one of the two")
+        raise QuantizationError(f"{option('dynamic', True)} quantizes activations, but {option('weights', weights)} "
+                                "keeps them in float: choose one of the two")
     if method_given:
-        raise QuantizationError(f"--method chooses activation ranges, but --weights {weights} keeps activations in "
-                                "float: drop --method")
+        raise QuantizationError(f"{option('method')} chooses activation ranges, but {option('weights', weights)} keeps "
+                                f"activations in float: drop {option('method')}")
     if num_samples is not None and config.method != "gptq":
-        raise QuantizationError(f"--num-samples limits GPTQ's calibration, but --weights {weights} rounds weights "
-                                "without calibration data: drop --num-samples or use --weights q4-gptq")
+        raise QuantizationError(f"{option('num_samples')} limits GPTQ's calibration, but {option('weights', weights)} "
+                                f"rounds weights without calibration data: drop {option('num_samples')} or use "
+                                f"{option('weights', 'q4-gptq')}")
     return config
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -30,6 +31,7 @@ def split() -> tuple[list[str], list[str]]:
 if __name__ == "__main__":
     calib, held = split()
     for path, lines in zip(sys.argv[1:3], (calib, held)):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
         print(f"{path}: {len(lines)} sentences")

@@ -92,6 +92,7 @@ def run(out: Path, *, epochs: int = 4, weight_bits: int = 3, target: str = "gene
           test_accuracy=lambda m: evaluate.accuracy(evaluate.torch_runner(m), x_te, y_te))
     seconds = time.perf_counter() - start
     bundle = qat.export(qmodel, out=out / "qat", calibration=x_te, force=True, progress=False)
+    qat.save_checkpoint(qmodel, out / "checkpoint.pt")  # for `edgequant export ... --qat-checkpoint`
     return {
         "fp32": fp32,
         "ptq": evaluate.accuracy(evaluate.onnx_runner(ptq.path / "model.onnx"), x_te, y_te),
@@ -115,7 +116,7 @@ def main() -> None:
     print(f"  PTQ  (int8 bundle, ORT)    {r['ptq']:6.2f}%")
     print(f"  QAT  (int8 bundle, ORT)    {r['qat']:6.2f}%   ({args.epochs} epochs, {r['train_s']:.1f} s)")
     print(f"QAT bundle vs QAT model in PyTorch: argmax agreement {100 * agree['argmax_agreement']:.2f}%, "
-          f"max |diff| {agree['max_abs_error_steps']:.2f} output steps; bundles in {args.out}")
+          f"max |diff| {agree['max_abs_error_steps']:.2f} output steps; bundles and checkpoint.pt in {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle 
     python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
     python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
+    python edgequant_runtime.py BUNDLE --generate "The robot" [--max-new-tokens 32] [--sample --seed 1]
 
-Text goes through the bundle's own ``edgequant_text.py`` (which needs the ``tokenizers`` package), imported
-only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
+    result = sess.generate("The robot", max_new_tokens=32)   # decoder bundles: text, tokens, tokens/s
+
+Text goes through the bundle's own ``edgequant_text.py`` (and generation through its ``edgequant_generate.py``;
+both need the ``tokenizers`` package), imported only when text is used, so array and image bundles need nothing beyond numpy and onnxruntime.
 
 No silent fallback: a provider of the chain that this onnxruntime lacks, nodes that ONNX Runtime placed on a
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
@@ -39,13 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION", "Session",
-           "SelfTest", "check_cpu", "cpu_features", "describe_cpu", "int8_saturates", "preprocess_image", "read_png", "resize_bilinear",
-           "sha256_file", "to_channels", "verify_bundle"]
+__all__ = ["BundleError", "IMAGE_SUFFIXES", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION",
+           "SelfTest", "Session", "check_cpu", "cpu_features", "describe_cpu", "expected_input", "int8_saturates",
+           "preprocess_image", "read_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
+           "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_ADAPTER = "edgequant_text.py"
+GENERATE_ADAPTER = "edgequant_generate.py"
 CPU = "CPUExecutionProvider"
 
 log = logging.getLogger("edgequant_runtime")
@@ -173,6 +178,8 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
         needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
     if manifest.get("selftest"):  # golden data is checked like the model: a changed file is a BundleError
         needed.append((manifest.get("selftest") or {}).get("file"))
+    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter, likewise
+        needed += [manifest["generation"].get("tokenizer"), GENERATE_ADAPTER]
     for name in needed:
         if name not in files:
             raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
@@ -372,6 +379,45 @@ def describe_cpu(features: dict) -> str:
     return f"{arch} {' '.join(sorted(flags)) or '(no int8 flags read)'}"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Image file → uint8 array (H, W) for grey, (H, W, 3) for colour (alpha dropped, palette expanded).
+
+    Through Pillow when it is installed (JPEG, PNG, BMP, ...), else through :func:`read_png`, so a board with
+    only numpy and onnxruntime still reads 8-bit PNG frames. The exporter reads calibration images with this
+    same function, so a frame becomes the tensor the ranges were measured on.
+    """
+    path = Path(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        if path.suffix.lower() != ".png":
+            raise InputError(f"{path}: reading {path.suffix or 'this'} images needs Pillow here (pip install pillow); "
+                             "without it only 8-bit PNG frames are read") from None
+        img = read_png(path)
+        return img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from None
+
+
+def expected_input(manifest: dict, name: str, shape: list, dtype: np.dtype) -> str:
+    """What a bundle's input takes, in words for an error message: an image when the manifest records image
+    pre-processing for it, else a .npy array of the model input's shape and dtype."""
+    pre = manifest.get("preprocess")
+    dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in shape)
+    array = f"a .npy of shape ({dims}) {dtype} (batch axis optional), pre-processed as at calibration"
+    if pre and pre.get("input") in (None, name):
+        return f"an image (.png, .jpg) that it pre-processes itself ({pre.get('channel_order', 'rgb')}), or {array}"
+    return array
+
+
 # --- the session ----------------------------------------------------------------------------------------------
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -408,6 +454,7 @@ class Session:
             if degraded:
                 log.warning("%s", degraded)
         self._text = None
+        self._generator = None
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry or entry.get("file") not in self.manifest["files"]:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
@@ -486,8 +533,11 @@ class Session:
     def _placement(self) -> dict[str, list[str]]:
         """{provider: [op types of the nodes it ran]} from ONNX Runtime's profiler, one run on zeros."""
         feed = {}
+        cache = {c["input"]: c["shape"] for c in (self.manifest.get("generation") or {}).get("cache", [])}
         for i in self._session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            if i.name in cache:  # a decoder's key/value cache: empty, so the mask covers one position
+                shape = [int(d) for d in cache[i.name]]
             feed[i.name] = np.zeros(shape, dtype=_ort_dtype(i.type))
         self._session.run(None, feed)
         with open(self._session.end_profiling(), encoding="utf-8") as fh:
@@ -527,6 +577,9 @@ class Session:
             except ValueError as exc:
                 raise InputError(f"input {name!r}: camera frame {arr.shape} cannot be pre-processed: {exc}") from None
         if arr.dtype != want:
+            if arr.dtype == np.uint8 and pre is None and want != np.uint8:
+                raise InputError(f"input {name!r} got a uint8 image {list(arr.shape)}, but this bundle has no image "
+                                 f"pre-processing: it takes {expected_input(self.manifest, name, meta.shape, want)}")
             raise InputError(f"input {name!r} is {arr.dtype}, the model takes {want}: convert it (x.astype(np.{want}))"
                              + (" or pass a uint8 (H, W[, C]) frame" if pre else ""))
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
@@ -572,15 +625,9 @@ class Session:
         if self._text is not None:
             return self._text
         if not self.manifest.get("tokenizer"):
-            raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
-                             "run() (--input)")
-        name = "_edgequant_text_" + self.manifest["files"][TEXT_ADAPTER]["sha256"][:16]
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, self.path / TEXT_ADAPTER)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            sys.modules[name] = module
+            how = "generate() (--generate)" if self.manifest.get("generation") else "run() (--input)"
+            raise InputError(f"{self.path} takes no text to embed: its manifest has no tokenizer entry; use {how}")
+        module = self._bundle_module(TEXT_ADAPTER)
         try:
             self._text = module.TextInputs(str(self.path), self.manifest)
         except ImportError as exc:
@@ -593,6 +640,45 @@ class Session:
             raise BundleError(f"{self.path / self.manifest['tokenizer']['file']}: the tokenizers package cannot load "
                               f"it ({first}); install a newer tokenizers") from None
         return self._text
+
+
+    def _bundle_module(self, filename: str):
+        """A device module that travels in the bundle (verified with the model), imported once per content."""
+        name = f"_edgequant_{Path(filename).stem}_" + self.manifest["files"][filename]["sha256"][:16]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, self.path / filename)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it: dataclasses look their module up there
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return module
+
+    def generate(self, prompt, max_new_tokens: int | None = None, **options):
+        """A prompt (text or token ids) → ``GenerationResult`` (text, token ids, finish reason, prompt and
+        decode times), decoding token by token with the key/value cache (decoder bundles). Options: do_sample,
+        temperature, top_k, top_p, seed, stop (strings), stop_ids, truncate, on_text (a callback for streamed
+        text); see the bundle's edgequant_generate.py."""
+        if self._generator is None:
+            if not self.manifest.get("generation"):
+                raise InputError(f"{self.path} is not a text generation bundle (its manifest has no generation "
+                                 "entry); export a decoder model (--task text-generation-with-past)")
+            module = self._bundle_module(GENERATE_ADAPTER)
+            try:
+                self._generator = module.Generator(self._session, str(self.path), self.manifest)
+            except ImportError as exc:
+                if exc.name != "tokenizers":
+                    raise
+                raise RuntimeAdapterError(f"{self.path} generates text, which needs the tokenizers package here: "
+                                          "pip install tokenizers") from None
+            self._generation_error = module.GenerationError
+        try:
+            return self._generator.generate(prompt, max_new_tokens, **options)
+        except self._generation_error as exc:
+            raise InputError(str(exc)) from None
 
 
 # --- what the bundle needs from the CPU, and the self-test ----------------------------------------------------
@@ -709,15 +795,21 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise InputError(f"input file {p} not found")
     suffix = p.suffix.lower()
-    if suffix == ".png":
-        return {next(iter(sess.inputs)): read_png(p)}
+    name = next(iter(sess.inputs))
+    meta = sess.inputs[name]
+    wants = expected_input(sess.manifest, name, meta.shape, _ort_dtype(meta.type))
+    if suffix in IMAGE_SUFFIXES:
+        if not sess.manifest.get("preprocess"):
+            raise InputError(f"{p}: this bundle has no image pre-processing, so it does not take images; it takes "
+                             f"{wants}")
+        return {name: read_image(p)}
     if suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     elif suffix == ".npy":
         arrays = {next(iter(sess.inputs)): np.load(p, allow_pickle=False)}
     else:
-        raise InputError(f"{p}: give a .npy, .npz or 8-bit .png file")
+        raise InputError(f"{p}: not a file this bundle takes; it takes {wants}")
     for name, arr in arrays.items():  # a single sample without batch axis gets one
         meta = sess.inputs.get(name)
         if meta is not None and arr.ndim == len(meta.shape) - 1 and arr.dtype != np.uint8:
@@ -741,10 +833,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgequant_runtime.py", description="Run an edgequant bundle.")
     parser.add_argument("bundle", help="bundle folder (with manifest.json)")
     given = parser.add_mutually_exclusive_group(required=True)
-    given.add_argument("--input", help=".npy / .npz (one array per input) / 8-bit .png frame")
+    given.add_argument("--input", help=".npy / .npz (one array per input) / .png or .jpg frame (image bundles)")
     given.add_argument("--text", action="append", help="a text, for bundles with a tokenizer (repeat for more)")
     given.add_argument("--selftest", action="store_true", help="run the bundle's golden samples and print PASS or "
                        "FAIL (exit 1 on FAIL): the first thing to run after copying a bundle to a device")
+    given.add_argument("--generate", metavar="PROMPT", help="decoder bundles: continue this prompt")
+    gen = parser.add_argument_group("generation (with --generate)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same text)")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    gen.add_argument("--truncate", action="store_true", help="drop the start of a prompt too long for the context")
     parser.add_argument("--providers", default="auto", help="comma-separated provider names (default: the manifest's)")
     parser.add_argument("--allow-fallback", action="store_true", help="run even if a provider is missing; say where")
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
@@ -762,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
             result = sess.selftest()
             print(result.line())
             return 0 if result.passed else 1
+        if args.generate is not None:
+            return _generate(sess, args)
         if args.text:
             def step():  # tokenization is part of what a text bundle costs
                 return sess.run_text(args.text)
@@ -782,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(sess.describe())
     for name, value in outputs.items():
         line = f"{name}: shape {list(value.shape)} {value.dtype}"
@@ -795,6 +902,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench:
         ms = np.sort(np.array(times)) * 1e3
         print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")
+    return 0
+
+
+def _generate(sess: Session, args) -> int:
+    """--generate: stream the continuation to stdout, then one line of figures on stderr."""
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    options = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
+    result = sess.generate(args.generate, args.max_new_tokens, do_sample=True if args.sample else None,
+                           stop=args.stop, truncate=args.truncate, on_text=show, **options)
+    sys.stdout.write("\n")
+    dropped = f", {result.truncated_tokens} prompt tokens dropped" if result.truncated_tokens else ""
+    print(f"{result.prompt_tokens} prompt tokens in {1e3 * result.prompt_s:.1f} ms{dropped}; {len(result.token_ids)} "
+          f"new tokens ({result.finish_reason}), {result.tokens_per_s:.1f} tokens/s after the first", file=sys.stderr)
     return 0
 
 

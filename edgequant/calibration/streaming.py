@@ -13,23 +13,21 @@ quantization error over the histogram).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 
 from ..errors import CalibrationError
+from ..graph.sessions import batches  # noqa: F401  (re-exported: samples → batches)
+from ..graph.tap import tap
 
-__all__ = ["ACTIVATION_BUDGET", "METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "fit_batch",
-           "fixed_batch", "tensors_to_calibrate"]
+__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "batches", "calibrate", "check_method", "fixed_batch",
+           "tensors_to_calibrate"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
-# Bytes of exposed activations one batch may hold: stages that expose every activation (calibration, the
-# per-layer report) shrink their batch to this, so that peak memory is one such batch (plus ONNX Runtime's
-# arena for it) whatever the image size; YOLOv8n at 640×640 exposes ~0.4 GB per image.
-ACTIVATION_BUDGET = 512 * 2**20
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
@@ -44,11 +42,6 @@ class MinMaxObserver:
         if x.size:
             self.lo = min(self.lo, float(x.min()))
             self.hi = max(self.hi, float(x.max()))
-
-    def update_known(self, x: np.ndarray, lo: float, hi: float) -> None:
-        """``update`` with x's min and max already computed."""
-        if x.size:
-            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     def range(self) -> tuple[float, float]:
         return min(self.lo, 0.0), max(self.hi, 0.0)
@@ -82,9 +75,6 @@ class HistogramObserver(MinMaxObserver):
         idx = ((flat.astype(np.float64) + self.R) * (self.bins / (2.0 * self.R))).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.hist += np.bincount(idx, minlength=self.bins)
-
-    def update_known(self, x: np.ndarray, lo: float, hi: float) -> None:
-        self.update(x)
 
     def _centres(self) -> np.ndarray:
         width = 2.0 * self.R / self.bins
@@ -165,6 +155,15 @@ def _mse_range(hist: np.ndarray, centres: np.ndarray, lo: float, hi: float, leve
     return best_range
 
 
+def check_method(method: str, *, auto: bool = False) -> str:
+    """A calibration method name → itself, or a CalibrationError naming the ones there are (``auto`` too where
+    the job can choose a method per tensor)."""
+    allowed = (*METHODS, "auto") if auto else METHODS
+    if method not in allowed:
+        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(allowed)}")
+    return method
+
+
 def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> list[str]:
     """Float activations read or written by a node whose op type is quantized (initializers excluded)."""
     graph = model.graph
@@ -198,69 +197,15 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def fit_batch(sessions: Sequence, samples: Sequence[dict[str, np.ndarray]], dtypes: dict[str, np.dtype],
-              batch_size: int, budget: int = ACTIVATION_BUDGET) -> int:
-    """Sessions that expose activations + samples → the largest batch (at most ``batch_size``) whose outputs
-    fit ``budget`` bytes, measured on one sample; a model with a fixed batch keeps it."""
-    if not len(samples):
-        return batch_size
-    fixed = {i.shape[0] for s in sessions for i in s.get_inputs() if i.shape and isinstance(i.shape[0], int)}
-    if fixed:
-        return max(fixed)
-    one = next(batches(samples[:1] if isinstance(samples, list) else [samples[0]], 1, dtypes))
-    per = sum(v.nbytes for s in sessions for v in s.run(None, one))
-    return int(max(1, min(batch_size, budget // max(per, 1))))
-
-
-def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
-            dtypes: dict[str, np.dtype]) -> Iterator[dict[str, np.ndarray]]:
-    """Samples → stacked batches, cast to the model's input dtypes."""
-    for start in range(0, len(samples), batch_size):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        yield {k: np.stack([s[k] for s in chunk]).astype(dtypes.get(k, chunk[0][k].dtype), copy=False)
-               for k in chunk[0]}
-
-
 def calibrate(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *,
               method: str = "minmax", batch_size: int = 16,
               progress: Callable[[int], None] | None = None) -> dict[str, tuple[float, float]]:
     """fp32 model + samples + tensor names → {tensor: (lo, hi)}, one streaming pass over the samples."""
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
-    import onnxruntime as ort
-
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in tensors:
-        if name not in existing:
-            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    so.enable_cpu_mem_arena = False  # see check.fidelity.session: the arena grows with the number of batches
-    session = ort.InferenceSession(augmented.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    dtypes = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
-    names = [n for n in tensors]
-    observers = {n: MinMaxObserver() if method == "minmax" else HistogramObserver(method) for n in names}
-    batch_size = fit_batch([session], samples, dtypes, batch_size)
-    for batch in batches(samples, batch_size, dtypes):
-        outputs = session.run(names, batch)
-        for name, value in zip(names, outputs):
-            if value.dtype.kind != "f":
-                continue
-            lo, hi = (float(value.min()), float(value.max())) if value.size else (0.0, 0.0)
-            if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max propagate NaN and show Inf
-                raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
-                                       "overflows there; check the model and the data's pre-processing")
-            observers[name].update_known(value, lo, hi)
-        del outputs, value  # before the next batch is computed: one batch alive, not two
-        if progress:
-            progress(len(next(iter(batch.values()))))
+    check_method(method)
+    observers = {n: MinMaxObserver() if method == "minmax" else HistogramObserver(method) for n in tensors}
+    for _, values in tap(model, samples, tensors, batch_size=batch_size, progress=progress):
+        for name, value in values.items():
+            if value.dtype.kind == "f":
+                observers[name].update(value)
     return {n: obs.range() for n, obs in observers.items() if np.isfinite(obs.lo)}
 
-
-def _np_dtype(ort_type: str) -> np.dtype:
-    return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-                     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
-                     "tensor(uint8)": "uint8", "tensor(bool)": "bool"}.get(ort_type, "float32"))

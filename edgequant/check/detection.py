@@ -13,27 +13,26 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from ..calibration.streaming import _np_dtype, batches
+from ..graph.sessions import batches, input_dtypes, session
 
 __all__ = ["CONF", "IOU_MATCH", "IOU_NMS", "detection_agreement", "yolo_output"]
 
 CONF, IOU_NMS, IOU_MATCH = 0.25, 0.45, 0.5
 
 
-def yolo_output(plan) -> bool:
-    """A head plan (quantize/heads.py) → whether its output is (4 boxes + classes, anchors): a Concat of a
-    4-row box part and a score part along axis 1."""
-    return len(plan.parts) == 2 and plan.parts[0] == (0, 4) and plan.parts[1][1] > 4
+def yolo_output(plan: dict) -> bool:
+    """A head (``HeadPlan.to_dict()``, quantize/heads.py) → whether its output is (4 boxes + classes, anchors):
+    a Concat of a 4-row box part and a score part along axis 1."""
+    parts = [tuple(p) for p in plan.get("parts", [])]
+    return len(parts) == 2 and parts[0] == (0, 4) and parts[1][1] > 4
 
 
 def detection_agreement(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]],
                         output: str, *, batch_size: int = 16, conf: float = CONF, level: str = "all") -> dict:
     """Both models on ``samples`` → the detection agreement entry of the report."""
     from .._runtime.edgequant_detect import decode, match
-    from .fidelity import session
-
     s_ref, s_q = session(fp32, arena=False), session(int8, level=level, arena=False)
-    dtypes = {i.name: _np_dtype(i.type) for i in s_ref.get_inputs()}
+    dtypes = input_dtypes(s_ref)
     n_ref = n_q = matched = images = with_dets = 0
     for batch in batches(samples, batch_size, dtypes):
         (ref,), (q,) = s_ref.run([output], batch), s_q.run([output], batch)

@@ -75,3 +75,23 @@ def test_reference_nms_and_match():
     assert match(d, d) == 2 and match(d, d._replace(classes=d.classes[::-1])) == 0
     with pytest.raises(ValueError):
         decode(np.full((6, 4), np.nan, np.float32))
+
+
+def test_an_unrecognised_mixed_head_keeps_only_its_concat_float_and_names_it():
+    """No learned layer between the graph input and the mixed-range Concat: not a pattern known here."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgequant.quantize.heads import mixed_range_heads
+
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["big"], name="scale"),
+         helper.make_node("Sigmoid", ["x"], ["small"], name="sig"),
+         helper.make_node("Concat", ["big", "small"], ["y"], name="cat", axis=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8])],
+        [helper.make_tensor("k", TensorProto.FLOAT, [], [500.0])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    (plan,) = mixed_range_heads(model, {"big": (-500.0, 500.0), "small": (0.0, 1.0), "x": (-1.0, 1.0)})
+    assert plan.pattern == "unrecognised" and plan.float_nodes == ["cat"] and plan.parts == [(0, 4), (4, 8)]
+    assert mixed_range_heads(model, {"big": (-5.0, 5.0), "small": (0.0, 1.0)}) == []  # one decade: one range

@@ -375,8 +375,9 @@ def _arithmetic_lines(report: dict) -> list[str]:
     h = report.get("host_kernels")
     if h:
         here, there = h["fidelity"][0], report["fidelity"][0]
-        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {here['cosine']:.5f}; the "
-                     f"target computes {there['cosine']:.5f} — {h['advice']}")
+        cos = lambda f: "n/a" if f.get("cosine") is None else f"{f['cosine']:.5f}"  # noqa: E731 (degenerate output)
+        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {cos(here)}; the "
+                     f"target computes {cos(there)} — {h['advice']}")
     return lines
 
 

@@ -37,7 +37,8 @@ from edgequant.cli import cli
 try:
     cli.main(sys.argv[1:], standalone_mode=False)
 finally:
-    print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    print("PEAK_KIB", u.ru_maxrss, "CPU_S", round(u.ru_utime + u.ru_stime, 1), flush=True)
 """
 
 
@@ -126,7 +127,8 @@ def run(size: int = 640, samples: int = 160, model: str = "yolov8n.yaml", limit_
         wall = time.perf_counter() - t0
         peak = int(res.stdout.split("PEAK_KIB")[-1].split()[0]) if "PEAK_KIB" in res.stdout else None
         row = {"model": model, "size": size, "samples": samples, "cpu": cpu_features(), "ok": res.returncode == 0,
-               "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 2**20, 2) if peak else None}
+               "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 2**20, 2) if peak else None,
+               "cpu_s": float(res.stdout.split("CPU_S")[-1].split()[0]) if "CPU_S" in res.stdout else None}
         if res.returncode != 0:
             row["error"] = (res.stderr.strip().splitlines() or ["?"])[-1][:300]
             return row

@@ -60,6 +60,12 @@ def _handle_errors(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except MemoryError:
+            if debug:
+                raise
+            click.echo("error: out of memory (nothing was written): free memory, or calibrate on fewer samples "
+                       "(--num-samples)", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             _interrupted(since)
         except OSError as exc:  # a full disk, a folder that is not writable: the cause and where, in one line
@@ -253,7 +259,10 @@ def _export(model, data, out, target, method, num_samples, opset, exclude, resiz
             no_layer_report):
     """The export command's options → the same ExportConfig the Python API builds, one flag to one field (a flag
     not given is not passed, so the job's default applies) → the bundle."""
+    from ._memory import release_freed_buffers
     from .config import ExportConfig
+
+    release_freed_buffers()
     from .errors import BudgetError
     from .jobs import run_job
 
@@ -391,8 +400,9 @@ def _arithmetic_lines(report: dict) -> list[str]:
     h = report.get("host_kernels")
     if h:
         here, there = h["fidelity"][0], report["fidelity"][0]
-        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {here['cosine']:.5f}; the "
-                     f"target computes {there['cosine']:.5f} — {h['advice']}")
+        cos = lambda f: "n/a" if f.get("cosine") is None else f"{f['cosine']:.5f}"  # noqa: E731 (degenerate output)
+        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {cos(here)}; the "
+                     f"target computes {cos(there)} — {h['advice']}")
     return lines
 
 

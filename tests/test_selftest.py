@@ -34,7 +34,9 @@ def _rewrite(path, golden=None, manifest_edit=None):
         manifest_edit(manifest)
     for name, meta in manifest["files"].items():
         meta.update(sha256=rt.sha256_file(path / name), bytes=(path / name).stat().st_size)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    raw = json.dumps(manifest).encode("utf-8")
+    (path / "manifest.json").write_bytes(raw)
+    (path / "manifest.sha256").write_text(rt.bundle_digest(raw) + "\n")
 
 
 def _golden(path):

@@ -34,9 +34,8 @@ def _rewrite(path, golden=None, manifest_edit=None):
         manifest_edit(manifest)
     for name, meta in manifest["files"].items():
         meta.update(sha256=rt.sha256_file(path / name), bytes=(path / name).stat().st_size)
-    raw = json.dumps(manifest).encode("utf-8")
-    (path / "manifest.json").write_bytes(raw)
-    (path / "manifest.sha256").write_text(rt.bundle_digest(raw) + "\n")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.sha256").write_text(rt.bundle_digest((path / "manifest.json").read_bytes()))  # and its digest
 
 
 def _golden(path):

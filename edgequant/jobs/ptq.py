@@ -256,9 +256,11 @@ def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samp
     if tgt.quantization.pair_saturation:
         from ..quantize.saturation import weight_limits
 
+        fixed = fixed_batch(work)
         limits = weight_limits(work, skip_absurd_ranges(ranges)[0], calib, op_types=tgt.quantization.op_types,
                                exclude=[*exclude_nodes, *keep_float],
-                               symmetric_activations=tgt.quantization.activation_symmetric)
+                               symmetric_activations=tgt.quantization.activation_symmetric,
+                               batch_size=fixed or min(batch_size, 4))
 
     def run(ranges, exclude):
         int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)

@@ -8,7 +8,8 @@ can go either way); greedy generation against fp32's: 64 bytes greedily decoded 
 first difference ("prefix"; the causal model reads its 128-byte window, position t sees only bytes ≤ t); bytes of the MatMul weights relative to float32; the time to quantize; and batch-1
 latency (128 tokens) on one thread relative to fp32 (all models interleaved in one run).
 
-    python benchmarks/tiny_lm_weights.py [--block-sizes 32,64,128] [--calibration 64] [--runs 40] [--json out.json]
+    python benchmarks/tiny_lm_weights.py [--block-sizes 32,64,128] [--calibration 64] [--runs 40] [--accuracy-level 4]
+                                         [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--block-sizes", default="32,64,128")
     ap.add_argument("--calibration", type=int, default=64, help="training windows for GPTQ")
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level: 0 float "
+                    "activations, 4 int8 activation blocks (what decoder bundles use)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -84,7 +87,7 @@ def main() -> None:
     for bs in (int(b) for b in args.block_sizes.split(",")):
         for preset in ("q8", "q4", "q4-gptq"):
             t = time.perf_counter()
-            q = quantize_weights(fp32, WeightOnly(preset, block_size=bs), calib, progress=True)
+            q = quantize_weights(fp32, WeightOnly(preset, block_size=bs, accuracy_level=args.accuracy_level), calib, progress=True)
             took = time.perf_counter() - t
             sizes = weight_bytes(q)
             lp = logp(q)
@@ -98,6 +101,7 @@ def main() -> None:
     lat = interleaved_latency(models, {"input_ids": ids[:1]}, threads=1, runs=args.runs)
     base = rows[0]["perplexity"]
     print(f"held-out: {ids.size} bytes in {len(ids)} windows; GPTQ calibration: {len(calib)} windows of {lm.SEQ}")
+    print(f"MatMulNBits accuracy_level {args.accuracy_level}")
     print(f"greedy: {GREEDY} bytes after {GREEDY}-byte prompts from {len(prompts)} held-out windows")
     print(f"{'preset':<9} {'block':>5} {'perplexity':>10} {'vs fp32':>8} {'KL nats':>8} {'greedy':>7} {'prefix':>7} "
           f"{'weights':>8} {'quantize':>9} {'latency':>8}")

@@ -107,7 +107,7 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
                      memory: bool = True) -> GenerationBench:
     """Decoder graphs of one model (name → path) → prompt latency, per-token latency, tokens/s and peak memory
     per model and thread count (see the module's docstring)."""
-    from .bench import _environment
+    from .bench import environment
 
     if runs < 1 or warmup < 0 or prompt_tokens < 1 or new_tokens < 2:
         raise BenchError("runs, prompt tokens and new tokens must be at least 1, 1 and 2")
@@ -127,7 +127,7 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
             for r in rows:
                 if r["model"] == m:
                     r["peak_memory_mib"] = peak
-    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), _environment())
+    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), environment())
 
 
 def format_generation(result: Mapping) -> str:
@@ -145,6 +145,6 @@ def format_generation(result: Mapping) -> str:
                      f"{r['token_ms_p90']:>8.3f} {r['tokens_per_s']:>9.1f} "
                      f"{r['tokens_per_s'] / b['tokens_per_s']:>8.2f}x {mem}")
     env = result.get("environment") or {}
-    lines.append(f"machine  {env.get('cpu', '?')}, onnxruntime {env.get('onnxruntime', '?')}, load average "
+    lines.append(f"machine  {env.get('cpu', '?')} ({env.get('cpu_features', '?')}), onnxruntime {env.get('onnxruntime', '?')}, load average "
                  f"{env.get('load_average')}")
     return "\n".join(lines)

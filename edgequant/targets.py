@@ -55,20 +55,20 @@ class QuantSpec:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"uint8_weight_nodes entry {pattern!r} is not a regular expression ({exc})") from None
+                raise TargetError(f"uint8_weight_nodes entry {pattern!r} is not a regular expression ({exc})") from None
         if self.uint8_weight_nodes and self.activation_dtype != "uint8":
-            raise ValueError("uint8_weight_nodes needs activation_dtype = \"uint8\" (int8 activations with uint8 "
+            raise TargetError("uint8_weight_nodes needs activation_dtype = \"uint8\" (int8 activations with uint8 "
                              "weights have no kernel in ONNX Runtime)")
         for key in ("activation_dtype", "weight_dtype"):
             if getattr(self, key) not in _DTYPES:
-                raise ValueError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
+                raise TargetError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
         if self.activation_dtype == "int8" and self.weight_dtype == "uint8":
-            raise ValueError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
+            raise TargetError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
         if self.pair_saturation and (self.reduce_range or self.activation_dtype != "uint8"):
-            raise ValueError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
+            raise TargetError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
                              "false (it makes every weight 7-bit) and activation_dtype = \"uint8\"")
         if not self.op_types:
-            raise ValueError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
+            raise TargetError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ class ProviderSpec:
 
     def __post_init__(self) -> None:
         if self.kernels not in _KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(_KERNELS)}, not {self.kernels!r}")
+            raise TargetError(f"kernels must be one of {', '.join(_KERNELS)}, not {self.kernels!r}")
         for pair in self.dtypes:
             act, _, wt = pair.partition("/")
             if act not in _DTYPES or wt not in _DTYPES:
-                raise ValueError(f"dtypes entry {pair!r} must be ACTIVATION/WEIGHT, e.g. \"uint8/int8\"")
+                raise TargetError(f"dtypes entry {pair!r} must be ACTIVATION/WEIGHT, e.g. \"uint8/int8\"")
 
     def options_dict(self) -> dict[str, str]:
         return dict(self.options)
@@ -131,13 +131,13 @@ class RuntimeSpec:
 
     def __post_init__(self) -> None:
         if self.arithmetic not in ARITHMETICS:
-            raise ValueError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, not {self.arithmetic!r}")
+            raise TargetError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, not {self.arithmetic!r}")
         if self.graph_optimization_level not in _OPT_LEVELS:
-            raise ValueError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}")
+            raise TargetError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}")
         if not self.providers:
-            raise ValueError("providers is empty: name at least CPUExecutionProvider")
+            raise TargetError("providers is empty: name at least CPUExecutionProvider")
         if self.intra_op_num_threads < 0:
-            raise ValueError("intra_op_num_threads must be >= 0 (0 lets ONNX Runtime choose)")
+            raise TargetError("intra_op_num_threads must be >= 0 (0 lets ONNX Runtime choose)")
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,13 @@ class Target:
         ``reduce_range`` (7-bit) nor ``pair_saturation`` (each channel's range keeps its pair sums in int16)."""
         q = self.quantization
         return q.weight_dtype == "int8" and not q.reduce_range and not q.pair_saturation
+
+    @property
+    def needs_vnni_on_x86(self) -> bool:
+        """Full-range weights that ONNX Runtime's CPU provider fuses (QDQ fusion is a level-2 rewrite): an x86
+        CPU without VNNI computes them with saturating 16-bit pair sums."""
+        r = self.runtime
+        return self.full_range_weights and r.cpu_int8_fusion and r.graph_optimization_level in ("extended", "all")
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for the manifest."""
@@ -277,11 +284,11 @@ def _parse(text: str, source: str) -> Target:
         raise TargetError(f"{source}: opset {opset} is out of range; per-channel int8 needs opset >= 13 (use 17-21)")
     try:
         quant = QuantSpec(**q_kwargs)
-    except ValueError as exc:
+    except TargetError as exc:
         raise TargetError(f"{source}: [quantization] {exc}") from None
     try:
         runtime = RuntimeSpec(**r_kwargs)
-    except ValueError as exc:
+    except TargetError as exc:
         raise TargetError(f"{source}: [runtime] {exc}") from None
     _check_primary(quant, runtime, source)
     return Target(
@@ -310,7 +317,7 @@ def _providers(value: Any, source: str) -> tuple[ProviderSpec, ...]:
         try:
             out.append(ProviderSpec(_typed(item["name"], str, f"runtime.providers[{i}].name", source),
                                     tuple(sorted((str(k), str(v)) for k, v in options.items())), **kwargs))
-        except ValueError as exc:
+        except TargetError as exc:
             raise TargetError(f"{source}: runtime.providers[{i}].{exc}") from None
     return tuple(out)
 

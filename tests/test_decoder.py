@@ -108,13 +108,15 @@ def test_q8_bundle_reports_agreement_and_generates(decoder):
     # greedy paths of random models flip at near ties (int8 activation blocks move logits by ~1e-3): the Llama
     # one's fp32 logits are nearly flat, so its path parts early; a trained model is measured in the benchmarks
     assert g["next_token_agreement"] >= 0.9 and g["greedy_match"] >= (0.5 if "gpt2" in str(folder) else 0.15), g
-    assert r["weights"]["layers"] >= 9 and r["weights"]["bits"] == 8
+    assert r["weights"]["layers"] >= 9 and r["weights"]["bits"] == 8 and r["weights"]["accuracy_level"] == 4
     sess = _runtime().Session(bundle.path)
     assert set(sess.placement) == {"CPUExecutionProvider"} and "MatMulNBits" in sess.placement["CPUExecutionProvider"]
     out = sess.generate("the robot", 12)
     assert len(out.token_ids) == 12 or out.finish_reason == "eos"
     assert isinstance(out.text, str) and out.prompt_s > 0
-
+    # the self-test travels with decoder bundles too: the first step of the held-out texts
+    assert m["selftest"]["samples"] == 2 and "golden.npz" in m["files"]
+    assert sess.selftest().passed
 
 def test_sampling_seed_stop_tokens_and_strings(decoder):
     _, bundle = decoder
@@ -145,6 +147,8 @@ def test_prompt_longer_than_context(decoder):
     long = "the robot " * 1500
     with pytest.raises(rt.InputError, match="context is 2048.*truncat"):
         sess.generate(long, 4)
+    with pytest.raises(rt.InputError, match="token id 999999 is outside the model's vocabulary"):
+        sess.generate([1, 2, 999999], 4)
     out = sess.generate(long, 4, truncate=True)
     assert out.truncated_tokens > 0 and out.prompt_tokens == 2048 - 4 and len(out.token_ids) <= 4
 
@@ -215,3 +219,37 @@ def test_bench_understands_generation(decoder, tmp_path):
     assert "tokens/s" in res.output and "ms/token" in res.output
     res = CliRunner().invoke(cli, ["bench", str(bundle.path), "--prompt-tokens", "2048", "--no-memory"])
     assert res.exit_code == 1 and "context of 2048" in res.output
+
+
+def test_accuracy_level():
+    """accuracy_level 4 is set on every MatMulNBits and changes a product by no more than int8 activations
+    should; an out-of-range level is refused."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgequant.errors import QuantizationError
+    from edgequant.quantize.weight_only import WeightOnly, quantize_weights
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((256, 512)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    outs = {}
+    for level in (0, 4):
+        q = quantize_weights(model, WeightOnly("q8", accuracy_level=level), progress=False)
+        levels = [a.i for n in q.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"]
+        assert levels == ([4] if level else [])
+        sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs[level] = sess.run(None, {"x": x})[0]
+    ref = x @ w
+    for level, y in outs.items():
+        assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.02, level
+    with pytest.raises(QuantizationError, match="accuracy level"):
+        WeightOnly("q4", accuracy_level=7)
+    assert onnx.checker.check_model(model) is None

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..units import format_bytes, precision_label
 
-__all__ = ["bench_png", "layers_png", "report_html"]
+__all__ = ["bench_png", "layers_png", "report_html", "report_pages"]
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +188,12 @@ def bench_png(result: dict[str, Any]) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig, plt)
+
+
+def report_pages(report: dict) -> dict[str, bytes]:
+    """report.json's layer table → {"layers.png": plot (when matplotlib is there), "report.html": page}."""
+    png = layers_png(report["layers"])
+    files = {"report.html": report_html(report, png).encode("utf-8")}
+    if png is not None:
+        files["layers.png"] = png
+    return files

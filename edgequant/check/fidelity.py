@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..calibration.streaming import batches
+from ..graph.sessions import batches, input_dtypes, session
 
 __all__ = ["FLOAT_COMPUTE_OPS", "INT8_OPS", "Fidelity", "KernelReport", "cpu_kernels", "compare_outputs",
            "fidelity", "session"]
@@ -44,24 +44,6 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {"int8": dict(sorted(self.int8.items())), "int8_nodes": self.int8_nodes,
                 "float_compute": list(self.float_compute), "other": dict(sorted(self.other.items()))}
-
-
-def session(model: onnx.ModelProto, *, level: str = "all", threads: int = 0, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session on an in-memory model."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def cpu_kernels(model: onnx.ModelProto) -> KernelReport:
@@ -138,17 +120,13 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
     int8 model runs at ONNX Runtime ``level`` (the target's arithmetic: see ``edgequant.graph.sessions``)."""
     from .outputs import OutputAgreement
 
-    s_ref, s_q = session(fp32), session(int8, level=level)
-    dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
+    s_ref, s_q = session(fp32, arena=False), session(int8, level=level, arena=False)
+    dtypes = input_dtypes(s_ref)
     names = [o.name for o in s_ref.get_outputs()]
     accs = {n: OutputAgreement(n) for n in names}
     for batch in batches(samples, batch_size, dtypes):
         for n, r, t in zip(names, s_ref.run(names, batch), s_q.run(names, batch)):
             accs[n].update(r, t)
+        del r, t
     return [Fidelity.from_result(accs[n].result()) for n in names]
 
-
-def _dtype(ort_type: str) -> np.dtype:
-    from ..calibration.streaming import _np_dtype
-
-    return _np_dtype(ort_type)

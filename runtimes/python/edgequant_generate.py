@@ -81,6 +81,9 @@ class Generator:
         names = {i.name for i in session.get_inputs()}
         self.inputs = {k: v for k, v in spec["inputs"].items() if v and v in names}
         self.cache = list(spec["cache"])
+        logits = next((o for o in session.get_outputs() if o.name == spec["logits"]), None)
+        last = logits.shape[-1] if logits is not None and logits.shape else None
+        self.vocab = last if isinstance(last, int) and last > 0 else None
 
     def empty_feed(self, tokens: int = 1) -> dict[str, np.ndarray]:
         """Inputs for a first step of ``tokens`` zeros and an empty cache (used to probe node placement)."""
@@ -128,6 +131,9 @@ class Generator:
         if not 0 < top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], not {top_p}")
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if self.vocab is not None and any(not 0 <= t < self.vocab for t in ids):
+            bad = next(t for t in ids if not 0 <= t < self.vocab)
+            raise GenerationError(f"token id {bad} is outside the model's vocabulary (0 to {self.vocab - 1})")
         if not ids:
             raise GenerationError("the prompt is empty after tokenization and the tokenizer adds no start token: "
                                   "give at least one word")

@@ -32,8 +32,8 @@ sys.path.insert(0, examples)
 sys.path.insert(0, bundle)
 from sentences import split
 from edgequant_text import TextInputs
-from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, _activation_products, _channel_ranges, _encoder_target,
-                               _linear_inputs)
+from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, activation_products, encoder_target, linear_inputs,
+                               text_channel_ranges)
 from edgequant.quantize.qdq import quantize
 from edgequant.transforms.smooth import smooth
 from edgequant.targets import load_target
@@ -42,12 +42,12 @@ feeds = TextInputs(bundle).encode(split()[0][:count])
 samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
 before = hwm()
 t = time.perf_counter()
-stats = _channel_ranges(fp32, samples, _linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
+stats = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
 smoothed, ranges = smooth(fp32, stats)
 del stats
-quantize(smoothed, ranges, _encoder_target(load_target(target)), exclude_nodes=_activation_products(smoothed),
+quantize(smoothed, ranges, encoder_target(load_target(target)), exclude_nodes=activation_products(smoothed),
          float_outputs=LINEAR_OPS, consume=True)
 t_all = time.perf_counter() - t
 print(json.dumps({"calibrate_s": t_cal, "calibrate_quantize_s": t_all, "rss_before_mib": before,

@@ -174,7 +174,7 @@ def bench(model: str | Path, *, batches: Sequence[int] = (1,), threads: Sequence
                 for r in rows:
                     if r["model"] == m and r["batch"] == b:
                         r["peak_memory_mib"] = peak
-    return BenchResult(name, provider, runs, warmup, tuple(rows), tuple(ratios), _environment())
+    return BenchResult(name, provider, runs, warmup, tuple(rows), tuple(ratios), environment())
 
 
 def peak_memory_mib(path: str | Path, inputs: dict[str, np.ndarray], *, provider: str = "CPUExecutionProvider",
@@ -255,10 +255,13 @@ def _inputs_for(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     return random_inputs(model, batch)
 
 
-def _environment() -> dict:
+def environment() -> dict:
+    """The machine a measurement ran on: CPU name and its int8 features, cores, onnxruntime, Python, load."""
     import platform
 
     import onnxruntime as ort
+
+    from ._runtime.edgequant_runtime import cpu_features, describe_cpu
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -266,5 +269,5 @@ def _environment() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version(),
+    return {"cpu": cpu, "cpu_features": describe_cpu(cpu_features()), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version(),
             "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}

@@ -107,6 +107,8 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
                      memory: bool = True) -> GenerationBench:
     """Decoder graphs of one model (name → path) → prompt latency, per-token latency, tokens/s and peak memory
     per model and thread count (see the module's docstring)."""
+    from .bench import environment
+
     if runs < 1 or warmup < 0 or prompt_tokens < 1 or new_tokens < 2:
         raise BenchError("runs, prompt tokens and new tokens must be at least 1, 1 and 2")
     rows = []
@@ -125,27 +127,7 @@ def bench_generation(models: Mapping[str, str | Path], spec: Mapping, *, name: s
             for r in rows:
                 if r["model"] == m:
                     r["peak_memory_mib"] = peak
-    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), _machine())
-
-
-def _machine() -> dict:
-    """The CPU (name and the int8 features ONNX Runtime picks MatMulNBits kernels by), onnxruntime, load."""
-    import os
-    import platform
-
-    import onnxruntime as ort
-
-    from ._runtime.edgequant_runtime import cpu_features, describe_cpu
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_features": describe_cpu(cpu_features()), "cores": os.cpu_count(),
-            "onnxruntime": ort.__version__,
-            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    return GenerationBench(name, prompt_tokens, new_tokens, runs, tuple(rows), environment())
 
 
 def format_generation(result: Mapping) -> str:

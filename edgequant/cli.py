@@ -6,6 +6,7 @@ traceback. Usage errors exit 2 (click's convention).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgeQuantError, cli_spelling
+from .errors import EdgeQuantError, UsageError, cli_spelling
 
 __all__ = ["main"]
 
@@ -26,14 +27,26 @@ def _handle_errors(fn):
         try:
             with cli_spelling():
                 return fn(*args, **kwargs)
+        except UsageError as exc:  # options that do not fit together: click's usage error, exit 2
+            if debug:
+                raise
+            raise click.UsageError(str(exc), ctx=ctx) from None
         except EdgeQuantError as exc:
             if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
+        except KeyboardInterrupt as exc:
+            written = getattr(exc, "written", None)  # a bundle write that completed before the interrupt
+            click.echo(f"interrupted: {written} holds the complete new bundle" if written else
+                       "interrupted: nothing was written", err=True)
             sys.exit(130)
+        except OSError as exc:  # a full disk, a folder that is not writable: the cause and where, in one line
+            if debug:
+                raise
+            why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+            click.echo(f"error: {why}" + (f": {exc.filename}" if exc.filename else ""), err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -41,7 +54,9 @@ def _handle_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
-@click.version_option(package_name="edgequant")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, _, value:
+              _show_version(ctx, value),
+              help="Show the versions of edgequant, onnxruntime, onnx and torch and the CPU's int8 features, and exit.")
 def cli(debug: bool, verbose: int) -> None:
     """edgequant: trained PyTorch model in, fast and accurate int8 ONNX bundle for edge devices out."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -53,6 +68,40 @@ def cli(debug: bool, verbose: int) -> None:
     plog.handlers[:] = [handler]
     plog.propagate = False
     plog.setLevel(logging.INFO)
+
+
+def _show_version(ctx: click.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+def version_text() -> str:
+    """edgequant's version, the versions of the libraries a bundle's figures depend on, and what this CPU has for
+    int8 (AVX2, VNNI, NEON dot product): paste it into a bug report. Reads package metadata: imports no torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    from ._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
+
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {ver(n)}" for n in ("onnxruntime", "onnx", "torch", "numpy"))
+    cpu = cpu_features()
+    if cpu["arch"] == "x86_64":
+        note = ("u8*s8 products summed in pairs in 16 bits: full-range int8 weights saturate (generic-cpu and "
+                "x86-avx2 use 7-bit weights)" if int8_saturates(cpu) else "exact 32-bit u8*s8 dot products")
+    elif cpu["arch"] == "aarch64":
+        note = "int8 dot product (SDOT)" if "asimddp" in cpu["flags"] else "no int8 dot product (int8 gains little)"
+    else:
+        note = "int8 features not known for this architecture"
+    return (f"edgequant {__version__}\n{libs}, python {platform.python_version()}\n"
+            f"cpu {describe_cpu(cpu)}: {note} (read from {cpu['source']})")
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -89,11 +138,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
                    "Hugging Face text model, a .txt (one sample a line) or .jsonl file.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle folder to write.")
-@click.option("--target", default="generic-cpu", show_default=True, metavar="NAME|PATH.toml",
-              help="Built-in profile (see `edgequant targets`) or your own .toml.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen from the calibration data (auto: per "
-              "tensor, the method with the least output error).")
+@click.option("--target", default=None, metavar="NAME|PATH.toml",
+              help="Built-in profile (see `edgequant targets`) or your own .toml.  [default: generic-cpu; with "
+                   "--qat-checkpoint, the checkpoint's]")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default=None,
+              help="How activation ranges are chosen from the calibration data (auto: per tensor, the method with "
+                   "the least output error).  [default: minmax]")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="Calibrate on at most N samples (the held-out check set is kept apart).")
 @click.option("--opset", type=click.IntRange(13, 23), default=None, help="ONNX opset (default: the target's).")
@@ -119,11 +169,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A file from edgequant.qat.save_checkpoint: export the QAT-trained model (its target and "
                    "learned scales; DATA gives shapes and check samples).")
-@click.option("--task", default="feature-extraction", show_default=True,
+@click.option("--task", default=None,
               help="Hugging Face models: the task optimum exports (feature-extraction, text-classification, ...; "
-                   "text-generation-with-past for a decoder, the default for a causal LM's folder).")
-@click.option("--max-length", type=click.IntRange(2, 8192), default=128, show_default=True,
-              help="Text: pad and truncate every sample to this many tokens.")
+                   "text-generation-with-past for a decoder, the default for a causal LM's folder).  [default: "
+                   "feature-extraction]")
+@click.option("--max-length", type=click.IntRange(2, 8192), default=None,
+              help="Text: pad and truncate every sample to this many tokens.  [default: 128]")
 @click.option("--dynamic", is_flag=True,
               help="Hugging Face text models: dynamic int8 activations (scales computed per run; no ranges).")
 @click.option("--weights", default=None, metavar="q8|q4|q4-gptq",
@@ -142,11 +193,14 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--smooth-quant", is_flag=True, help="Move MatMul activation outliers into the weights.")
 @click.option("--allow-inaccurate", is_flag=True,
               help="Write the bundle even when the int8 model is grossly wrong (the report records it).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Samples per ONNX Runtime run while calibrating and checking.  [default: 16]")
+@click.option("--no-layer-report", is_flag=True, help="Skip the per-layer error table (PTQ).")
 @_handle_errors
 def export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
            layout, force, progress_bars, no_progress, quiet, as_json, input_shape, qat_checkpoint, task, max_length,
            dynamic, weights, block_size, accuracy_budget, labels, equalize, bias_correction, smooth_quant,
-           allow_inaccurate):
+           allow_inaccurate, batch_size, no_layer_report):
     """Quantize MODEL (file.py:factory, package.module:factory, model.onnx or a Hugging Face model folder) to an
     int8 bundle in OUT. Exit status 0: the bundle is written and its check passed; 1: an error, nothing
     written; 2: a usage error."""
@@ -159,7 +213,7 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
         bundle = _export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std,
                          channels, layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic,
                          weights, block_size, accuracy_budget, labels, equalize, bias_correction, smooth_quant,
-                         allow_inaccurate)
+                         allow_inaccurate, batch_size, no_layer_report)
     if as_json:
         import json
 
@@ -170,56 +224,61 @@ def export(model, data, out, target, method, num_samples, opset, exclude, resize
 
 def _export(model, data, out, target, method, num_samples, opset, exclude, resize, scale, mean, std, channels,
             layout, force, no_progress, input_shape, qat_checkpoint, task, max_length, dynamic, weights, block_size,
-            accuracy_budget, labels, equalize, bias_correction, smooth_quant, allow_inaccurate):
-    """The export command's options → the bundle (through the same library calls as the Python API)."""
-    from click.core import ParameterSource
-
-    from .transforms.algorithms import Algorithms
-    from .jobs.ptq import export as run_export
-    from .check.budget import AccuracyBudget
-    from .data.samples import ImagePreprocess
-    from .quantize.weight_only import check_options
-
-    method_source = click.get_current_context().get_parameter_source("method")
-    check_options(weights=weights, block_size=block_size, num_samples=num_samples,
-                  method_given=method_source == ParameterSource.COMMANDLINE, dynamic=dynamic)
+            accuracy_budget, labels, equalize, bias_correction, smooth_quant, allow_inaccurate, batch_size,
+            no_layer_report):
+    """The export command's options → the same ExportConfig the Python API builds, one flag to one field (a flag
+    not given is not passed, so the job's default applies) → the bundle."""
+    from .config import ExportConfig
     from .errors import BudgetError
+    from .jobs import run_job
 
-    budget = None
-    if accuracy_budget is not None:
-        try:
-            budget = AccuracyBudget.parse(accuracy_budget)
-        except BudgetError as exc:
-            raise click.BadParameter(str(exc), param_hint="--accuracy-budget") from None
+    options = dict(target=target, method=method, num_samples=num_samples, opset=opset, exclude_nodes=exclude,
+                   preprocess=_preprocess(resize, scale, mean, std, channels, layout),
+                   input_shapes=_input_shapes(input_shape), qat_checkpoint=qat_checkpoint, task=task,
+                   max_length=max_length, dynamic=dynamic or None, weights=weights, block_size=block_size,
+                   accuracy_budget=accuracy_budget, labels=labels,
+                   algorithms=_algorithms(equalize, bias_correction, smooth_quant),
+                   allow_inaccurate=allow_inaccurate or None, batch_size=batch_size,
+                   layer_report=False if no_layer_report else None)
+    try:
+        config = ExportConfig.from_options(model, data, out=out, force=force, progress=not no_progress,
+                                           **{k: v for k, v in options.items() if v not in (None, ())})
+    except BudgetError as exc:
+        raise click.BadParameter(str(exc), param_hint="--accuracy-budget") from None
+    return run_job(config)
 
-    pre = None
-    if any(v is not None for v in (resize, scale, mean, std, channels, layout)):
-        pre = ImagePreprocess(
-            resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
-            mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,),
-            channel_order=channels or "rgb", layout=layout or "nchw")
-    if qat_checkpoint is not None:
-        from .qat import export_checkpoint
 
-        return export_checkpoint(model, qat_checkpoint, data, out=out, preprocess=pre, force=force,
-                                 progress=not no_progress)
+def _preprocess(resize, scale, mean, std, channels, layout):
+    """The image options → an ImagePreprocess (None when none is given: the data's own defaults)."""
+    if all(v is None for v in (resize, scale, mean, std, channels, layout)):
+        return None
+    from .data.samples import ImagePreprocess
+
+    return ImagePreprocess(resize=_size(resize), scale=_number(scale) if scale else 1 / 255,
+                           mean=_floats(mean) or (0.0,), std=_floats(std) or (1.0,), channel_order=channels or "rgb",
+                           layout=layout or "nchw")
+
+
+def _input_shapes(texts):
     from .frontend.shapes import parse_input_shape
 
-    shapes = dict(parse_input_shape(s) for s in input_shape) or None
-    return run_export(model, data, out=out, target=target, method=method, num_samples=num_samples, opset=opset,
-                        preprocess=pre, exclude_nodes=exclude, force=force, progress=not no_progress,
-                        input_shapes=shapes, task=task, max_length=max_length, dynamic=dynamic,
-                        weights=weights, block_size=block_size,
-                        algorithms=Algorithms(equalize=equalize, bias_correction=bias_correction,
-                                              smooth_quant=smooth_quant),
-                        accuracy_budget=budget, labels=labels, allow_inaccurate=allow_inaccurate)
+    return dict(parse_input_shape(t) for t in texts) or None
+
+
+def _algorithms(equalize, bias_correction, smooth_quant):
+    if not (equalize or bias_correction or smooth_quant):
+        return None
+    from .transforms.algorithms import Algorithms
+
+    return Algorithms(equalize=equalize, bias_correction=bias_correction, smooth_quant=smooth_quant)
 
 
 def summary_dict(report: dict, path: Path) -> dict:
     """A bundle report → the JSON the export command prints with --json: the figures a script checks."""
     from .units import precision_label
 
-    keys = ("target", "source", "method", "sizes", "fidelity", "kernels", "weights", "accuracy_budget", "qat")
+    keys = ("target", "source", "method", "bundle_digest", "sizes", "fidelity", "kernels", "weights",
+            "accuracy_budget", "qat")
     return {"bundle": str(path), "precision": precision_label(report),
             **{k: report[k] for k in keys if report.get(k) is not None}}
 
@@ -232,9 +291,13 @@ def summary(report: dict, path: Path) -> str:
     lines = [f"bundle   {path}  (target {report['target']}, {report['source']}, method {report['method']})",
              f"size     fp32 {format_bytes(s['fp32_bytes'])} -> {precision_label(report)} "
              f"{format_bytes(s['int8_bytes'])} ({100 * s['ratio']:.1f}%)"]
+    if report.get("bundle_digest"):  # what an app pins (runtimes/README.md, "Pinning a bundle")
+        lines.insert(1, f"digest   {report['bundle_digest']}")
     for f in report["fidelity"]:
         agree = f"  argmax agreement {100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None \
             else ""
+        if f.get("pixel_argmax_agreement") is not None:
+            agree += f"  per-pixel argmax agreement {100 * f['pixel_argmax_agreement']:.2f}%"
         if f.get("spearman_pairwise") is not None:
             agree += f"  pairwise-similarity Spearman {f['spearman_pairwise']:.5f}"
         if f.get("cosine") is None:
@@ -337,25 +400,41 @@ def inspect(bundle, target, layers, as_json):
     from .check.layers import format_layers
     from .inspection import inspect_bundle
 
-    result = inspect_bundle(bundle, target=target)
+    from .bundle.core import load_bundle
+
+    loaded = load_bundle(bundle)
+    result = inspect_bundle(loaded, target=target)
     report = None
     if layers:
-        from .bundle.core import load_bundle
-
-        report = load_bundle(bundle).report.get("layers")
+        report = loaded.report.get("layers")
         if not report:
             raise EdgeQuantError(f"{bundle}: report.json has no per-layer table; export the bundle again with "
                                  "this edgequant to get one")
     if as_json:
         data = result.to_dict()
+        data["digest"] = loaded.digest
         if layers:
             data["layers"] = report
         click.echo(json.dumps(data, indent=2))
         return
+    click.echo(f"digest   {loaded.digest}")
     click.echo("\n".join(result.lines()))
     if layers:
         click.echo("")
         click.echo(format_layers(report))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="KEY.pem",
+              help="Ed25519 private key (PEM, e.g. from `openssl genpkey -algorithm ed25519`).")
+@_handle_errors
+def sign(bundle, key):
+    """Sign BUNDLE's manifest with an Ed25519 key (writes manifest.sig); devices check it with the public key."""
+    from .bundle.sign import sign_bundle
+
+    digest, public = sign_bundle(bundle, key)
+    click.echo(f"signed   {bundle} ({digest}) with Ed25519 key {public}")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -437,7 +516,24 @@ def _generation_bundle(path: Path):
 
 
 def main() -> None:
-    cli(prog_name="edgequant")
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli(prog_name="edgequant", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C outside a command (while options are read)
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

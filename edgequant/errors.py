@@ -19,7 +19,9 @@ __all__ = [
     "QuantizationError",
     "TargetError",
     "UnsupportedOnTarget",
+    "UsageError",
     "cli_spelling",
+    "device_errors",
     "option",
     "spelled",
 ]
@@ -61,8 +63,31 @@ def cli_spelling() -> Iterator[None]:
         _FRONT_END.reset(token)
 
 
+@contextlib.contextmanager
+def device_errors() -> Iterator[None]:
+    """The one seam between the device adapter's errors and this tree: where edgequant calls the adapter
+    (``runtimes/python/edgequant_runtime.py``, which cannot import edgequant), its BundleError becomes
+    :class:`BundleError`, its InputError :class:`DataError`, any other of its errors :class:`EdgeQuantError`,
+    with the adapter's message unchanged."""
+    from ._runtime import edgequant_runtime as device
+
+    try:
+        yield
+    except device.BundleError as exc:
+        raise BundleError(str(exc)) from None
+    except device.InputError as exc:
+        raise DataError(str(exc)) from None
+    except device.RuntimeAdapterError as exc:
+        raise EdgeQuantError(str(exc)) from None
+
+
 class EdgeQuantError(Exception):
     """Base class: a problem with the user's input or environment, reported as one line."""
+
+
+class UsageError(EdgeQuantError):
+    """Options that do not fit together: one the chosen job does not take, or a malformed value. The CLI exits
+    with 2 (a usage error), as for an unknown flag."""
 
 
 class DataError(EdgeQuantError):

@@ -25,7 +25,8 @@ from onnx import numpy_helper
 from .bundle.core import Bundle, load_bundle
 from .errors import BundleError, TargetError, option
 from .targets import ProviderSpec, Target, load_target
-from .check.fidelity import INT8_OPS, session
+from .check.fidelity import INT8_OPS
+from .graph.sessions import session
 
 __all__ = ["Inspection", "NodePlacement", "inspect_bundle"]
 

@@ -45,23 +45,30 @@ class QuantSpec:
     # Regular expressions (searched in node names): the weights of matching MatMul nodes are stored as
     # full-range uint8 instead (U8U8 kernels, which sum in 32 bits), ignoring weight_dtype and reduce_range.
     uint8_weight_nodes: tuple[str, ...] = ()
+    # The target's u8·s8 kernels add pairs of products in saturating 16 bits (x86 AVX2 without VNNI): each
+    # output channel keeps the widest weight range (8 bits down to 7) whose pair sums provably, or measured on
+    # the calibration data, stay within int16 (edgequant.quantize.saturation). Instead of reduce_range.
+    pair_saturation: bool = False
 
     def __post_init__(self) -> None:
         for pattern in self.uint8_weight_nodes:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"uint8_weight_nodes entry {pattern!r} is not a regular expression ({exc})") from None
+                raise TargetError(f"uint8_weight_nodes entry {pattern!r} is not a regular expression ({exc})") from None
         if self.uint8_weight_nodes and self.activation_dtype != "uint8":
-            raise ValueError("uint8_weight_nodes needs activation_dtype = \"uint8\" (int8 activations with uint8 "
+            raise TargetError("uint8_weight_nodes needs activation_dtype = \"uint8\" (int8 activations with uint8 "
                              "weights have no kernel in ONNX Runtime)")
         for key in ("activation_dtype", "weight_dtype"):
             if getattr(self, key) not in _DTYPES:
-                raise ValueError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
+                raise TargetError(f"{key} must be one of {', '.join(_DTYPES)}, not {getattr(self, key)!r}")
         if self.activation_dtype == "int8" and self.weight_dtype == "uint8":
-            raise ValueError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
+            raise TargetError("int8 activations with uint8 weights has no kernel in ONNX Runtime; use int8 weights")
+        if self.pair_saturation and (self.reduce_range or self.activation_dtype != "uint8"):
+            raise TargetError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
+                             "false (it makes every weight 7-bit) and activation_dtype = \"uint8\"")
         if not self.op_types:
-            raise ValueError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
+            raise TargetError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
 
 
 @dataclass(frozen=True)
@@ -86,11 +93,11 @@ class ProviderSpec:
 
     def __post_init__(self) -> None:
         if self.kernels not in _KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(_KERNELS)}, not {self.kernels!r}")
+            raise TargetError(f"kernels must be one of {', '.join(_KERNELS)}, not {self.kernels!r}")
         for pair in self.dtypes:
             act, _, wt = pair.partition("/")
             if act not in _DTYPES or wt not in _DTYPES:
-                raise ValueError(f"dtypes entry {pair!r} must be ACTIVATION/WEIGHT, e.g. \"uint8/int8\"")
+                raise TargetError(f"dtypes entry {pair!r} must be ACTIVATION/WEIGHT, e.g. \"uint8/int8\"")
 
     def options_dict(self) -> dict[str, str]:
         return dict(self.options)
@@ -124,13 +131,13 @@ class RuntimeSpec:
 
     def __post_init__(self) -> None:
         if self.arithmetic not in ARITHMETICS:
-            raise ValueError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, not {self.arithmetic!r}")
+            raise TargetError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, not {self.arithmetic!r}")
         if self.graph_optimization_level not in _OPT_LEVELS:
-            raise ValueError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}")
+            raise TargetError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}")
         if not self.providers:
-            raise ValueError("providers is empty: name at least CPUExecutionProvider")
+            raise TargetError("providers is empty: name at least CPUExecutionProvider")
         if self.intra_op_num_threads < 0:
-            raise ValueError("intra_op_num_threads must be >= 0 (0 lets ONNX Runtime choose)")
+            raise TargetError("intra_op_num_threads must be >= 0 (0 lets ONNX Runtime choose)")
 
 
 @dataclass(frozen=True)
@@ -147,8 +154,17 @@ class Target:
     @property
     def full_range_weights(self) -> bool:
         """8-bit weights with all 8 bits: x86 CPUs without VNNI saturate on them in ONNX Runtime's fused
-        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there."""
-        return self.quantization.weight_dtype == "int8" and not self.quantization.reduce_range
+        u8*s8 kernels (16-bit pair sums), so the device adapter refuses such a bundle there. Not with
+        ``reduce_range`` (7-bit) nor ``pair_saturation`` (each channel's range keeps its pair sums in int16)."""
+        q = self.quantization
+        return q.weight_dtype == "int8" and not q.reduce_range and not q.pair_saturation
+
+    @property
+    def needs_vnni_on_x86(self) -> bool:
+        """Full-range weights that ONNX Runtime's CPU provider fuses (QDQ fusion is a level-2 rewrite): an x86
+        CPU without VNNI computes them with saturating 16-bit pair sums."""
+        r = self.runtime
+        return self.full_range_weights and r.cpu_int8_fusion and r.graph_optimization_level in ("extended", "all")
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for the manifest."""
@@ -165,6 +181,7 @@ class Target:
                 "per_channel": q.per_channel,
                 "per_channel_op_types": list(q.per_channel_op_types),
                 "reduce_range": q.reduce_range,
+                "pair_saturation": q.pair_saturation,
                 "op_types": list(q.op_types),
                 "float_op_types": list(q.float_op_types),
                 "float_output_op_types": list(q.float_output_op_types),
@@ -267,11 +284,11 @@ def _parse(text: str, source: str) -> Target:
         raise TargetError(f"{source}: opset {opset} is out of range; per-channel int8 needs opset >= 13 (use 17-21)")
     try:
         quant = QuantSpec(**q_kwargs)
-    except ValueError as exc:
+    except TargetError as exc:
         raise TargetError(f"{source}: [quantization] {exc}") from None
     try:
         runtime = RuntimeSpec(**r_kwargs)
-    except ValueError as exc:
+    except TargetError as exc:
         raise TargetError(f"{source}: [runtime] {exc}") from None
     _check_primary(quant, runtime, source)
     return Target(
@@ -300,7 +317,7 @@ def _providers(value: Any, source: str) -> tuple[ProviderSpec, ...]:
         try:
             out.append(ProviderSpec(_typed(item["name"], str, f"runtime.providers[{i}].name", source),
                                     tuple(sorted((str(k), str(v)) for k, v in options.items())), **kwargs))
-        except ValueError as exc:
+        except TargetError as exc:
             raise TargetError(f"{source}: runtime.providers[{i}].{exc}") from None
     return tuple(out)
 
@@ -334,9 +351,9 @@ def _check_primary(q: QuantSpec, r: RuntimeSpec, source: str) -> None:
     if extra:
         raise TargetError(f"{source}: quantization.per_channel_op_types lists {', '.join(extra)}, but {p.name} takes "
                           f"per-channel weights only for {', '.join(p.per_channel_op_types) or 'no op'}")
-    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not q.reduce_range:
+    if r.arithmetic == "host-kernels" and q.weight_dtype == "int8" and not (q.reduce_range or q.pair_saturation):
         raise TargetError(f"{source}: runtime.arithmetic \"host-kernels\" needs weights that cannot saturate on x86 "
-                          "CPUs without VNNI: set quantization.reduce_range = true, or arithmetic = \"vnni-kernels\" "
+                          "CPUs without VNNI: set quantization.pair_saturation = true (or reduce_range), or arithmetic = \"vnni-kernels\" "
                           "(x86 with VNNI) or \"exact\" (ARM, GPUs, NPUs)")
     if p.static_shapes and not r.static_shapes:
         raise TargetError(f"{source}: runtime.static_shapes must be true: {p.name} needs fixed input shapes")

@@ -13,12 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 
 
-def pytest_report_header(config):
-    """The CPU features the int8 figures of this run depend on, at the top of the run."""
+def pytest_sessionstart(session):
+    """The CPU features the int8 figures of this run depend on, at the top of the run (also under -q, which
+    hides pytest's own report header)."""
     from edgequant._runtime.edgequant_runtime import cpu_features, describe_cpu
 
     f = cpu_features()
-    return f"host CPU: {describe_cpu(f)}; int8 flags {' '.join(f['flags']) or '-'} (from {f['source']})"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"host CPU: {describe_cpu(f)}; int8 flags {' '.join(f['flags']) or '-'} "
+                            f"(from {f['source']})")
 
 
 def load_example_module(path: Path, name: str):

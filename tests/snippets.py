@@ -6,7 +6,8 @@ line right before the fence (blank lines in between are allowed):
 - ```` ```sh ```` / ``bash`` / ``shell``: every line is a command; the block runs in ``bash -euo pipefail``.
 - ```` ```console ````: lines starting with ``$ `` are commands (a trailing ``\\`` continues onto the next line);
   every other line is output the page shows. The commands run, and each shown line (lines may be left out
-  between them; ``...`` says so to the reader) must appear in that order in what they print on stdout and stderr, digits aside: figures may differ
+  between them; ``...`` says so to the reader; a line ending in ``...`` matches the lines that start so) must
+  appear in that order in what they print on stdout and stderr, digits aside: figures may differ
   between CPUs, the words and the layout may not.
 - ```` ```python ````: the block runs as a script with ``python``.
 - any other tag (``text``, ``json``, ``toml``, ``cpp``, ``kotlin``, ...): shown, not run. A block without a tag
@@ -164,10 +165,12 @@ def missing_output(shown: list[str], printed: str) -> str | None:
         if want.strip() == "...":
             continue
         w = _mask(want)
-        try:
-            pos = got.index(w, pos) + 1
-        except ValueError:
+        prefix = w.endswith("...") and w[:-3].rstrip()
+        hit = next((i for i in range(pos, len(got))
+                    if (got[i].startswith(prefix) if prefix else got[i] == w)), None)
+        if hit is None:
             return want
+        pos = hit + 1
     return None
 
 

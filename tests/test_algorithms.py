@@ -23,9 +23,10 @@ DW = f"{ROOT / 'examples' / 'digits_dw' / 'model.py'}:build"
 
 @pytest.fixture(scope="module")
 def per_tensor():
-    """The generic CPU profile with per-tensor weights (as XNNPACK's u8 kernels need)."""
+    """The generic CPU profile with per-tensor 7-bit weights (as XNNPACK's u8 kernels need per-tensor)."""
     t = edgequant.load_target("generic-cpu")
-    return dataclasses.replace(t, name="per-tensor", quantization=dataclasses.replace(t.quantization, per_channel=False))
+    q = dataclasses.replace(t.quantization, per_channel=False, reduce_range=True, pair_saturation=False)
+    return dataclasses.replace(t, name="per-tensor", quantization=q)
 
 
 def _test_sqnr(bundle, x_test) -> float:

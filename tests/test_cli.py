@@ -82,8 +82,9 @@ def test_export_digits_writes_bundle_and_table(tmp_path):
                     "--no-progress")
     assert result.exit_code == 0, result.output
     assert "QLinearConv" in result.output and "no Conv/MatMul/Gemm left in float" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["edgequant_runtime.py", "golden.npz", "layers.png", "manifest.json",
-                                                     "model.fp32.onnx", "model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["edgequant_runtime.py", "golden.npz", "layers.png",
+                                                     "manifest.json", "manifest.sha256", "model.fp32.onnx",
+                                                     "model.onnx", "report.html", "report.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -192,7 +193,7 @@ def test_failed_write_leaves_output_as_it_was(tiny, monkeypatch):
     def fail(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle, "_swap_into_place", fail)
+    monkeypatch.setattr(bundle.Staging, "commit", fail)
     result = invoke("export", f"{tiny / 'tiny.py'}:build", "--calibrate", tiny / "data", "-o", out, "--force",
                     "--no-progress")
     assert result.exit_code == 130

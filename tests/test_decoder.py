@@ -114,7 +114,9 @@ def test_q8_bundle_reports_agreement_and_generates(decoder):
     out = sess.generate("the robot", 12)
     assert len(out.token_ids) == 12 or out.finish_reason == "eos"
     assert isinstance(out.text, str) and out.prompt_s > 0
-
+    # the self-test travels with decoder bundles too: the first step of the held-out texts
+    assert m["selftest"]["samples"] == 2 and "golden.npz" in m["files"]
+    assert sess.selftest().passed
 
 def test_sampling_seed_stop_tokens_and_strings(decoder):
     _, bundle = decoder

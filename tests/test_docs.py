@@ -56,6 +56,8 @@ def test_console_output_is_compared_digits_aside(tmp_path):
     snip = snippets.Snippet(tmp_path / "x.md", 1, "console",
                             "$ printf 'size 98.1 KiB\\nother\\ncosine 0.99\\n'\nsize 1.0 KiB\n...\ncosine 0.5\n")
     assert snippets.run(snip, tmp_path).__class__ is type(None)
+    prefix = snippets.Snippet(tmp_path / "x.md", 1, "console", "$ echo 'checked on AVX2 9 cores'\nchecked on ...\n")
+    assert snippets.run(prefix, tmp_path) is None
     bad = snippets.Snippet(snip.page, 1, "console", "$ printf 'size 98.1 MiB\\n'\nsize 1.0 KiB\n")
     assert "the page shows\n  size 1.0 KiB" in snippets.run(bad, tmp_path).replace(str(tmp_path) + "/", "")
 
@@ -70,3 +72,11 @@ def test_setup_commands_are_what_ci_runs():
     first = [s for s in readme.snippets if "pip install torch==2.13.0" in s.text]
     assert first and "pip install -c .ci/constraints.txt -e ." in first[0].text.replace("\\\n", " ")
     assert "python3 -m pip install -q torch==2.13.0" in ci
+
+
+def test_readme_is_short_with_the_set_up_in_the_first_screen():
+    lines = (snippets.ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move reference material to docs/"
+    first_screen = "\n".join(lines[:40])
+    assert "pip install torch==2.13.0" in first_screen and "\n.ci/run\n" in first_screen
+    assert max(len(x) for x in lines[:40] if not x.startswith("<!--")) <= 120

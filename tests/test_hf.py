@@ -364,9 +364,9 @@ def test_text_bundle_without_its_tokenizer_is_refused(minilm_bundle, digits_bund
 
     bundle = tmp_path / "copy"
     bundle.mkdir()
-    for item in minilm_bundle.path.iterdir():  # the models linked, the small files copied
+    for item in minilm_bundle.path.iterdir():  # the models hard-linked, the small files copied
         if item.suffix == ".onnx":
-            os.symlink(item, bundle / item.name)
+            os.link(item, bundle / item.name)
         else:
             (bundle / item.name).write_bytes(item.read_bytes())
     tok = bundle / "tokenizer.json"
@@ -385,17 +385,18 @@ def test_text_bundle_without_its_tokenizer_is_refused(minilm_bundle, digits_bund
     for name in ("tokenizer.json", "vocab.txt", "edgequant_text.py"):
         files = {k: v for k, v in manifest["files"].items() if k != name}
         (bundle / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
-        with pytest.raises(rt.BundleError, match=f"lists no checksum for '{name}', which the bundle needs"):
+        with pytest.raises(rt.BundleError, match=f"must be a file listed under files, not \"{name}\""):
             rt.Session(bundle)
 
-    with pytest.raises(rt.InputError, match="takes arrays, not text: its manifest has no tokenizer"):
+    with pytest.raises(rt.InputError, match="takes no text to embed: its manifest has no tokenizer entry"):
         rt.Session(digits_bundle.path).run_text(["a cup"])
     assert rt.main([str(digits_bundle.path), "--text", "a cup"]) == 1
-    assert "takes arrays, not text" in capsys.readouterr().err
+    assert "takes no text to embed" in capsys.readouterr().err
     digits = tmp_path / "digits"
     shutil.copytree(digits_bundle.path, digits)
     manifest = json.loads((digits / "manifest.json").read_text())
     (digits / "manifest.json").write_text(json.dumps({**manifest, "reference_model": None}))
+    (digits / "manifest.sha256").unlink()  # a hand-edited manifest no longer matches its digest file
     with pytest.raises(rt.BundleError, match="has no fp32 reference model"):
         rt.Session(digits, reference=True)
 
@@ -444,3 +445,22 @@ def test_uint8_weight_nodes_and_handing_the_model_over():
     assert weights["mm1"].dtype == np.int8 and np.abs(weights["mm1"].astype(int)).max() <= 64
     owned = quantize(model, ranges, tgt, float_outputs=("MatMul",), consume=True)  # handed over: quantized in place, same result
     assert owned.graph.SerializeToString() == int8.graph.SerializeToString()
+
+
+def test_text_adapter_and_tokenizer_run_from_the_verified_bytes(minilm_bundle, tmp_path):
+    """run_text executes the edgequant_text.py bytes and builds the tokenizer from the tokenizer.json bytes that
+    were verified when the session opened: what the files hold later is never read."""
+    from edgequant._runtime import edgequant_runtime as rt
+
+    bundle = tmp_path / "copy"
+    bundle.mkdir()
+    for item in minilm_bundle.path.iterdir():
+        (os.link if item.suffix == ".onnx" else shutil.copy)(item, bundle / item.name)
+    want, _ = rt.Session(bundle).run_text(["a robot arm picks up a cup"])
+    sess = rt.Session(bundle)
+    (bundle / "edgequant_text.py").write_text("raise SystemExit('the file on disk was run')\n")
+    (bundle / "tokenizer.json").write_text("{}")
+    got, _ = sess.run_text(["a robot arm picks up a cup"])
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(rt.BundleError, match="tokenizer.json has 2 bytes, the manifest says"):
+        rt.Session(bundle)

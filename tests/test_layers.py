@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from edgequant.jobs.ptq import split_holdout
+from edgequant.data.holdout import split_holdout
 from edgequant.calibration.streaming import calibrate, tensors_to_calibrate
 from edgequant.cli import cli
 from edgequant.data.samples import load_samples
@@ -107,7 +107,10 @@ def test_inspect_refuses_what_is_not_a_bundle(tmp_path):
 
 def test_a_graph_the_analysis_refuses_costs_a_warning_not_the_bundle(digits_parts, monkeypatch, caplog):
     import edgequant.check.layers
-    from edgequant.jobs.ptq import _layers
+    from edgequant.config import ExportConfig
+    from edgequant.jobs import ptq
+    from edgequant.jobs.stages import Run
+    from edgequant.targets import load_target
 
     fp32, int8, _, holdout = digits_parts
 
@@ -115,7 +118,10 @@ def test_a_graph_the_analysis_refuses_costs_a_warning_not_the_bundle(digits_part
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (n) Op (If) subgraph")
 
     monkeypatch.setattr(edgequant.check.layers, "layer_errors", refuse)
-    assert _layers(fp32, int8, holdout, 16, False) is None
+    run = Run(ExportConfig.from_options(None, None, out="unused", progress=False), load_target("generic-cpu"), 18,
+              work=fp32, int8=int8, holdout=holdout)
+    ptq.layers(run)  # the stage alone, on a hand-made run
+    assert "layers" not in run.parts
     assert "per-layer error report skipped: RuntimeError" in caplog.text
 
 

@@ -50,11 +50,11 @@ def test_python_api_names_force_true_and_the_cli_names_force(digits_bundle, tmp_
 
 
 def test_weight_only_options_are_named_as_python_arguments(digits_bundle, tmp_path):
-    with pytest.raises(edgequant.QuantizationError) as err:
+    with pytest.raises(edgequant.UsageError) as err:
         edgequant.export(digits_bundle.fp32_model_path, DIGITS / "data", out=tmp_path / "x", block_size=64)
     assert str(err.value).startswith("block_size applies only to weight-only quantization: add weights=\"q8\"")
     assert "--" not in str(err.value)
-    with pytest.raises(edgequant.QuantizationError, match='num_samples limits GPTQ.*weights="q4-gptq"'):
+    with pytest.raises(edgequant.UsageError, match='num_samples limits GPTQ.*weights="q4-gptq"'):
         edgequant.export(digits_bundle.fp32_model_path, DIGITS / "data", out=tmp_path / "x", weights="q8",
                          num_samples=8)
 
@@ -226,3 +226,19 @@ def test_progress_lines_every_tenth_when_slow(monkeypatch):
         bar = progress.progress_bar(total=3, desc="x")
         assert isinstance(bar, tqdm)
         bar.close()
+
+
+def test_version_names_the_libraries_and_the_cpu_features_for_int8():
+    res = CliRunner().invoke(cli, ["--version"])
+    assert res.exit_code == 0
+    lines = res.output.strip().splitlines()
+    from importlib.metadata import version
+
+    assert lines[0] == f"edgequant {edgequant.__version__}"
+    assert lines[1].startswith(f"onnxruntime {version('onnxruntime')}, onnx {version('onnx')}, "
+                               f"torch {version('torch')}, numpy ")
+    cpu = rt.cpu_features()
+    assert lines[2].startswith(f"cpu {rt.describe_cpu(cpu)}: ")
+    if cpu["arch"] == "x86_64":
+        assert ("saturate" in lines[2]) == rt.int8_saturates(cpu)
+        assert ("AVX2" in lines[2] or "AVX-512" in lines[2]) == ("avx2" in cpu["flags"])

@@ -106,3 +106,19 @@ def test_grossly_wrong_int8_fails_in_one_line_and_writes_nothing(tmp_path):
                               layer_report=False, allow_inaccurate=True)
     gate = forced.report["fidelity_gate"]
     assert not gate["passed"] and gate["overridden"] and "1:10" in gate["failures"][0]
+
+
+def test_segmentation_logits_report_per_pixel_argmax_agreement():
+    """(N, C, H, W) logits: the class of each pixel is the argmax over C; the report counts matching pixels."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 5, 8, 8)).astype(np.float32)
+    test = ref.copy()
+    test[0, :, :2, :] = test[0, ::-1, :2, :]  # 16 pixels of sample 0 take another class order
+    changed = int(np.sum(np.argmax(ref[0, :, :2], 0) != np.argmax(test[0, :, :2], 0)))
+    acc = OutputAgreement("seg")
+    acc.update(ref[:2], test[:2])
+    acc.update(ref[2:], test[2:])
+    r = acc.result()
+    assert changed > 0
+    assert r["pixel_argmax_agreement"] == pytest.approx(1 - changed / (3 * 64), abs=1e-6)
+    assert r["argmax_agreement"] is None  # not a (N, classes) output

@@ -83,7 +83,7 @@ def test_smooth_quant_lowers_the_int8_matmul_error(minilm):
     """SmoothQuant's target: the error of each int8 MatMul with a constant weight, on the real activations."""
     from onnx import numpy_helper
 
-    from edgequant.transforms.algorithms import _as_inputs
+    from edgequant.graph.trials import as_inputs as _as_inputs
     from edgequant.check.fidelity import session
 
     path, samples = minilm

@@ -46,11 +46,10 @@ def add_selftest(files: dict[str, bytes], manifest: dict[str, Any], model: onnx.
 
     Outputs that no DequantizeLinear produces (float outputs) get a step of max|output| / 127 over the golden
     samples: one 8-bit step of their range."""
-    from ..calibration.streaming import batches
-    from ..check.fidelity import _dtype, session
+    from ..graph.sessions import batches, input_dtypes, session
 
     s = session(model, level=level, threads=1)
-    dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
+    dtypes = input_dtypes(s)
     names = [o.name for o in s.get_outputs()]
     first = s.get_inputs()[0].shape
     per = first[0] if first and isinstance(first[0], int) and first[0] > 1 else 1  # a fixed batch size

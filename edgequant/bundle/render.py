@@ -17,7 +17,7 @@ from typing import Any
 
 from ..units import format_bytes, precision_label
 
-__all__ = ["bench_png", "layers_png", "report_html"]
+__all__ = ["bench_png", "layers_png", "report_html", "report_pages"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def report_html(report: dict[str, Any], png: bytes | None) -> str:
                      "<th>mean |err|</th><th>|fp32| max</th><th>argmax agreement</th><th>samples</th></tr>")
         for f in fid:
             agree = f"{100 * f['argmax_agreement']:.2f}%" if f.get("argmax_agreement") is not None else "–"
+            if f.get("pixel_argmax_agreement") is not None:
+                agree = f"{100 * f['pixel_argmax_agreement']:.2f}% of pixels"
             if f.get("cosine") is None:
                 parts.append(f"<tr><td>{e(f['output'])}</td><td colspan=5>{e(f.get('status', ''))}: "
                              f"{e(f.get('note') or '')}</td><td class=n>{f['samples']}</td></tr>")
@@ -186,3 +188,12 @@ def bench_png(result: dict[str, Any]) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig, plt)
+
+
+def report_pages(report: dict) -> dict[str, bytes]:
+    """report.json's layer table → {"layers.png": plot (when matplotlib is there), "report.html": page}."""
+    png = layers_png(report["layers"])
+    files = {"report.html": report_html(report, png).encode("utf-8")}
+    if png is not None:
+        files["layers.png"] = png
+    return files

@@ -13,14 +13,17 @@ quantization error over the histogram).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 
 from ..errors import CalibrationError
+from ..graph.sessions import batches  # noqa: F401  (re-exported: samples → batches)
+from ..graph.tap import tap
 
-__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "calibrate", "fixed_batch", "tensors_to_calibrate"]
+__all__ = ["METHODS", "HistogramObserver", "MinMaxObserver", "batches", "calibrate", "check_method", "fixed_batch",
+           "tensors_to_calibrate"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,15 @@ def _mse_range(hist: np.ndarray, centres: np.ndarray, lo: float, hi: float, leve
     return best_range
 
 
+def check_method(method: str, *, auto: bool = False) -> str:
+    """A calibration method name → itself, or a CalibrationError naming the ones there are (``auto`` too where
+    the job can choose a method per tensor)."""
+    allowed = (*METHODS, "auto") if auto else METHODS
+    if method not in allowed:
+        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(allowed)}")
+    return method
+
+
 def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> list[str]:
     """Float activations read or written by a node whose op type is quantized (initializers excluded)."""
     graph = model.graph
@@ -185,51 +197,15 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
-            dtypes: dict[str, np.dtype]) -> Iterator[dict[str, np.ndarray]]:
-    """Samples → stacked batches, cast to the model's input dtypes."""
-    for start in range(0, len(samples), batch_size):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        yield {k: np.stack([s[k] for s in chunk]).astype(dtypes.get(k, chunk[0][k].dtype), copy=False)
-               for k in chunk[0]}
-
-
 def calibrate(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *,
               method: str = "minmax", batch_size: int = 16,
               progress: Callable[[int], None] | None = None) -> dict[str, tuple[float, float]]:
     """fp32 model + samples + tensor names → {tensor: (lo, hi)}, one streaming pass over the samples."""
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
-    import onnxruntime as ort
-
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in tensors:
-        if name not in existing:
-            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    session = ort.InferenceSession(augmented.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    dtypes = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
-    names = [n for n in tensors]
-    observers = {n: MinMaxObserver() if method == "minmax" else HistogramObserver(method) for n in names}
-    for batch in batches(samples, batch_size, dtypes):
-        outputs = session.run(names, batch)
-        for name, value in zip(names, outputs):
-            if value.dtype.kind != "f":
-                continue
-            if not np.isfinite(value).all():
-                raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
-                                       "overflows there; check the model and the data's pre-processing")
-            observers[name].update(value)
-        if progress:
-            progress(len(next(iter(batch.values()))))
+    check_method(method)
+    observers = {n: MinMaxObserver() if method == "minmax" else HistogramObserver(method) for n in tensors}
+    for _, values in tap(model, samples, tensors, batch_size=batch_size, progress=progress):
+        for name, value in values.items():
+            if value.dtype.kind == "f":
+                observers[name].update(value)
     return {n: obs.range() for n, obs in observers.items() if np.isfinite(obs.lo)}
 
-
-def _np_dtype(ort_type: str) -> np.dtype:
-    return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-                     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
-                     "tensor(uint8)": "uint8", "tensor(bool)": "bool"}.get(ort_type, "float32"))

@@ -36,11 +36,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..calibration.streaming import batches
+from ..data.holdout import holdout_indices
 from ..errors import BudgetError, DataError, option
+from ..graph.sessions import batches, input_dtypes, session
+from . import metrics
 
-__all__ = ["CONFIDENCE", "METRICS", "RESAMPLES", "AccuracyBudget", "bootstrap_interval", "keep_float_until",
-           "run_outputs"]
+__all__ = ["CONFIDENCE", "METRICS", "RESAMPLES", "AccuracyBudget", "bootstrap_interval", "budget_labels",
+           "keep_float_until", "run_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +63,23 @@ def _first(outputs: Outputs) -> np.ndarray:
 
 
 def _cosine(ref: Outputs, test: Outputs, labels: np.ndarray | None) -> float:
-    worst = 1.0
-    for name, r in ref.items():
-        a = r.reshape(r.shape[0], -1).astype(np.float64)
-        b = test[name].reshape(a.shape).astype(np.float64)
-        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(den > 0, np.sum(a * b, axis=1) / np.maximum(den, 1e-30), 1.0)
-        worst = min(worst, float(np.mean(cos)))
-    return worst
+    return min((metrics.cosine(r, test[name]) for name, r in ref.items()), default=1.0)
 
 
 def sqnr_db(ref: Outputs, test: Outputs, labels: np.ndarray | None = None) -> float:
     """Worst output's signal-to-quantization-noise ratio in dB (capped at 200 for identical outputs)."""
-    worst = 200.0
-    for name, r in ref.items():
-        r64 = r.astype(np.float64)
-        noise = float(np.sum((r64 - test[name].astype(np.float64)) ** 2))
-        signal = float(np.sum(r64 ** 2))
-        worst = min(worst, 200.0 if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise))
-    return worst
+    return min((metrics.sqnr_db(r, test[name]) for name, r in ref.items()), default=metrics.MAX_SQNR_DB)
 
 
 def _argmax(ref: Outputs, test: Outputs, labels: np.ndarray | None) -> float:
-    return 100.0 * float(np.mean(np.argmax(_first(ref), 1) == np.argmax(_first(test), 1)))
+    agree = metrics.argmax_agreement(_first(ref), _first(test))
+    if agree is None:
+        raise BudgetError(f"the argmax budget needs a class-like first output (N, C>1), not {_first(ref).shape}")
+    return 100.0 * agree
 
 
 def _top1(ref: Outputs, test: Outputs, labels: np.ndarray | None) -> float:
-    return 100.0 * float(np.mean(np.argmax(_first(test), 1) == labels))
+    return 100.0 * metrics.top1(_first(test), labels)
 
 
 def _top1_drop(ref: Outputs, test: Outputs, labels: np.ndarray | None) -> float:
@@ -187,10 +179,8 @@ def bootstrap_interval(budget: AccuracyBudget, ref: Outputs, test: Outputs, labe
 def run_outputs(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
                 batch_size: int = 16, level: str = "all") -> Outputs:
     """A model on the samples (at ONNX Runtime ``level``) → {output name: outputs stacked over the samples}."""
-    from .fidelity import _dtype, session
-
     s = session(model, level=level)
-    dtypes = {i.name: _dtype(i.type) for i in s.get_inputs()}
+    dtypes = input_dtypes(s)
     names = [o.name for o in s.get_outputs()]
     parts: dict[str, list] = {n: [] for n in names}
     for batch in batches(samples, batch_size, dtypes):
@@ -351,3 +341,11 @@ def describe(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"latency  mixed/int8 {lat['mixed_over_int8']:.3f}, mixed/fp32 {lat['mixed_over_fp32']:.3f} "
                      f"(batch 1, 1 thread, interleaved, noise {100 * lat['noise']:.0f}%)")
     return lines
+
+
+def budget_labels(budget: AccuracyBudget, labels: Any, n: int) -> np.ndarray | None:
+    """The held-out samples' labels (of ``n`` samples), checked before any work is done."""
+    if budget.needs_labels and labels is None:
+        raise BudgetError(f"accuracy budget {budget} needs labels: pass {option('labels', 'labels.npy')} (one "
+                          "integer class per calibration sample, in the order the samples are read)")
+    return labels_for(labels, n, holdout_indices(n))

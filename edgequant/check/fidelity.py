@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..calibration.streaming import batches
+from ..graph.sessions import batches, input_dtypes, session
 
 __all__ = ["FLOAT_COMPUTE_OPS", "INT8_OPS", "Fidelity", "KernelReport", "cpu_kernels", "compare_outputs",
            "fidelity", "session"]
@@ -44,24 +44,6 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {"int8": dict(sorted(self.int8.items())), "int8_nodes": self.int8_nodes,
                 "float_compute": list(self.float_compute), "other": dict(sorted(self.other.items()))}
-
-
-def session(model: onnx.ModelProto, *, level: str = "all", threads: int = 0, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session on an in-memory model."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def cpu_kernels(model: onnx.ModelProto) -> KernelReport:
@@ -104,6 +86,7 @@ class Fidelity:
     note: str | None = None
     exact_match: float | None = None
     zero_fp32_samples: int | None = None
+    pixel_argmax_agreement: float | None = None  # (N, C, H, W) outputs: share of pixels with the same class
 
     @classmethod
     def from_result(cls, r: dict) -> Fidelity:
@@ -111,11 +94,12 @@ class Fidelity:
                                              "fp32_abs_max", "argmax_agreement")},
                    status=r.get("status", "ok"), sqnr_db=r.get("sqnr_db"), correlation=r.get("correlation"),
                    parts=list(r.get("parts", [])), note=r.get("note"), exact_match=r.get("exact_match"),
-                   zero_fp32_samples=r.get("zero_fp32_samples"))
+                   zero_fp32_samples=r.get("zero_fp32_samples"),
+                   pixel_argmax_agreement=r.get("pixel_argmax_agreement"))
 
     def to_dict(self) -> dict:
         out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-        for k in ("parts", "note", "exact_match", "zero_fp32_samples"):
+        for k in ("parts", "note", "exact_match", "zero_fp32_samples", "pixel_argmax_agreement"):
             if not out[k]:
                 out.pop(k)
         return out
@@ -137,7 +121,7 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
     from .outputs import OutputAgreement
 
     s_ref, s_q = session(fp32), session(int8, level=level)
-    dtypes = {i.name: _dtype(i.type) for i in s_ref.get_inputs()}
+    dtypes = input_dtypes(s_ref)
     names = [o.name for o in s_ref.get_outputs()]
     accs = {n: OutputAgreement(n) for n in names}
     for batch in batches(samples, batch_size, dtypes):
@@ -145,8 +129,3 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
             accs[n].update(r, t)
     return [Fidelity.from_result(accs[n].result()) for n in names]
 
-
-def _dtype(ort_type: str) -> np.dtype:
-    from ..calibration.streaming import _np_dtype
-
-    return _np_dtype(ort_type)

@@ -39,7 +39,7 @@ def decoder_agreement(fp32: onnx.ModelProto, quantized: onnx.ModelProto, token_i
     """Both decoder graphs + held-out token sequences + the manifest's ``generation`` entry and a ``tokenizers``
     Tokenizer → perplexities, KL, next-token and greedy agreement (see the module's docstring)."""
     from .._runtime.edgequant_generate import Generator
-    from .fidelity import session
+    from ..graph.sessions import session
 
     gens = [Generator(session(m), "", {"generation": spec}, tokenizer=tokenizer) for m in (fp32, quantized)]
     nll = [[], []]

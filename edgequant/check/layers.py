@@ -35,18 +35,20 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from ..calibration.streaming import _np_dtype, batches
+from ..graph.sessions import batches, input_dtypes, session
+from ..graph.index import consumers, producers
+from ..graph.tap import with_outputs
+from .metrics import MAX_SQNR_DB, sqnr_from_sums
 
-__all__ = ["MAX_SQNR_DB", "LayerError", "format_layers", "layer_errors"]
+__all__ = ["MAX_SQNR_DB", "LayerError", "LayerRow", "format_layers", "layer_errors"]
 
 log = logging.getLogger(__name__)
 
-MAX_SQNR_DB = 200.0
 _PREFIX = "edgequant.alone/"
 
 
 @dataclass(frozen=True)
-class LayerError:
+class LayerRow:
     """Error of one quantized tensor on the held-out samples (see the module docstring for the two kinds)."""
 
     tensor: str
@@ -65,6 +67,9 @@ class LayerError:
         return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
+LayerError = LayerRow  # the row's former name (it is a data row, not an exception); kept for old imports
+
+
 @dataclass(frozen=True)
 class _Row:
     q_node: str
@@ -78,20 +83,18 @@ class _Row:
 
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
                  batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                 level: str = "all") -> list[LayerError]:
+                 level: str = "all") -> list[LayerRow]:
     """fp32 model + its QDQ int8 model + held-out samples → per-tensor errors, worst "alone" SQNR first. The
     int8 graphs run at ONNX Runtime ``level``, the same arithmetic as the output fidelity."""
-    from .fidelity import session
-
     rows = _rows(fp32, int8)
     if not rows:
         return []
-    acc_model = _exposed(int8, [r.q_output for r in rows])
+    acc_model = with_outputs(int8, [r.q_output for r in rows])
     graph_inputs = {i.name for i in fp32.graph.input}
     ref_names = sorted({r.fp32_name for r in rows if r.fp32_name not in graph_inputs})
     alone_model, alone_out = _alone_model(fp32, int8, rows, ref_names)
     s_acc, s_alone = session(acc_model, level=level), session(alone_model, level=level)
-    dtypes = {i.name: _np_dtype(i.type) for i in s_alone.get_inputs()}
+    dtypes = input_dtypes(s_alone)
     alone_names = [alone_out[r.q_node] for r in rows]
     sums = np.zeros((len(rows), 4))  # Σx², Σ(x - x̂acc)², Σ(x - x̂alone)², n
     max_abs = np.zeros(len(rows))
@@ -112,30 +115,21 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence
     for i, r in enumerate(rows):
         sig, e_acc, e_alone, n = sums[i]
         p = r.producer
-        out.append(LayerError(
+        out.append(LayerRow(
             tensor=r.fp32_name, node=p.name if p is not None else "", op_type=p.op_type if p is not None else "input",
             module=meta.get(p.name, "") if p is not None else "", index=i,
-            accumulated_sqnr_db=_sqnr(sig, e_acc), accumulated_mse=e_acc / max(n, 1),
-            accumulated_max_abs_error=float(max_abs[i]), alone_sqnr_db=_sqnr(sig, e_alone),
+            accumulated_sqnr_db=sqnr_from_sums(sig, e_acc), accumulated_mse=e_acc / max(n, 1),
+            accumulated_max_abs_error=float(max_abs[i]), alone_sqnr_db=sqnr_from_sums(sig, e_alone),
             alone_mse=e_alone / max(n, 1), fp32_rms=math.sqrt(sig / max(n, 1))))
     return sorted(out, key=lambda e: (e.alone_sqnr_db, e.index))
-
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise <= 0.0 or signal <= 0.0:
-        return MAX_SQNR_DB if noise <= 0.0 else -MAX_SQNR_DB
-    return float(min(MAX_SQNR_DB, max(-MAX_SQNR_DB, 10.0 * math.log10(signal / noise))))
 
 
 def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
     """One row per QuantizeLinear of an activation, in graph order, with its fp32 counterpart's name."""
     inits = {i.name: i for i in int8.graph.initializer}
     fp32_names = _tensor_names(fp32)
-    producers = {o: n for n in int8.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in int8.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer = producers(int8.graph)
+    users = consumers(int8.graph)
     rows = []
     for node in int8.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
@@ -146,7 +140,7 @@ def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
         if name not in fp32_names:
             # The quantizer renames a graph output's producer (T → T_QuantizeLinear_Input); the fp32 tensor is
             # the name its DequantizeLinear restores.
-            dq = [c.output[0] for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+            dq = [c.output[0] for c in users.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
             name = next((d for d in dq if d in fp32_names), None)
             if name is None:
                 log.debug("no fp32 counterpart for %s; left out of the layer report", node.input[0])
@@ -155,27 +149,13 @@ def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
         zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         if scale.size != 1:
             continue  # per-channel activations: not produced by our targets
-        rows.append(_Row(node.name, name, node.output[0], scale, zp, producers.get(node.input[0]), node))
+        rows.append(_Row(node.name, name, node.output[0], scale, zp, producer.get(node.input[0]), node))
     return rows
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:
     g = model.graph
     return {v.name for v in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def _exposed(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``names`` added to the graph outputs."""
-    out = _copy(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-    return out
 
 
 def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_Row], refs: Sequence[str]):
@@ -279,7 +259,7 @@ def _scopes(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def format_layers(rows: Sequence[dict], *, limit: int | None = None) -> str:
-    """Layer rows (``LayerError.to_dict()``, as in report.json) → a terminal table, worst "alone" first."""
+    """Layer rows (``LayerRow.to_dict()``, as in report.json) → a terminal table, worst "alone" first."""
     if not rows:
         return "layers   no quantized activations"
     head = f"{'#':>3}  {'tensor':<24} {'node':<22} {'module':<18} {'alone dB':>9} {'accum dB':>9} {'accum MSE':>10}"

@@ -119,6 +119,8 @@ class OutputAgreement:
     _integer: bool = False
     _exact: int = 0
     _elems: int = 0
+    _pixels: int = 0
+    _pixel_agree: int = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         n = ref.shape[0] if ref.ndim else 1
@@ -144,6 +146,9 @@ class OutputAgreement:
         if ref.ndim == 2 and ref.shape[1] > 1:
             self._class_like = True
             self._argmax += int(np.sum(np.argmax(ref, axis=1) == np.argmax(test, axis=1)))
+        elif ref.ndim == 4 and ref.shape[1] > 1:  # dense per-pixel classes (N, C, H, W): segmentation logits
+            self._pixels += n * ref.shape[2] * ref.shape[3]
+            self._pixel_agree += int(np.sum(np.argmax(ref, axis=1) == np.argmax(test, axis=1)))
 
     def result(self) -> dict:
         """→ the report entry: cosine (None when no sample has a non-zero fp32 output), SQNR, correlation,
@@ -162,6 +167,8 @@ class OutputAgreement:
                "mean_abs_error": None, "fp32_abs_max": round(amax, 6),
                "argmax_agreement": round(self._argmax / self.samples, 6) if self._class_like else None}
         out["mean_abs_error"] = round(float(t.s[6, 0]) / max(float(t.n[0]), 1.0), 6)
+        if self._pixels:
+            out["pixel_argmax_agreement"] = round(self._pixel_agree / self._pixels, 6)
         if self._zero_ref and not constant:
             out["zero_fp32_samples"] = self._zero_ref
         if constant:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime.edgequant_runtime import InputError, preprocess_image, read_image
-from ..errors import DataError, spelled
+from .._runtime.edgequant_runtime import preprocess_image, read_image
+from ..errors import DataError, device_errors, spelled
 
 __all__ = ["ImagePreprocess", "Samples", "channel_fix", "image_mismatch", "load_samples"]
 
@@ -212,10 +212,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _read_image(path: Path) -> np.ndarray:
     """The device adapter's reader, so calibration and the device see the same pixels."""
-    try:
-        return read_image(path)
-    except InputError as exc:
-        raise DataError(str(exc)) from None
+    with device_errors():  # the device refuses frames over 16.7 MP before decoding; calibration photos may be larger
+        return read_image(path, max_pixels=1 << 28)
 
 
 def _stacked(arrays: dict[str, np.ndarray], source: str, label: str) -> Samples:

@@ -110,8 +110,7 @@ def embedding_agreement(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: S
     """Both models on held-out samples → agreement of the pooled embeddings: mean/min cosine, and Spearman's
     rank correlation of all pairwise similarities (does int8 order sentence pairs as fp32 does?)."""
     from .._runtime.edgequant_text import pool
-    from ..calibration.streaming import batches
-    from ..check.fidelity import session
+    from ..graph.sessions import batches, session
 
     s_ref, s_q = session(fp32), session(int8, level=level)  # int8 in the target's arithmetic
     output = pooling["output"]

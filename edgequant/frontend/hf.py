@@ -23,6 +23,8 @@ from typing import Any
 import onnx
 
 from ..errors import ExportError, option
+from ..quiet import EXPORTER_LOGGERS
+from ..quiet import quiet as _quiet
 
 __all__ = ["DECODER_TASKS", "HFModel", "is_causal_lm", "is_hf_folder", "load_hf", "read_decoder_config"]
 
@@ -245,16 +247,7 @@ def _offline():
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
 def quiet():
     """optimum, transformers and the packages they import print tracer warnings and notices through logging,
     warnings and stderr; keep the CLI's output ours (failures are re-raised as one ExportError line)."""
-    from .torch_export import _quiet
-
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with _quiet():
-            yield
-    finally:
-        logging.disable(previous)
+    return _quiet(*EXPORTER_LOGGERS, level=logging.CRITICAL, all_loggers=True)

@@ -16,7 +16,7 @@ import onnx
 
 from ..errors import DataError, option
 
-__all__ = ["fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
+__all__ = ["check_data_fits", "fix_input_shapes", "parse_input_shape", "resolve_input_shapes"]
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -84,3 +84,26 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
         make_input_shape_fixed(out.graph, name, [int(d) for d in shape])
     fix_output_shapes(out)
     return out
+
+
+def check_data_fits(model: onnx.ModelProto, samples) -> None:
+    """Each sample's shape must match the graph input (batch axis excluded); a DataError names the sample."""
+    example = samples[0]
+    for inp in model.graph.input:
+        if inp.name not in example:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim][1:]
+        shape = list(example[inp.name].shape)
+        if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
+            want = ["?" if d is None else d for d in dims]
+            pre = samples.preprocess
+            if pre is not None and len(dims) == 3 and len(shape) == 3:
+                from ..data.samples import channel_fix
+
+                axis = 0 if pre.layout == "nchw" else 2
+                fix = channel_fix(pre, shape[axis], dims[axis]) if dims[axis] is not None else None
+                if fix is not None:
+                    raise DataError(f"{samples.source}: the images become inputs of shape {shape} "
+                                    f"({pre.channel_order}, {pre.layout}), but the model expects {want}: pass {fix}")
+            raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
+                            f"{want} (without batch axis); fix the data or its pre-processing")

@@ -8,17 +8,14 @@ static shapes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
-import io
 import logging
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +24,9 @@ import onnx
 import onnx.version_converter
 
 from ..errors import ExportError, option
+from ..quiet import EXPORTER_LOGGERS, quiet
 
-__all__ = ["convert_opset", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
+__all__ = ["convert_opset", "export_fp32", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +105,24 @@ def input_names_of(model: Any) -> list[str]:
             and p.default is inspect.Parameter.empty] or [p.name for p in params][:1]
 
 
+def export_fp32(loaded: Any, samples: Any, *, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    """A loaded model (ONNX passes through) + samples → fp32 ONNX traced on the first sample; an export failure
+    names the inputs the data gave (the usual cause is data that does not fit the model)."""
+    if isinstance(loaded, onnx.ModelProto):
+        return loaded
+    example = samples[0]
+    try:
+        return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
+    except ExportError as exc:
+        from ..data.samples import image_mismatch
+
+        mismatch = image_mismatch(samples, str(exc))
+        if mismatch is not None:
+            raise mismatch from None
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
+        raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
+
+
 def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_batch: bool = True,
             custom_translation_table: dict | None = None) -> onnx.ModelProto:
     """nn.Module + one sample per input (no batch axis) → fp32 ONNX with a dynamic batch axis.
@@ -119,7 +135,7 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_
     stack: list[str] = []
     hooks = _trace_hooks(module, stack)
     try:
-        with _quiet():
+        with quiet(*EXPORTER_LOGGERS, level=logging.CRITICAL):
             program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, external_data=False,
                                         dynamic_shapes=dynamic, opset_version=max(opset, 18), verbose=False,
                                         optimize=True, custom_translation_table=custom_translation_table)
@@ -206,24 +222,6 @@ def clip_line(line: str, limit: int = 300, hard: int = 1000) -> str:
     if last < 0:
         last = min(len(line), hard)
     return line[:last].rstrip(" ,;:") + " …"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter narrates every step on stdout, dumps graphs on stderr when it fails and warns about optional
-    packages; keep the CLI's output ours (the failure itself is re-raised as one ExportError line)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)  # a failure is re-raised as one ExportError: its log lines are noise
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["global_average_pool", "rewrite_for_int8"]
+__all__ = ["drop_unused_initializers", "global_average_pool", "rewrite_for_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def global_average_pool(model: ir.Model) -> int:
     return count
 
 
-def _drop_unused_initializers(graph: ir.Graph) -> None:
+def drop_unused_initializers(graph: ir.Graph) -> None:
     for name, value in list(graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():
             del graph.initializers[name]
@@ -84,5 +84,5 @@ def rewrite_for_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     n = global_average_pool(ir_model)
     if n:
         log.info("rewrote %d spatial ReduceMean into GlobalAveragePool", n)
-        _drop_unused_initializers(ir_model.graph)
+        drop_unused_initializers(ir_model.graph)
     return ir.serde.serialize_model(ir_model)

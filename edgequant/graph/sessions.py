@@ -9,8 +9,13 @@ host's int8 kernels, and on x86 without VNNI those sum pairs of u8·s8 products 
 full-range weights. So (see ``RuntimeSpec.arithmetic``):
 
 - ``exact`` targets are measured at ``basic`` everywhere;
-- ``host-kernels`` targets (7-bit weights, which cannot saturate) with the host's fused kernels;
+- ``host-kernels`` targets (weights whose pair sums cannot saturate: 7-bit, or per channel with
+  ``pair_saturation``) with the host's fused kernels;
 - ``vnni-kernels`` targets with the host's fused kernels when the host has VNNI, at ``basic`` otherwise.
+
+This module also opens every CPU session the stages run (calibration, GPTQ, smoothing, the checks, the budget
+search), so the session options (log level, optimization level, threads) are set in one place, and turns
+samples into the batches they run on.
 
 Host CPU features come from the device adapter's ``cpu_features`` (CPUID, so an emulated smaller CPU is seen
 as what it is), the same function the device uses to refuse arithmetic it cannot do.
@@ -19,13 +24,18 @@ as what it is), the same function the device uses to refuse arithmetic it cannot
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import onnx
 
 from .._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
 from ..targets import Target
 
-__all__ = ["CheckedWith", "checked_with", "host_features", "host_would_differ"]
+__all__ = ["LEVELS", "CheckedWith", "batches", "checked_with", "host_features", "host_would_differ", "input_dtypes",
+           "np_dtype", "session"]
 
 EXACT_LEVEL = "basic"
 
@@ -84,5 +94,53 @@ def checked_with(target: Target, features: dict[str, Any] | None = None) -> Chec
 def host_would_differ(target: Target, checked: CheckedWith) -> bool:
     """True when this machine's own fused kernels would compute the bundle differently from the target: an x86
     host without VNNI and a bundle with full-range 8-bit weights that was checked in exact arithmetic."""
-    return checked.arithmetic == "exact" and target.full_range_weights and int8_saturates(checked.host) \
-        and target.runtime.cpu_int8_fusion
+    return checked.arithmetic == "exact" and target.needs_vnni_on_x86 and int8_saturates(checked.host)
+
+
+LEVELS = ("disable", "basic", "extended", "all")
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+               "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def session(model: onnx.ModelProto | str, *, level: str = "all", threads: int = 0,
+            optimized_path: str | None = None, prepacking: bool = True):
+    """An ONNX Runtime CPU session on an in-memory model (or a model file path). ``prepacking=False`` keeps
+    ONNX Runtime from a second, pre-packed copy of the weights (for one streaming pass over a large model)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    if not prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def np_dtype(ort_type: str) -> np.dtype:
+    """ONNX Runtime's type string (``tensor(float)``) → the numpy dtype (float32 for anything unlisted)."""
+    return np.dtype(_ORT_DTYPES.get(ort_type, "float32"))
+
+
+def input_dtypes(sess) -> dict[str, np.dtype]:
+    """A session → {input name: numpy dtype}."""
+    return {i.name: np_dtype(i.type) for i in sess.get_inputs()}
+
+
+def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
+            dtypes: dict[str, np.dtype]) -> Iterator[dict[str, np.ndarray]]:
+    """Samples → stacked batches, cast to the model's input dtypes."""
+    for start in range(0, len(samples), batch_size):
+        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
+        yield {k: np.stack([s[k] for s in chunk]).astype(dtypes.get(k, chunk[0][k].dtype), copy=False)
+               for k in chunk[0]}

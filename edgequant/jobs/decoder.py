@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .. import __version__
 from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..bundle.manifest import build_manifest
+from ..bundle.report import new_report, sizes_block
 from ..check.generation import decoder_agreement
 from ..data.text import read_texts
 from ..errors import DataError, ExportError, QuantizationError
@@ -35,7 +36,7 @@ from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..quantize.weight_only import WeightOnly, quantize_weights, weight_bytes
 from ..targets import load_target
 
-__all__ = ["export_decoder", "first_step_sample", "generation_spec"]
+__all__ = ["export_decoder", "first_step_sample", "export_stage", "generation_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +101,28 @@ def export_decoder(model: str | Path, calibration: Any, *, out: str | Path, weig
     fp32_bytes = fp32.SerializeToString(deterministic=True)
     used = len(calib) if weights.method == "gptq" else 0
     settings = {"source": "weight-only", **weights.to_dict(), "calibration_samples": used}
-    from .ptq import build_manifest  # the manifest builder, until it moves into the bundle layer
-
-    manifest = build_manifest(quantized, tgt, settings, None, reference=True)
-    manifest["model"]["format"] = "onnx-weight-only"
+    manifest = build_manifest(quantized, tgt, settings, None, reference=True, model_format="onnx-weight-only")
     manifest["generation"] = spec
     manifest["source_model"] = {"kind": "huggingface", "model_type": hf.model_type, "task": TASK}
-    report = {
-        "edgequant_version": __version__,
-        "source": "weight-only",
-        "target": tgt.name,
-        "method": weights.preset,
-        "weights": {**weights.to_dict(), **weight_bytes(quantized)},
-        "calibration": {"data": source, "samples": used},
-        "holdout": {"samples": check.get("samples", 0), "disjoint_from_calibration": len(ids) >= 5},
-        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(q_bytes),
-                  "ratio": round(len(q_bytes) / len(fp32_bytes), 4)},
-        "fidelity": [],
-        "generation": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in check.items()},
-        "kernels": None,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
+    report = new_report(
+        source="weight-only", target=tgt.name, method=weights.preset,
+        weights={**weights.to_dict(), **weight_bytes(quantized)},
+        calibration={"data": source, "samples": used},
+        holdout={"samples": check.get("samples", 0), "disjoint_from_calibration": len(ids) >= 5},
+        sizes=sizes_block(fp32_bytes, q_bytes),
+        fidelity=[],
+        generation={k: (round(v, 6) if isinstance(v, float) else v) for k, v in check.items()},
+        kernels=None,
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
     files = {"model.onnx": q_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
              GENERATE_RUNTIME: resources.files("edgequant._runtime").joinpath(GENERATE_RUNTIME).read_bytes()}
+    from ..bundle.golden import add_selftest
+    from ..graph.sessions import checked_with
+
+    # the self-test: the first generation step (empty cache) of held-out texts, in the target's arithmetic
+    add_selftest(files, manifest, quantized, [first_step_sample(fp32, spec, s) for s in holdout],
+                 level=checked_with(tgt).level)
     return write_bundle(out, files, manifest, report, force=force)
 
 
@@ -186,3 +186,12 @@ def _texts(calibration: Any) -> tuple[list[str], str]:
         raise DataError("text data for a decoder is empty: pass a .txt file (one sample a line), a .jsonl file "
                         "or a list of strings")
     return texts, "texts"
+
+
+def export_stage(run: Any) -> None:
+    """The decoder job as one stage (``edgequant.jobs.PIPELINES["decoder"]``): the validated config's options →
+    :func:`export_decoder` → the bundle on the Run."""
+    cfg = run.config
+    run.bundle = export_decoder(cfg.model, cfg.data, out=cfg.out, weights=cfg.weights.config(), target=run.target,
+                                num_samples=cfg.data_options.num_samples, opset=cfg.target.opset,
+                                exclude_nodes=cfg.calibration.exclude_nodes, force=cfg.force, progress=cfg.progress)

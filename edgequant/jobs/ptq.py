@@ -1,284 +1,52 @@
-"""The main job, one line per stage: model → fp32 ONNX → ranges → QDQ ONNX → check → bundle."""
+"""The post-training quantization job's own stages: fp32 passes (equalization, SmoothQuant) → calibration
+(streaming observers, or the best method per tensor) → QDQ quantization (+ bias correction) → accuracy budget →
+per-layer error. The order is in :mod:`edgequant.jobs`."""
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import onnx
 
-from .. import __version__
-from ..transforms.algorithms import Algorithms
-from ..bundle.core import Bundle, check_out_dir, write_bundle
-from ..bundle.golden import add_selftest
-from ..calibration.streaming import METHODS, calibrate, fixed_batch, tensors_to_calibrate
-from ..data.samples import ImagePreprocess, Samples, channel_fix, image_mismatch, load_samples
-from ..errors import CalibrationError, DataError, ExportError, FidelityError, option
-from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32, to_onnx
-from ..quantize.qdq import quantize, skip_absurd_ranges
-from ..graph.rewrite import rewrite_for_int8
-from ..frontend.shapes import fix_input_shapes, resolve_input_shapes
-from ..targets import Target, load_target
-from ..check.fidelity import cpu_kernels, fidelity
-from ..graph.sessions import checked_with, host_would_differ
+from ..calibration.streaming import METHODS, fixed_batch, tensors_to_calibrate
+from ..calibration.streaming import calibrate as streaming_calibrate
+from ..check.fidelity import fidelity
 from ..check.outputs import gate_message, gross_failures
-from ..quantize.weight_only import check_options, export_weight_only
+from ..errors import DataError, FidelityError
+from ..frontend.torch_export import convert_opset, prepare_fp32
+from ..graph.rewrite import rewrite_for_int8
+from ..graph.sessions import host_would_differ
+from ..progress import progress_bar
+from ..quantize.qdq import quantize as qdq_quantize
+from ..quantize.qdq import skip_absurd_ranges
+from ..transforms.algorithms import Algorithms
+from .stages import Run, report_parts, to_fp32
 
-__all__ = ["export", "split_holdout"]
+__all__ = ["budget", "calibrate", "fp32_graph", "fp32_passes", "gate", "host_kernels", "layers", "prepare", "quantize",
+           "settings"]
 
 log = logging.getLogger(__name__)
 
-MAX_HOLDOUT = 1000
+
+def prepare(raw: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The exported graph → what PTQ quantizes: ORT's basic optimizations, the int8-friendly rewrites, the opset."""
+    return convert_opset(rewrite_for_int8(prepare_fp32(raw)), opset)
 
 
-def export(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
-           method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
-           preprocess: ImagePreprocess | None = None, exclude_nodes: Sequence[str] = (), batch_size: int = 16,
-           force: bool = False, progress: bool = True, layer_report: bool = True,
-           input_shapes: Mapping[str, Sequence[int]] | None = None, task: str = "feature-extraction",
-           max_length: int = 128, dynamic: bool = False, weights: str | None = None,
-           block_size: int | None = None, algorithms: Algorithms | None = None, accuracy_budget: Any = None,
-           labels: Any = None, allow_inaccurate: bool = False) -> Bundle:
-    """A model (``file.py:factory``, ``module:factory``, ``.onnx`` or ``nn.Module``) and calibration samples
-    (a folder, a .npy/.npz file or an iterable of arrays/dicts) → an int8 bundle written to ``out``.
-
-    With ``layer_report``, the report also has the per-layer error table, plot and HTML page (layers.py).
-    Targets with ``static_shapes`` (and any export given ``input_shapes``, {input: shape with batch axis}; key
-    "" for the only input) get fixed input shapes, by default batch 1 and the data's shape.
-    A Hugging Face model folder takes text (.txt/.jsonl): see :func:`edgequant.jobs.text.export_text`; a
-    decoder (``--task text-generation-with-past``, or a causal LM's folder) goes to
-    :func:`edgequant.jobs.decoder.export_decoder` and needs ``weights``.
-    ``weights`` (``q8``, ``q4``, ``q4-gptq``) quantizes only the MatMul/Gemm weights, in blocks of
-    ``block_size`` (default 32), and keeps activations in float (see ``edgequant.quantize.weight_only``).
-    ``algorithms`` turns on equalization, SmoothQuant, bias correction; ``method="auto"`` picks a method per
-    tensor; ``accuracy_budget`` (an AccuracyBudget or ``"cosine>=0.995"``) keeps the most sensitive nodes in
-    float until it holds on the held-out samples; ``labels`` (array or .npy, one per sample) serve top1 budgets.
-    A grossly wrong int8 model (check/outputs.py's floors) raises FidelityError and writes nothing, unless
-    ``allow_inaccurate``: then the bundle is written and the report records the failures."""
-    from ..check.budget import AccuracyBudget
-
-    wo = check_options(weights=weights, block_size=block_size, method_given=method != "minmax",
-                       num_samples=num_samples, dynamic=dynamic)
-    if _is_decoder_job(model, task):
-        from .decoder import export_decoder
-
-        if dynamic:
-            raise ExportError(f"{model} is a decoder (text generation): its bundle quantizes weights only; use "
-                              "--weights q8, q4 or q4-gptq instead of --dynamic")
-        return export_decoder(model, calibration, out=out, weights=wo, target=target, num_samples=num_samples,
-                              opset=opset, exclude_nodes=exclude_nodes, force=force, progress=progress)
-    if _is_text_job(model, calibration) or dynamic:
-        from .text import export_text
-
-        return export_text(model, calibration, out=out, target=target, method=method, num_samples=num_samples,
-                           opset=opset, task=task, max_length=max_length, dynamic=dynamic,
-                           exclude_nodes=exclude_nodes, batch_size=batch_size, force=force, progress=progress,
-                           weights=wo)
-    if wo is not None:
-        return export_weight_only(model, calibration, out=out, target=target, config=wo, num_samples=num_samples,
-                                  opset=opset, preprocess=preprocess, exclude_nodes=exclude_nodes,
-                                  batch_size=batch_size, force=force, progress=progress)
-    tgt = load_target(target)
-    budget = AccuracyBudget.parse(accuracy_budget) if isinstance(accuracy_budget, str) else accuracy_budget
-    algo = algorithms or Algorithms()
-    if method not in METHODS and method != "auto":
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}, auto")
-    if num_samples is not None and num_samples < 1:
-        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
-    out = Path(out)
-    check_out_dir(out, force)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    samples = load_samples(calibration, preprocess=preprocess)
-    held_labels = _budget_labels(budget, labels, len(samples))
-    loaded = load_model(model)
-    samples = samples.bind(input_names_of(loaded))
-    calib, holdout = split_holdout(samples, num_samples)
-    fp32_raw = _to_onnx(loaded, samples, opset or tgt.opset, True)
-    timings["export_s"] = time.perf_counter() - t0
-
-    fp32 = convert_opset(rewrite_for_int8(prepare_fp32(fp32_raw)), opset or tgt.opset)
-    _check_data_fits(fp32, samples)
-    fixed = fixed_batch(fp32)
+def fp32_graph(run: Run) -> None:
+    """The model → the fp32 reference graph, traced with a dynamic batch axis (shapes are fixed at the end). An
+    .onnx whose batch axis is fixed runs in batches of exactly that size."""
+    to_fp32(run, dynamic_batch=True, prepare=prepare)
+    fixed = fixed_batch(run.fp32)
     if fixed:
-        calib, holdout = _fit_fixed_batch(calib, fixed, "calibration"), _fit_fixed_batch(holdout, fixed, "held-out")
-        batch_size = fixed
-    shapes = resolve_input_shapes(fp32, samples[0], input_shapes) if tgt.runtime.static_shapes or input_shapes \
-        else None
-    t1 = time.perf_counter()
-    work, algo_report = _apply_fp32_algorithms(fp32, calib, algo, batch_size)
-    tensors = tensors_to_calibrate(work, tgt.quantization.op_types)
-    quantize_fn = _quantizer(work, tgt, algo, calib, batch_size)
-    if method == "auto":
-        from ..transforms.algorithms import auto_ranges
-
-        ranges, picked = auto_ranges(work, calib, tensors, lambda r: quantize(work, r, tgt), batch_size=batch_size,
-                                     limit=algo.max_samples)
-        algo_report["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
-    else:
-        ranges = _calibrate(work, calib, tensors, method, batch_size, progress)
-    timings["calibrate_s"] = time.perf_counter() - t1
-
-    int8 = quantize_fn(ranges, exclude_nodes)
-    checked = checked_with(tgt)  # every int8 figure below in the target's arithmetic
-    budget_report = None
-    if budget is not None:
-        from ..check.budget import keep_float_until
-
-        int8, budget_report = keep_float_until(
-            budget, work, lambda excl: quantize_fn(ranges, excl), holdout, op_types=tgt.quantization.op_types,
-            labels=held_labels, exclude=exclude_nodes, batch_size=batch_size, progress=progress, level=checked.level)
-    fid = fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)
-    host_kernels = host_kernels_report(fp32, int8, holdout, tgt, checked, batch_size)
-    t2 = time.perf_counter()
-    failures = gross_failures([f.to_dict() for f in fid])
-    layers = _layers(work, int8, holdout, batch_size, progress, checked.level) if layer_report or failures else None
-    timings["layers_s"] = time.perf_counter() - t2
-    if failures and not allow_inaccurate:
-        raise FidelityError(gate_message(failures, layers, fp32, method))
-    if failures:
-        log.warning("writing a grossly wrong int8 model (allow_inaccurate): %s %s", *failures[0])
-    if not layer_report:
-        layers = None
-    if shapes:
-        fp32, int8 = fix_input_shapes(fp32, shapes), fix_input_shapes(int8, shapes)
-    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
-    timings["total_s"] = time.perf_counter() - t0
-
-    int8_bytes = int8.SerializeToString(deterministic=True)
-    fp32_bytes = fp32.SerializeToString(deterministic=True)
-    settings = {"source": "ptq", "method": method, "calibration_samples": len(calib), **tgt.to_dict()["quantization"]}
-    manifest = build_manifest(int8, tgt, settings, samples.preprocess, reference=True)
-    report = {
-        "edgequant_version": __version__,
-        "source": "ptq",
-        "target": tgt.name,
-        "method": method,
-        "calibration": {"data": samples.source, "samples": len(calib), "tensors": len(ranges),
-                        "float_tensors": skip_absurd_ranges(ranges)[1]},
-        "holdout": {"samples": len(holdout), "disjoint_from_calibration": len(holdout) < len(samples)
-                    and not set(_ids(holdout)) & set(_ids(calib))},
-        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
-                  "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
-        "fidelity": [f.to_dict() for f in fid],
-        "checked_with": checked.to_dict(),
-        "host_kernels": host_kernels,
-        "kernels": kernels.to_dict() if kernels else None,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "algorithms": algo_report,
-        "accuracy_budget": budget_report,
-        "fidelity_gate": {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
-                          "overridden": bool(failures) and allow_inaccurate},
-    }
-    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
-    add_selftest(files, manifest, int8, holdout, level=checked.level)
-    if layers is not None:
-        report["layers"] = layers
-        files.update(_report_pages(report))
-    return write_bundle(out, files, manifest, report, force=force)
+        run.calib, run.holdout = _fit_fixed_batch(run.calib, fixed, "calibration"), \
+            _fit_fixed_batch(run.holdout, fixed, "held-out")
+        run.fixed_batch = fixed
 
 
-def _is_decoder_job(model: Any, task: str) -> bool:
-    """A decoder for text generation: asked for with the task, or the folder's config names a causal LM."""
-    from ..frontend.hf import DECODER_TASKS, is_causal_lm, is_hf_folder
-
-    return is_hf_folder(model) and (task in DECODER_TASKS or (task == "feature-extraction" and is_causal_lm(model)))
-
-
-def _is_text_job(model: Any, calibration: Any) -> bool:
-    from ..frontend.hf import HFModel, is_hf_folder
-    from ..data.text import is_text_path
-
-    texts = isinstance(calibration, (list, tuple)) and bool(calibration) and all(
-        isinstance(t, str) for t in calibration)
-    return isinstance(model, HFModel) or is_hf_folder(model) or is_text_path(calibration) or texts
-
-
-def split_holdout(samples: Samples, num_samples: int | None) -> tuple[Samples, Samples]:
-    """Every 5th sample (at most 1,000) is held out for checking; calibration uses the rest (first N of them).
-    With fewer than 5 samples there is nothing to spare: both use all samples."""
-    n = len(samples)
-    if n < 5:
-        return samples, samples
-    held = holdout_indices(n)
-    held_set = set(held)
-    calib = [i for i in range(n) if i not in held_set]
-    if num_samples is not None:
-        calib = calib[:num_samples]
-    return samples.subset(calib), samples.subset(held)
-
-
-def holdout_indices(n: int) -> list[int]:
-    """Indices of the held-out samples among ``n`` (all of them when fewer than 5)."""
-    return list(range(n)) if n < 5 else [i for i in range(n) if i % 5 == 4][:MAX_HOLDOUT]
-
-
-def _budget_labels(budget: Any, labels: Any, n: int):
-    """The held-out samples' labels, checked before any work is done."""
-    from ..check.budget import labels_for
-    from ..errors import BudgetError
-
-    if budget is not None and budget.needs_labels and labels is None:
-        raise BudgetError(f"accuracy budget {budget} needs labels: pass {option('labels', 'labels.npy')} (one "
-                          "integer class per calibration sample, in the order the samples are read)")
-    return labels_for(labels, n, holdout_indices(n)) if budget is not None else None
-
-
-def _apply_fp32_algorithms(fp32: onnx.ModelProto, calib: Samples, algo: Algorithms,
-                           batch_size: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
-    from ..transforms.algorithms import equalize_cross_layer, smooth_quant
-
-    report: dict[str, Any] = algo.to_dict()
-    work = fp32
-    if algo.equalize:
-        work, report["equalized_pairs"] = equalize_cross_layer(work)
-    if algo.smooth_quant:
-        work, report["smoothed_activations"] = smooth_quant(work, calib, alpha=algo.smooth_quant_alpha,
-                                                            batch_size=batch_size, limit=algo.max_samples)
-    return work, report
-
-
-def _quantizer(work: onnx.ModelProto, tgt: Target, algo: Algorithms, calib: Samples, batch_size: int):
-    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied."""
-    from ..transforms.algorithms import correct_bias
-    from ..transforms.smooth import smooth_muls
-
-    keep_float = smooth_muls(work)
-
-    def run(ranges, exclude):
-        int8 = quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float])
-        if algo.bias_correction:
-            int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
-        return int8
-
-    return run
-
-
-def _ids(samples: Samples) -> list[str]:
-    return [samples.label(i) for i in range(len(samples))]
-
-
-def _to_onnx(loaded: Any, samples: Samples, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
-    if isinstance(loaded, onnx.ModelProto):
-        return loaded
-    example = samples[0]
-    try:
-        return to_onnx(loaded, example, opset=opset, dynamic_batch=dynamic_batch)
-    except ExportError as exc:
-        mismatch = image_mismatch(samples, str(exc))
-        if mismatch is not None:
-            raise mismatch from None
-        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
-        raise ExportError(f"{exc} (inputs from the data, without batch axis: {shapes})") from exc.__cause__
-
-
-def _fit_fixed_batch(samples: Samples, fixed: int, what: str) -> Samples:
+def _fit_fixed_batch(samples: Any, fixed: int, what: str) -> Any:
     """Samples for a model whose batch is fixed at ``fixed`` → a multiple of it (the rest left out, logged)."""
     n = len(samples) - len(samples) % fixed
     if n == 0:
@@ -292,113 +60,143 @@ def _fit_fixed_batch(samples: Samples, fixed: int, what: str) -> Samples:
     return samples
 
 
-def _check_data_fits(model: onnx.ModelProto, samples: Samples) -> None:
-    """Each sample's shape must match the graph input (batch axis excluded)."""
-    example = samples[0]
-    for inp in model.graph.input:
-        if inp.name not in example:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim][1:]
-        shape = list(example[inp.name].shape)
-        if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
-            want = ["?" if d is None else d for d in dims]
-            pre = samples.preprocess
-            if pre is not None and len(dims) == 3 and len(shape) == 3:
-                axis = 0 if pre.layout == "nchw" else 2
-                fix = channel_fix(pre, shape[axis], dims[axis]) if dims[axis] is not None else None
-                if fix is not None:
-                    raise DataError(f"{samples.source}: the images become inputs of shape {shape} "
-                                    f"({pre.channel_order}, {pre.layout}), but the model expects {want}: pass {fix}")
-            raise DataError(f"{samples.label(0)}: input {inp.name!r} has shape {shape} but the model expects "
-                            f"{want} (without batch axis); fix the data or its pre-processing")
+def fp32_passes(run: Run) -> None:
+    """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
+    from ..transforms.algorithms import equalize_cross_layer, smooth_quant
+
+    algo = run.config.algorithms
+    report: dict[str, Any] = algo.to_dict()
+    work = run.fp32
+    if algo.equalize:
+        work, report["equalized_pairs"] = equalize_cross_layer(work)
+    if algo.smooth_quant:
+        work, report["smoothed_activations"] = smooth_quant(work, run.calib, alpha=algo.smooth_quant_alpha,
+                                                            batch_size=run.batch_size,
+                                                            limit=algo.max_samples)
+    run.work = work
+    run.parts["algorithms"] = report
 
 
-def _calibrate(fp32, calib, tensors, method, batch_size, progress):
-    from ..progress import progress_bar
+def calibrate(run: Run) -> None:
+    """Activation ranges on the calibration samples: one streaming pass of the chosen method, or with
+    ``method="auto"`` per tensor the method with the least output error."""
+    cfg, tgt = run.config, run.target
+    method = run.method = cfg.calibration.method or "minmax"
+    batch = run.batch_size
+    tensors = tensors_to_calibrate(run.work, tgt.quantization.op_types)
+    if method == "auto":
+        from ..calibration.auto import auto_ranges
 
-    with progress_bar(total=len(calib), desc=f"calibrating ({method})", unit="sample", disable=not progress,
-              leave=False) as bar:
-        ranges = calibrate(fp32, calib, tensors, method=method, batch_size=batch_size, progress=bar.update)
-    return ranges
+        work = run.work
+        run.ranges, picked = auto_ranges(work, run.calib, tensors, lambda r: qdq_quantize(work, r, tgt),
+                                         batch_size=batch, limit=cfg.algorithms.max_samples)
+        run.parts["algorithms"]["auto_methods"] = {m: sum(v == m for v in picked.values()) for m in METHODS}
+    else:
+        with progress_bar(total=len(run.calib), desc=f"calibrating ({method})", unit="sample",
+                          disable=not cfg.progress, leave=False) as bar:
+            run.ranges = streaming_calibrate(run.work, run.calib, tensors, method=method, batch_size=batch,
+                                             progress=bar.update)
+    run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch, run.ranges,
+                                 cfg.calibration.exclude_nodes)
 
 
-def host_kernels_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, holdout: Samples, tgt: Target, checked: Any,
-                        batch_size: int) -> dict[str, Any] | None:
+def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, batch_size: int, ranges: dict,
+               exclude_nodes: Sequence[str]):
+    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied. On targets whose
+    kernels saturate u8·s8 pair sums, the weight ranges are measured once here on the calibration data."""
+    from ..quantize.bias_correction import correct_bias
+    from ..transforms.smooth import smooth_muls
+
+    keep_float = smooth_muls(work)
+    limits = None
+    if tgt.quantization.pair_saturation:
+        from ..quantize.saturation import weight_limits
+
+        limits = weight_limits(work, skip_absurd_ranges(ranges)[0], calib, op_types=tgt.quantization.op_types,
+                               exclude=[*exclude_nodes, *keep_float],
+                               symmetric_activations=tgt.quantization.activation_symmetric)
+
+    def run(ranges, exclude):
+        int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)
+        if algo.bias_correction:
+            int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
+        return int8
+
+    return run
+
+
+def quantize(run: Run) -> None:
+    """Ranges → the QDQ int8 graph (the target's placement rules; ``--exclude`` nodes in float)."""
+    run.int8 = run.quantize_fn(run.ranges, run.config.calibration.exclude_nodes)
+
+
+def budget(run: Run) -> None:
+    """With an accuracy budget: keep the most sensitive nodes in float until it holds on the held-out samples."""
+    cfg = run.config
+    if cfg.budget is None:
+        run.parts["accuracy_budget"] = None
+        return
+    from ..check.budget import keep_float_until
+
+    run.int8, run.parts["accuracy_budget"] = keep_float_until(
+        cfg.budget, run.work, lambda excl: run.quantize_fn(run.ranges, excl), run.holdout,
+        op_types=run.target.quantization.op_types, labels=run.labels, exclude=cfg.calibration.exclude_nodes,
+        batch_size=run.batch_size, progress=cfg.progress, level=run.checked.level)
+
+
+def host_kernels(run: Run) -> None:
     """When this machine's own fused kernels would compute the bundle differently from the target (x86 without
-    VNNI, full-range weights), the fidelity they would give and what to do about it; None otherwise."""
+    VNNI, full-range weights): the fidelity they would give and what to do about it."""
+    tgt, checked = run.target, run.checked
     if not host_would_differ(tgt, checked):
-        return None
-    fid = fidelity(fp32, int8, holdout, batch_size=batch_size, level=tgt.runtime.graph_optimization_level)
-    return {"cpu": checked.to_dict()["host_cpu_label"], "fidelity": [f.to_dict() for f in fid],
-            "advice": "for x86 devices without VNNI export with --target generic-cpu (or x86-avx2); the device "
-                      f"adapter refuses this {tgt.name} bundle on such CPUs"}
+        run.parts["host_kernels"] = None
+        return
+    fid = fidelity(run.fp32, run.int8, run.holdout, batch_size=run.batch_size,
+                   level=tgt.runtime.graph_optimization_level)
+    run.parts["host_kernels"] = {
+        "cpu": checked.to_dict()["host_cpu_label"], "fidelity": [f.to_dict() for f in fid],
+        "advice": "for x86 devices without VNNI export with --target generic-cpu (or x86-avx2); the device "
+                  f"adapter refuses this {tgt.name} bundle on such CPUs"}
 
 
-def _layers(fp32, int8, holdout, batch_size, progress, level="all") -> list[dict] | None:
-    """The per-layer table; a diagnostic, so a graph it cannot analyse costs a warning, not the bundle."""
-    from ..progress import progress_bar
+def layers(run: Run) -> None:
+    """The per-layer table (also when the gate below fails: its message names the worst layers); a diagnostic,
+    so a graph it cannot analyse costs a warning, not the bundle."""
+    from ..check import layers as layer_check
 
-    from ..check.layers import layer_errors
-
+    cfg = run.config
+    if cfg.calibration.layer_report is False and not gross_failures(run.parts["fidelity"]):
+        return
     try:
-        with progress_bar(total=len(holdout), desc="per-layer error", unit="sample", disable=not progress,
-                  leave=False) as bar:
-            rows = layer_errors(fp32, int8, holdout, batch_size=batch_size, progress=bar.update, level=level)
+        with progress_bar(total=len(run.holdout), desc="per-layer error", unit="sample", disable=not cfg.progress,
+                          leave=False) as bar:
+            rows = layer_check.layer_errors(run.work, run.int8, run.holdout, batch_size=run.batch_size,
+                                            progress=bar.update, level=run.checked.level)
+        run.parts["layers"] = [r.to_dict() for r in rows]
     except Exception as exc:  # onnxruntime raises its own exception types for graphs it refuses
         log.warning("per-layer error report skipped: %s: %s", type(exc).__name__, exc)
-        return None
-    return [r.to_dict() for r in rows]
 
 
-def _report_pages(report: dict[str, Any]) -> dict[str, bytes]:
-    """report.json's layer table → {"layers.png": plot (when matplotlib is there), "report.html": page}."""
-    from ..bundle.render import layers_png, report_html
-
-    png = layers_png(report["layers"])
-    files = {"report.html": report_html(report, png).encode("utf-8")}
-    if png is not None:
-        files["layers.png"] = png
-    return files
-
-
-def build_manifest(model: onnx.ModelProto, target: Target, quantization: dict[str, Any],
-                   preprocess: ImagePreprocess | None, *, reference: bool) -> dict[str, Any]:
-    """The device contract (schema in runtimes/README.md), without the file checksums the writer adds."""
-    from ..bundle.core import SCHEMA_VERSION
-
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    pre = None
-    if preprocess is not None:
-        inputs = [i.name for i in graph.input if i.name not in inits]
-        pre = {"input": inputs[0], **preprocess.to_dict()}
-    tdict = target.to_dict()
-    manifest = {
-        "schema": "edgequant.bundle",
-        "schema_version": SCHEMA_VERSION,
-        "producer": f"edgequant {__version__}",
-        "model": {"file": "model.onnx", "format": "onnx-qdq", "opset": _opset(model)},
-        "reference_model": {"file": "model.fp32.onnx", "format": "onnx-fp32"} if reference else None,
-        "inputs": [_io(v) for v in graph.input if v.name not in inits],
-        "outputs": [_io(v) for v in graph.output],
-        "preprocess": pre,
-        "quantization": quantization,
-        "target": {"name": target.name, "description": target.description},
-        "runtime": tdict["runtime"],
-    }
-    quantized_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
-    if quantized_activations and target.full_range_weights and target.runtime.cpu_int8_fusion:
-        from .._runtime.edgequant_runtime import VNNI_FLAGS
-
-        manifest["requires_cpu"] = {"x86_64_one_of": list(VNNI_FLAGS)}
-    return manifest
+def gate(run: Run) -> None:
+    """A grossly wrong int8 model (check/outputs.py's floors) raises FidelityError and nothing is written, unless
+    ``allow_inaccurate``: then the bundle is written and the report records the failures."""
+    cfg = run.config
+    failures = gross_failures(run.parts["fidelity"])
+    if failures and not cfg.calibration.allow_inaccurate:
+        raise FidelityError(gate_message(failures, run.parts.get("layers"), run.fp32, run.method))
+    if failures:
+        log.warning("writing a grossly wrong int8 model (allow_inaccurate): %s %s", *failures[0])
+    if cfg.calibration.layer_report is False:
+        run.parts.pop("layers", None)
+    run.parts["fidelity_gate"] = {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
+                                  "overridden": bool(failures) and cfg.calibration.allow_inaccurate}
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    t = value.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+def settings(run: Run) -> None:
+    """The manifest's quantization settings and the report's calibration part."""
+    tgt = run.target
+    run.settings = {"source": "ptq", "method": run.method, "calibration_samples": len(run.calib),
+                    **tgt.to_dict()["quantization"]}
+    run.parts.update(report_parts(run))
+    run.parts["calibration"] = {"data": run.samples.source, "samples": len(run.calib), "tensors": len(run.ranges),
+                                "float_tensors": skip_absurd_ranges(run.ranges)[1]}

@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -31,22 +30,22 @@ from typing import Any
 
 import onnx
 
-from .. import __version__
-from ..bundle.core import Bundle, check_out_dir, write_bundle
-from ..calibration.streaming import METHODS, calibrate
-from ..errors import CalibrationError, DataError, ExportError, QuantizationError, option
-from ..frontend.torch_export import convert_opset, prepare_fp32
+from ..calibration.streaming import calibrate
+from ..check.fidelity import fidelity
+from ..data.holdout import split_holdout
+from ..data.text import TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize, tokenizer_manifest
+from ..errors import DataError, ExportError, QuantizationError, option
 from ..frontend.hf import TOKENIZER_FILES, HFModel, is_hf_folder, load_hf, quiet
-from ..quantize.qdq import quantize
-from ..transforms.smooth import ALPHA, channel_ranges, smooth
-from ..targets import Target, load_target
-from ..data.text import (TextPreprocess, embedding_agreement, is_text_path, read_texts, tokenize,
-                   tokenizer_manifest)
-from ..check.fidelity import cpu_kernels, fidelity
-from ..bundle.golden import add_selftest
+from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..graph.sessions import checked_with
+from ..progress import progress_bar
+from ..quantize.qdq import quantize as qdq_quantize
+from ..targets import Target
+from ..transforms.smooth import ALPHA, channel_ranges, smooth
+from .stages import Run, report_parts
 
-__all__ = ["export_text"]
+__all__ = ["activation_products", "check", "dynamic_int8", "encoder_target", "input_names", "linear_inputs", "load",
+           "quantize", "settings", "text_channel_ranges"]
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +56,18 @@ LINEAR_OPS = ("MatMul", "Gemm")
 TEXT_BATCH = 8
 
 
-def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | Path | Target = "generic-cpu",
-                method: str = "minmax", num_samples: int | None = None, opset: int | None = None,
-                task: str = "feature-extraction", max_length: int = 128, dynamic: bool = False,
-                exclude_nodes: Sequence[str] = (), batch_size: int = 16, force: bool = False,
-                progress: bool = True, weights: Any = None) -> Bundle:
-    """A Hugging Face model folder (or :class:`HFModel`) and text (.txt/.jsonl or a list of strings) → an int8
-    bundle that carries the tokenizer. ``weights`` (a :class:`edgequant.quantize.weight_only.WeightOnly`) quantizes only the
-    MatMul/Gemm weights instead (activations float; GPTQ's Hessians come from the calibration text)."""
-    from .ptq import build_manifest, split_holdout
-
-    tgt = load_target(target)
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
-    if num_samples is not None and num_samples < 1:
-        raise DataError(f"{option('num_samples')} must be at least 1, not {num_samples}")
-    pre = TextPreprocess(max_length=max_length)
-    out = Path(out)
-    check_out_dir(out, force)
+def load(run: Run) -> None:
+    """Text and a Hugging Face model folder → the fp32 graph (optimum's export), tokenized samples, their split."""
+    cfg = run.config
+    model, calibration = cfg.model, cfg.data
+    pre = TextPreprocess(max_length=cfg.text.max_length or 128)
     _check_pairing(model, calibration)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
     texts, source = _texts(calibration)
     if not isinstance(model, HFModel) and not any((Path(model) / n).is_file() for n in TOKENIZER_FILES):
         raise DataError(f"{model} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): text data feeds only "
                         "text models; pass .npy/.npz calibration data instead")
-    hf = model if isinstance(model, HFModel) else load_hf(model, task=task, opset=opset or tgt.opset)
+    hf = model if isinstance(model, HFModel) else load_hf(model, task=cfg.text.task or "feature-extraction",
+                                                          opset=run.opset)
     if not hf.has_tokenizer:
         raise DataError(f"{hf.source} has no tokenizer files (tokenizer.json or vocab.txt): text data feeds only "
                         "text models; pass .npy/.npz calibration data instead")
@@ -91,89 +75,95 @@ def export_text(model: Any, calibration: Any, *, out: str | Path, target: str | 
         raise DataError(f"{option('max_length', pre.max_length)} is longer than {hf.source} supports "
                         f"({hf.max_positions} positions); use {option('max_length', hf.max_positions)} or less")
     tokenizer = hf.tokenizer()
-    fp32 = convert_opset(prepare_fp32(hf.onnx_model), opset or tgt.opset)
-    inputs = _input_names(fp32)
-    samples = tokenize(texts, tokenizer, inputs, pre, source=source)
-    calib, holdout = split_holdout(samples, num_samples)
-    timings["export_s"] = time.perf_counter() - t0
+    run.loaded = hf
+    run.fp32 = run.work = convert_opset(prepare_fp32(hf.onnx_model), run.opset)
+    inputs = input_names(run.fp32)
+    run.samples = tokenize(texts, tokenizer, inputs, pre, source=source)
+    run.calib, run.holdout = split_holdout(run.samples, cfg.data_options.num_samples)
+    run.manifest_extra["tokenizer"] = tokenizer_manifest(tokenizer, list(hf.tokenizer_files), inputs, pre)
+    run.manifest_extra["source_model"] = {"kind": "huggingface", "model_type": hf.model_type, "task": hf.task}
+    run.parts["calibration"] = {"data": source, "max_length": pre.max_length}
+    run.checked = checked_with(encoder_target(run.target))  # the encoder's own op types decide the arithmetic
 
-    t1 = time.perf_counter()
+
+def quantize(run: Run) -> None:
+    """The fp32 encoder → weight-only, dynamic, or smoothed static int8 (see the module docstring)."""
+    cfg, tgt = run.config, run.target
+    weights = cfg.weights.config()
+    exclude_nodes = cfg.calibration.exclude_nodes
+    batch_size = run.batch_size
+    method = cfg.calibration.method or "minmax"
+    fp32, calib = run.fp32, run.calib
     if weights is not None:
         from ..quantize.weight_only import quantize_weights
 
-        int8, float_tensors = quantize_weights(fp32, weights, calib if weights.method == "gptq" else None,
-                                               exclude_nodes=exclude_nodes, batch_size=min(batch_size, TEXT_BATCH),
-                                               progress=progress), []
-    elif dynamic:
-        int8, float_tensors = _dynamic(fp32, tgt, exclude_nodes), []
+        int8 = quantize_weights(fp32, weights, calib if weights.method == "gptq" else None,
+                                exclude_nodes=exclude_nodes, batch_size=min(batch_size, TEXT_BATCH),
+                                progress=cfg.progress)
+        float_tensors = []
+    elif cfg.text.dynamic:
+        int8, float_tensors = dynamic_int8(fp32, tgt, exclude_nodes), []
     else:
-        tensors = _linear_inputs(fp32)
+        inputs = input_names(fp32)
         mask = "attention_mask" if "attention_mask" in inputs else None
-        stats = _channel_ranges(fp32, calib, tensors, min(batch_size, TEXT_BATCH), progress, mask)
-        timings["calibrate_s"] = time.perf_counter() - t1
+        stats = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH), cfg.progress,
+                                    mask)
         smoothed, ranges = smooth(fp32, stats)
         if method != "minmax":
-            ranges = calibrate(smoothed, calib, _linear_inputs(smoothed), method=method,
+            ranges = calibrate(smoothed, calib, linear_inputs(smoothed), method=method,
                                batch_size=min(batch_size, TEXT_BATCH))
-            timings["calibrate_s"] = time.perf_counter() - t1
-        keep_float = [*exclude_nodes, *_activation_products(smoothed)]
-        float_tensors = sorted(set(_linear_inputs(smoothed)) - set(ranges))
+        keep_float = [*exclude_nodes, *activation_products(smoothed)]
+        float_tensors = sorted(set(linear_inputs(smoothed)) - set(ranges))
         del stats
         # the smoothed model is handed over: quantized in place, without a further copy of its weights
-        int8 = quantize(smoothed, ranges, _encoder_target(tgt), exclude_nodes=keep_float, float_outputs=LINEAR_OPS,
-                        consume=True)
+        int8 = qdq_quantize(smoothed, ranges, encoder_target(tgt), exclude_nodes=keep_float,
+                            float_outputs=LINEAR_OPS, consume=True)
         del smoothed
-    timings["quantize_s"] = time.perf_counter() - t1 - timings.get("calibrate_s", 0.0)
+    run.int8 = int8
+    run.parts["calibration"]["float_tensors"] = float_tensors
 
-    pooling = _pooling(hf, fp32)
-    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
-    checked = checked_with(_encoder_target(tgt))
+
+def check(run: Run) -> None:
+    """The int8 encoder against fp32 on the held-out texts: pooled-embedding agreement where the model pools
+    (sentence-transformers), else per output."""
+    hf = run.loaded
+    batch_size = run.batch_size
+    pooling = _pooling(hf, run.fp32)
+    run.manifest_extra["pooling"] = pooling
     if pooling:
-        fid = [embedding_agreement(fp32, int8, holdout, pooling, batch_size=batch_size, level=checked.level)]
+        fid = [embedding_agreement(run.fp32, run.int8, run.holdout, pooling, batch_size=batch_size,
+                                   level=run.checked.level)]
     else:
-        fid = [f.to_dict() for f in fidelity(fp32, int8, holdout, batch_size=batch_size, level=checked.level)]
-    timings["total_s"] = time.perf_counter() - t0
+        fid = [f.to_dict() for f in fidelity(run.fp32, run.int8, run.holdout, batch_size=batch_size,
+                                             level=run.checked.level)]
+    run.parts["fidelity"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in f.items()} for f in fid]
 
-    int8_bytes = int8.SerializeToString(deterministic=True)
-    fp32_bytes = fp32.SerializeToString(deterministic=True)
-    kind = "dynamic" if dynamic else method
-    settings = {"source": "ptq-dynamic" if dynamic else "ptq", "method": kind,
-                "calibration_samples": 0 if dynamic else len(calib),
-                **_encoder_target(tgt).to_dict()["quantization"],
-                "float_outputs": [] if dynamic else list(LINEAR_OPS), "smoothing_alpha": None if dynamic else ALPHA}
-    if weights is not None:
-        kind = weights.preset
-        settings = {"source": "weight-only", **weights.to_dict(),
-                    "calibration_samples": len(calib) if weights.method == "gptq" else 0}
-    manifest = build_manifest(int8, tgt, settings, None, reference=True)
-    if weights is not None:
-        manifest["model"]["format"] = "onnx-weight-only"
-    manifest["tokenizer"] = tokenizer_manifest(tokenizer, list(hf.tokenizer_files), inputs, pre)
-    manifest["pooling"] = pooling
-    manifest["source_model"] = {"kind": "huggingface", "model_type": hf.model_type, "task": hf.task}
-    report = {
-        "edgequant_version": __version__,
-        "source": settings["source"],
-        "target": tgt.name,
-        "method": kind,
-        "calibration": {"data": source, "samples": settings["calibration_samples"],
-                        "max_length": pre.max_length, "float_tensors": float_tensors},
-        "holdout": {"samples": len(holdout), "disjoint_from_calibration": len(holdout) < len(samples)},
-        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
-                  "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
-        "fidelity": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in f.items()} for f in fid],
-        "kernels": kernels.to_dict() if kernels else None,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "checked_with": checked.to_dict(),
-    }
+
+def settings(run: Run) -> None:
+    """The manifest's quantization settings, the report's calibration and weight parts, the tokenizer files."""
+    cfg, tgt = run.config, run.target
+    weights = cfg.weights.config()
+    dynamic = cfg.text.dynamic
+    method = cfg.calibration.method or "minmax"
+    run.method = "dynamic" if dynamic else method
+    run.settings = {"source": "ptq-dynamic" if dynamic else "ptq", "method": run.method,
+                    "calibration_samples": 0 if dynamic else len(run.calib),
+                    **encoder_target(tgt).to_dict()["quantization"],
+                    "float_outputs": [] if dynamic else list(LINEAR_OPS), "smoothing_alpha": None if dynamic else ALPHA}
     if weights is not None:
         from ..quantize.weight_only import weight_bytes
 
-        report["weights"] = {**weights.to_dict(), **weight_bytes(int8)}
-    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes, **hf.tokenizer_files,
-             TEXT_RUNTIME: resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()}
-    add_selftest(files, manifest, int8, holdout, level=checked.level)
-    return write_bundle(out, files, manifest, report, force=force)
+        run.method = weights.preset
+        run.settings = {"source": "weight-only", **weights.to_dict(),
+                        "calibration_samples": len(run.calib) if weights.method == "gptq" else 0}
+        run.model_format = "onnx-weight-only"
+        run.parts["weights"] = {**weights.to_dict(), **weight_bytes(run.int8)}
+    calib = run.parts["calibration"]
+    run.parts["calibration"] = {"data": calib["data"], "samples": run.settings["calibration_samples"],
+                                "max_length": calib["max_length"], "float_tensors": calib["float_tensors"]}
+    run.parts.update(report_parts(run))
+    run.files.update(run.loaded.tokenizer_files)
+    run.files[TEXT_RUNTIME] = resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()
 
 
 def _check_pairing(model: Any, calibration: Any) -> None:
@@ -206,12 +196,12 @@ def _texts(calibration: Any) -> tuple[list[str], str]:
     return texts, "texts"
 
 
-def _input_names(model: onnx.ModelProto) -> list[str]:
+def input_names(model: onnx.ModelProto) -> list[str]:
     inits = {i.name for i in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def _linear_inputs(model: onnx.ModelProto) -> list[str]:
+def linear_inputs(model: onnx.ModelProto) -> list[str]:
     """Float activations multiplied by constant weights in MatMul/Gemm: the only tensors quantized here."""
     inits = {i.name for i in model.graph.initializer}
     names: list[str] = []
@@ -222,7 +212,7 @@ def _linear_inputs(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _activation_products(model: onnx.ModelProto) -> list[str]:
+def activation_products(model: onnx.ModelProto) -> list[str]:
     """MatMuls of two activations (attention scores Q·Kᵀ, probabilities·V): small at encoder lengths, no faster
     in int8 on the CPU provider (measured), and more accurate in float, so they stay float."""
     inits = {i.name for i in model.graph.initializer}
@@ -230,7 +220,7 @@ def _activation_products(model: onnx.ModelProto) -> list[str]:
             if n.op_type in LINEAR_OPS and not (len(n.input) > 1 and n.input[1] in inits)]
 
 
-def _encoder_target(tgt: Target) -> Target:
+def encoder_target(tgt: Target) -> Target:
     q = tgt.quantization
     ops = tuple(op for op in q.op_types if op in LINEAR_OPS)
     if not ops:
@@ -239,26 +229,24 @@ def _encoder_target(tgt: Target) -> Target:
     return dataclasses.replace(tgt, quantization=dataclasses.replace(q, op_types=ops))
 
 
-def _channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
-    from ..progress import progress_bar
-
-    with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample", disable=not progress,
-              leave=False) as bar:
+def text_channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
+    with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample",
+                      disable=not progress, leave=False) as bar:
         return channel_ranges(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
 
 
-def _dynamic(fp32: onnx.ModelProto, tgt: Target, exclude_nodes: Sequence[str]) -> onnx.ModelProto:
+def dynamic_int8(fp32: onnx.ModelProto, tgt: Target, exclude_nodes: Sequence[str]) -> onnx.ModelProto:
     """ONNX Runtime's dynamic quantization: int8 weights (per-channel per the target), activation scales per
     run. ORT's CPU provider fuses the result into DynamicQuantizeMatMul / MatMulIntegerToFloat."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    q = _encoder_target(tgt).quantization
+    q = encoder_target(tgt).quantization
     with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
         path = os.path.join(tmp, "dynamic.onnx")
         try:
             with quiet():
                 quantize_dynamic(fp32, path, op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
-                                 reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
+                                 reduce_range=q.reduce_range or q.pair_saturation, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(exclude_nodes), extra_options={"MatMulConstBOnly": True})
         except Exception as exc:
             raise QuantizationError(f"ONNX Runtime's dynamic quantizer failed: {type(exc).__name__}: {exc}") from exc
@@ -275,6 +263,6 @@ def _pooling(hf: HFModel, fp32: onnx.ModelProto) -> dict[str, Any] | None:
         return None
     outputs = [o.name for o in fp32.graph.output]
     output = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
-    if "attention_mask" not in _input_names(fp32):
+    if "attention_mask" not in input_names(fp32):
         raise ExportError(f"{hf.source}: the exported model has no attention_mask input, which pooling needs")
     return {"output": output, "mask_input": "attention_mask", **hf.pooling}

@@ -25,21 +25,20 @@ import contextlib
 import copy
 import io
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..bundle.core import Bundle, check_out_dir, write_bundle
+from ..bundle.core import Bundle
+from ..config import ExportConfig
 from ..data.samples import ImagePreprocess, load_samples
 from ..errors import ExportError, QuantizationError, UnsupportedOnTarget
 from ..targets import Target, load_target
 
 __all__ = ["QATConfig", "export", "export_checkpoint", "freeze_observers", "load_checkpoint", "prepare",
-           "save_checkpoint"]
+           "save_checkpoint", "unwrap"]
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +81,11 @@ def _weight_range(config: QATConfig, target: Target) -> tuple[int, int]:
         raise UnsupportedOnTarget(f"target {target.name}: QAT needs symmetric int8 weights (weight_dtype = \"int8\", "
                                   "weight_symmetric = true in the profile)")
     bits = config.weight_bits
+    # learned weights have no calibrated pair limits: saturating-pair targets (AVX2) get 7 bits, as reduce_range
+    narrow = q.reduce_range or q.pair_saturation
     if bits is None:
-        return (-64, 64) if q.reduce_range else (-127, 127)
-    if q.reduce_range and bits > 7:
+        return (-64, 64) if narrow else (-127, 127)
+    if narrow and bits > 7:
         raise UnsupportedOnTarget(f"target {target.name} limits weights to 7 bits (reduce_range): use weight_bits=7 "
                                   "or fewer, or a target without reduce_range such as x86-vnni or arm64")
     m = 2 ** (bits - 1) - 1
@@ -281,7 +282,7 @@ def _calibrate(gm: Any, calibration: Any, examples: tuple, batch_size: int) -> N
 def _torch_batches(gm: Any, data: Any, batch_size: int, preprocess: ImagePreprocess | None = None):
     import torch
 
-    from ..calibration.streaming import batches
+    from ..graph.sessions import batches
     from ..frontend.torch_export import input_names_of
 
     samples = load_samples(data, preprocess=preprocess).bind(input_names_of(gm))
@@ -294,7 +295,7 @@ def freeze_observers(qmodel: Any) -> int:
     Call it late in training, e.g. for the last epochs, so the final steps see the ranges the device will use."""
     from .modules import ActQuant
 
-    gm, _ = _prepared(qmodel, "qat.freeze_observers")
+    gm, _ = unwrap(qmodel, "qat.freeze_observers")
     count = 0
     for m in gm.modules():
         if isinstance(m, ActQuant):
@@ -303,8 +304,9 @@ def freeze_observers(qmodel: Any) -> int:
     return count
 
 
-def _prepared(qmodel: Any, what: str) -> tuple[Any, _State]:
-    """The prepared module inside a DDP / Lightning Fabric wrapper, and its QAT state."""
+def unwrap(qmodel: Any, what: str) -> tuple[Any, _State]:
+    """A prepared module (or one inside a DDP / Lightning Fabric wrapper) → (the module, its QAT state); ``what``
+    names the caller in the error for a module that was not prepared."""
     seen = qmodel
     for _ in range(4):
         state = vars(seen).get("_edgequant_qat")  # the module itself, not a wrapper forwarding attributes
@@ -323,7 +325,7 @@ def save_checkpoint(qmodel: Any, path: str | Path) -> None:
     MODEL --qat-checkpoint FILE``."""
     import torch
 
-    gm, state = _prepared(qmodel, "qat.save_checkpoint")
+    gm, state = unwrap(qmodel, "qat.save_checkpoint")
     torch.save({"edgequant_qat": asdict(state.config), "state_dict": gm.state_dict()}, Path(path))
 
 
@@ -352,38 +354,22 @@ def load_checkpoint(model: Any, example_inputs: Any, path: str | Path) -> Any:
 
 def export(qmodel: Any, *, out: str | Path, calibration: Any, preprocess: ImagePreprocess | None = None,
            batch_size: int = 16, force: bool = False, progress: bool = True) -> Bundle:
-    """A prepared (trained) module and check samples → the int8 bundle, as ``edgequant.frontend.torch_export`` writes it, with
+    """A prepared (trained) module and check samples → the int8 bundle, as ``edgequant.export`` writes it, with
     the scales learned in training. ``calibration`` gives the input shapes and the samples on which the int8
     graph is compared with the fp32 graph and with the QAT model itself."""
-    from .convert import build_bundle
+    from ..jobs import run_job  # the job runner sits above the stages, and the QAT stages above this module
 
-    gm, state = _prepared(qmodel, "qat.export")
-    out = Path(out)
-    check_out_dir(out, force)
-    t0 = time.perf_counter()
-    samples = load_samples(calibration, preprocess=preprocess)
-    files, manifest, report = build_bundle(gm, state, samples, batch_size=batch_size, progress=progress)
-    report["edgequant_version"] = __version__
-    report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
-    return write_bundle(out, files, manifest, report, force=force)
+    config = ExportConfig.from_options(qmodel, calibration, out=out, force=force, progress=progress,
+                                       preprocess=preprocess, batch_size=batch_size)
+    return run_job(config, "qat")
 
 
 def export_checkpoint(model: Any, checkpoint: str | Path, calibration: Any, *, out: str | Path,
                       preprocess: ImagePreprocess | None = None, batch_size: int = 16, force: bool = False,
                       progress: bool = True) -> Bundle:
-    """A float model reference (as for ``edgequant.frontend.torch_export``), a ``save_checkpoint`` file and samples → the QAT
+    """A float model reference (as for ``edgequant.export``), a ``save_checkpoint`` file and samples → the QAT
     bundle. The target and settings are those the checkpoint was trained with."""
-    import torch
+    import edgequant
 
-    from ..frontend.torch_export import input_names_of, load_model
-
-    check_out_dir(Path(out), force)
-    loaded = load_model(model)
-    if not isinstance(loaded, torch.nn.Module):
-        raise ExportError(f"--qat-checkpoint needs the PyTorch model it was trained from (file.py:factory), not "
-                          f"{model}")
-    samples = load_samples(calibration, preprocess=preprocess).bind(input_names_of(loaded))
-    example = tuple(torch.from_numpy(np.ascontiguousarray(v[None])) for v in samples[0].values())
-    qmodel = load_checkpoint(loaded, example, checkpoint)
-    return export(qmodel, out=out, calibration=calibration, preprocess=preprocess, batch_size=batch_size,
-                  force=force, progress=progress)
+    return edgequant.export(model, calibration, out=out, qat_checkpoint=checkpoint, preprocess=preprocess,
+                            batch_size=batch_size, force=force, progress=progress)

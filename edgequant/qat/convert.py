@@ -21,9 +21,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..check.fidelity import compare_outputs
 from ..errors import CalibrationError
+from ..graph.rewrite import drop_unused_initializers, rewrite_for_int8
+from ..graph.sessions import batches, session
 
-__all__ = ["agreement", "build_bundle", "fold_weight_quantization", "int32_bias", "int8_groups", "strip_qdq"]
+__all__ = ["agreement", "fold_weight_quantization", "int32_bias", "int8_groups", "qdq_graphs", "settings", "strip_qdq"]
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +118,6 @@ def int32_bias(model: ir.Model) -> int:
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exported QDQ ModelProto → the float graph it fake-quantizes (every QuantizeLinear → DequantizeLinear
     pair bypassed): the same export, so the fp32 reference and the int8 graph share every float op."""
-    from ..graph.rewrite import _drop_unused_initializers
-
     ir_model = ir.serde.deserialize_model(model)
     graph = ir_model.graph
     for node in list(graph):
@@ -127,15 +128,13 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.remove(node, safe=True)
         if not q.outputs[0].uses():
             graph.remove(q, safe=True)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return ir.serde.serialize_model(ir_model)
 
 
 def int8_groups(model: onnx.ModelProto, output_names: list[str]) -> onnx.ModelProto:
     """The exported QDQ ModelProto → a new one with int8 weights, int32 biases and the outputs named as in the
     fp32 graph (the exporter names them after the last quantizer)."""
-    from ..graph.rewrite import _drop_unused_initializers
-
     ir_model = ir.serde.deserialize_model(model)
     taken = {v.name: v for n in ir_model.graph for v in n.outputs}
     for value, name in zip(ir_model.graph.outputs, output_names):
@@ -147,7 +146,7 @@ def int8_groups(model: onnx.ModelProto, output_names: list[str]) -> onnx.ModelPr
         value.name = name
     folded = fold_weight_quantization(ir_model)
     biases = int32_bias(ir_model)
-    _drop_unused_initializers(ir_model.graph)
+    drop_unused_initializers(ir_model.graph)
     log.info("QAT export: %d weights stored as integers, %d biases as int32", folded, biases)
     return ir.serde.serialize_model(ir_model)
 
@@ -182,8 +181,6 @@ def agreement(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     finally:
         torch.set_num_threads(threads)
         gm.train(training)
-    from ..check.fidelity import compare_outputs
-
     steps = _output_steps(int8)
     result = []
     for name, (ref, got) in outputs.items():
@@ -201,8 +198,6 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     import torch
     from ..progress import progress_bar
 
-    from ..calibration.streaming import batches
-    from ..check.fidelity import session
 
     sess = session(int8, level=level)
     names = [o.name for o in sess.get_outputs()]
@@ -221,22 +216,16 @@ def _run_both(gm: Any, int8: onnx.ModelProto, samples: Any, batch_size: int, pro
     return {n: (np.concatenate(ref[n]), np.concatenate(got[n])) for n in names}
 
 
-def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress: bool
-                 ) -> tuple[dict[str, bytes], dict, dict]:
-    """Prepared module + samples → (files, manifest, report) for ``bundle.write_bundle``."""
+def qdq_graphs(gm: Any, state: Any, samples: Any) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Prepared module + samples (bound to its inputs) → (fp32 graph, int8 QDQ graph) from one export: the
+    fake quantizers become Q/DQ pairs, and the fp32 graph is that export with every pair bypassed."""
     import torch
 
-    from ..jobs.ptq import build_manifest
-    from ..frontend.torch_export import convert_opset, input_names_of, prepare_fp32, prune_opset_imports, strip_debug_metadata, \
-        to_onnx
+    from ..frontend.torch_export import (convert_opset, prepare_fp32, prune_opset_imports, strip_debug_metadata,
+                                         to_onnx)
     from .modules import ActQuant, fixed_copy, quantize_dequantize_onnx
-    from ..graph.rewrite import rewrite_for_int8
-    from ..check.fidelity import cpu_kernels, fidelity
-    from ..bundle.golden import add_selftest
-    from ..graph.sessions import checked_with
 
-    tgt, config = state.target, state.config
-    samples = samples.bind(input_names_of(gm))
+    tgt = state.target
     for name, m in gm.named_modules():
         if isinstance(m, ActQuant) and not bool(m.initialized):
             raise CalibrationError(f"activation quantizer {name!r} has never seen data: run a training step, or "
@@ -251,33 +240,12 @@ def build_bundle(gm: Any, state: Any, samples: Any, *, batch_size: int, progress
     strip_debug_metadata(int8)
     prune_opset_imports(int8)
     int8.producer_name = "edgequant"
-    int8 = convert_opset(int8, tgt.opset)
+    return fp32, convert_opset(int8, tgt.opset)
 
-    kernels = cpu_kernels(int8) if tgt.runtime.cpu_int8_fusion else None
-    if kernels is not None and kernels.float_compute:
-        log.warning("these run in float on this machine's CPU provider: %s", ", ".join(kernels.float_compute[:8]))
-    checked = checked_with(tgt)
-    fid = fidelity(fp32, int8, samples, batch_size=batch_size, level=checked.level)
-    agree = agreement(gm, int8, samples, batch_size, progress, checked.level)
+
+def settings(gm: Any, state: Any) -> dict[str, Any]:
+    """The QAT settings as the manifest and report record them."""
+    from .modules import ActQuant
+
     n_act = sum(isinstance(m, ActQuant) for m in gm.modules())
-    int8_bytes = int8.SerializeToString(deterministic=True)
-    fp32_bytes = fp32.SerializeToString(deterministic=True)
-    qat_settings = {**asdict(config), "quantized_ops": list(state.quantized_ops), "activation_quantizers": n_act}
-    settings = {"source": "qat", "method": "qat", **qat_settings, **tgt.to_dict()["quantization"]}
-    manifest = build_manifest(int8, tgt, settings, samples.preprocess, reference=True)
-    report = {
-        "source": "qat",
-        "target": tgt.name,
-        "method": "qat",
-        "qat": {**qat_settings, "agreement": agree},
-        "calibration": {"data": samples.source, "samples": len(samples), "tensors": n_act, "float_tensors": []},
-        "holdout": {"samples": len(samples), "disjoint_from_calibration": False},
-        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
-                  "ratio": round(len(int8_bytes) / len(fp32_bytes), 4)},
-        "fidelity": [f.to_dict() for f in fid],
-        "kernels": kernels.to_dict() if kernels else None,
-        "checked_with": checked.to_dict(),
-    }
-    files = {"model.onnx": int8_bytes, "model.fp32.onnx": fp32_bytes}
-    add_selftest(files, manifest, int8, samples[len(samples) - min(len(samples), 16):], level=checked.level)
-    return files, manifest, report
+    return {**asdict(state.config), "quantized_ops": list(state.quantized_ops), "activation_quantizers": n_act}

@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..calibration.streaming import batches
 from ..errors import CalibrationError
+from ..graph.tap import tap
 
 __all__ = ["block_grid", "gptq", "hessians", "pack_nbits", "rtn"]
 
@@ -36,32 +36,14 @@ __all__ = ["block_grid", "gptq", "hessians", "pack_nbits", "rtn"]
 def hessians(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], inputs: Mapping[str, int], *,
              batch_size: int = 16, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """fp32 model + samples + {MatMul input tensor: K} → {tensor: H = 2/n · Σ xᵀx (K×K float64)}, streaming."""
-    import onnxruntime as ort
-
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in inputs if n not in existing)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    session = ort.InferenceSession(augmented.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    from ..calibration.streaming import _np_dtype
-
-    dtypes = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
     names = list(inputs)
     sums = {n: np.zeros((k, k)) for n, k in inputs.items()}
     rows = dict.fromkeys(names, 0)
-    for batch in batches(samples, batch_size, dtypes):
-        for name, value in zip(names, session.run(names, batch)):
+    for _, values in tap(model, samples, names, batch_size=batch_size, progress=progress):
+        for name, value in values.items():
             x = value.reshape(-1, inputs[name]).astype(np.float32, copy=False)
-            if not np.isfinite(x).all():
-                raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
-                                       "overflows there; check the model and the data")
             sums[name] += x.T @ x  # float32 product per batch, float64 sum across batches
             rows[name] += x.shape[0]
-        if progress:
-            progress(len(next(iter(batch.values()))))
     return {n: 2.0 * sums[n] / max(rows[n], 1) for n in names}
 
 

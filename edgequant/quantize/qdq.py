@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from ..errors import QuantizationError
 from ..targets import Target
+from .saturation import WeightLimits, weight_limits
 
 __all__ = ["MAX_ACTIVATION_SCALE", "quantize", "skip_absurd_ranges"]
 
@@ -47,11 +48,14 @@ def skip_absurd_ranges(ranges: Mapping[str, tuple[float, float]]) -> tuple[dict[
 
 def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], target: Target, *,
              exclude_nodes: Sequence[str] = (), overrides: Mapping[str, list[dict]] | None = None,
-             float_outputs: Sequence[str] = (), consume: bool = False) -> onnx.ModelProto:
+             float_outputs: Sequence[str] = (), consume: bool = False,
+             limits: WeightLimits | None = None) -> onnx.ModelProto:
     """fp32 model + {tensor: (lo, hi)} + target → QDQ model (a new ModelProto; ``model`` is not changed).
     Nodes whose op type is in ``float_outputs`` get quantized inputs but a float output (a MatMul then runs as
     MatMulIntegerToFloat on ONNX Runtime's CPU provider). ``consume=True`` hands ``model`` over: it is
-    quantized in place (no copy of its weights) and must not be used afterwards."""
+    quantized in place (no copy of its weights) and must not be used afterwards.
+    On targets with ``pair_saturation`` each weight channel gets the range in ``limits`` (see
+    ``edgequant.quantize.saturation``; computed from the weights alone when not given)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -79,8 +83,13 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     }
     per_tensor = _per_tensor_weights(model, q) if q.per_channel else {}
     wide = _uint8_weights(model, q)
-    if overrides or per_tensor or wide:
-        extra["TensorQuantOverrides"] = {**per_tensor, **wide, **dict(overrides or {})}
+    pairs = {}
+    if q.pair_saturation:
+        if limits is None:
+            limits = weight_limits(model, usable, None, op_types=q.op_types, exclude=sorted(exclude))
+        pairs = limits.overrides(_initializers(model, set(limits.levels) - set(wide)), per_tensor=set(per_tensor))
+    if overrides or per_tensor or wide or pairs:
+        extra["TensorQuantOverrides"] = {**per_tensor, **pairs, **wide, **dict(overrides or {})}
     excluded_outputs = sorted(set(float_outputs or ()) | set(q.float_output_op_types))
     if excluded_outputs:
         extra["OpTypesToExcludeOutputQuantization"] = excluded_outputs
@@ -154,6 +163,10 @@ def _uint8_weights(model: onnx.ModelProto, q) -> dict[str, list[dict]]:
                 spec["axis"] = 1
             out[n.input[1]] = [spec]
     return out
+
+
+def _initializers(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in names}
 
 
 def _consumers_of(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:

@@ -22,13 +22,13 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from ..errors import QuantizationError, option
+from ..quiet import quiet
 
 __all__ = ["BLOCK_SIZES", "PRESETS", "WeightOnly", "gemm_to_matmul", "quantize_weights", "weight_bytes",
            "weight_matmuls"]
@@ -185,13 +185,8 @@ def _quiet_ort_quantizer():
     finally:
         if guard:
             root.removeHandler(guard)
-    mlog = logging.getLogger(matmul_nbits_quantizer.__name__)
-    level = mlog.level
-    mlog.setLevel(logging.WARNING)
-    try:
+    with quiet(matmul_nbits_quantizer.__name__, level=logging.WARNING, streams=False):
         yield matmul_nbits_quantizer
-    finally:
-        mlog.setLevel(level)
 
 
 def _rtn(model: onnx.ModelProto, config: WeightOnly, include: set[str]) -> onnx.ModelProto:
@@ -263,93 +258,3 @@ def weight_bytes(quantized: onnx.ModelProto) -> dict:
         layers += 1
     return {"layers": layers, "fp32_bytes": fp_bytes, "quantized_bytes": q_bytes,
             "ratio": round(q_bytes / fp_bytes, 4) if fp_bytes else None}
-
-
-def check_options(*, weights: str | None, block_size: int | None, method_given: bool,
-                  num_samples: int | None, dynamic: bool = False) -> WeightOnly | None:
-    """The export options → a :class:`WeightOnly` (or None without ``weights``); refuses options that do not
-    apply to weight-only quantization."""
-    if weights is None:
-        if block_size is not None:
-            raise QuantizationError(f"{option('block_size')} applies only to weight-only quantization: add "
-                                    f"{option('weights', 'q8')}, q4 or q4-gptq, or drop {option('block_size')}")
-        return None
-    config = WeightOnly(weights, block_size=DEFAULT_BLOCK_SIZE if block_size is None else block_size)
-    if dynamic:
-        raise QuantizationError(f"{option('dynamic', True)} quantizes activations, but {option('weights', weights)} "
-                                "keeps them in float: choose one of the two")
-    if method_given:
-        raise QuantizationError(f"{option('method')} chooses activation ranges, but {option('weights', weights)} keeps "
-                                f"activations in float: drop {option('method')}")
-    if num_samples is not None and config.method != "gptq":
-        raise QuantizationError(f"{option('num_samples')} limits GPTQ's calibration, but {option('weights', weights)} "
-                                f"rounds weights without calibration data: drop {option('num_samples')} or use "
-                                f"{option('weights', 'q4-gptq')}")
-    return config
-
-
-def export_weight_only(model: Any, calibration: Any, *, out: Any, target: Any, config: WeightOnly,
-                       num_samples: int | None, opset: int | None, preprocess: Any, exclude_nodes: Sequence[str],
-                       batch_size: int, force: bool, progress: bool) -> Any:
-    """A model and samples → a weight-only bundle at ``out`` (``edgequant.frontend.torch_export`` with ``weights=``)."""
-    import time
-    from pathlib import Path
-
-    from .. import __version__
-    from ..jobs.ptq import _check_data_fits, _ids, _to_onnx, build_manifest, split_holdout
-    from ..bundle.core import check_out_dir, write_bundle
-    from ..data.samples import load_samples
-    from ..frontend.torch_export import convert_opset, input_names_of, load_model, prepare_fp32
-    from ..targets import load_target
-    from ..check.fidelity import cpu_kernels, fidelity
-    from ..bundle.golden import add_selftest
-    from ..graph.sessions import checked_with
-
-    tgt = load_target(target)
-    out = Path(out)
-    check_out_dir(out, force)
-    t0 = time.perf_counter()
-    samples = load_samples(calibration, preprocess=preprocess)
-    loaded = load_model(model)
-    samples = samples.bind(input_names_of(loaded))
-    calib, holdout = split_holdout(samples, num_samples)
-    fp32 = convert_opset(prepare_fp32(_to_onnx(loaded, samples, opset or tgt.opset, not tgt.runtime.static_shapes)),
-                         opset or tgt.opset)
-    _check_data_fits(fp32, samples)
-    timings = {"export_s": time.perf_counter() - t0}
-    t1 = time.perf_counter()
-    quantized = quantize_weights(fp32, config, calib if config.method == "gptq" else None,
-                                 exclude_nodes=exclude_nodes, batch_size=batch_size, progress=progress)
-    timings["quantize_s"] = time.perf_counter() - t1
-    checked = checked_with(tgt)
-    fid = fidelity(fp32, quantized, holdout, batch_size=batch_size, level=checked.level)
-    kernels = cpu_kernels(quantized)
-    timings["total_s"] = time.perf_counter() - t0
-
-    q_bytes = quantized.SerializeToString(deterministic=True)
-    fp32_bytes = fp32.SerializeToString(deterministic=True)
-    used = len(calib) if config.method == "gptq" else 0
-    settings = {"source": "weight-only", **config.to_dict(), "calibration_samples": used}
-    manifest = build_manifest(quantized, tgt, settings, samples.preprocess, reference=True)
-    manifest["model"]["format"] = "onnx-weight-only"
-    report = {
-        "edgequant_version": __version__,
-        "source": "weight-only",
-        "target": tgt.name,
-        "method": config.preset,
-        "weights": {**config.to_dict(), **weight_bytes(quantized),
-                    "cpu_matmulnbits_nodes": kernels.int8.get("MatMulNBits", 0),
-                    "float_compute": kernels.float_compute},
-        "calibration": {"data": samples.source, "samples": used},
-        "holdout": {"samples": len(holdout), "disjoint_from_calibration": len(holdout) < len(samples)
-                    and not set(_ids(holdout)) & set(_ids(calib))},
-        "sizes": {"fp32_bytes": len(fp32_bytes), "int8_bytes": len(q_bytes),
-                  "ratio": round(len(q_bytes) / len(fp32_bytes), 4)},
-        "fidelity": [f.to_dict() for f in fid],
-        "kernels": None,  # no int8 activations; what ORT runs is under "weights"
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "checked_with": checked.to_dict(),
-    }
-    files = {"model.onnx": q_bytes, "model.fp32.onnx": fp32_bytes}
-    add_selftest(files, manifest, quantized, holdout, level=checked.level)
-    return write_bundle(out, files, manifest, report, force=force)

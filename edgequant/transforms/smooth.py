@@ -22,15 +22,13 @@ Hugging Face text path (``encoder.py``) and the ``smooth_quant`` option of the g
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..calibration.streaming import _np_dtype, batches
+from ..graph.tap import tap
 from ..errors import CalibrationError
 
 __all__ = ["ALPHA", "channel_ranges", "smooth", "smooth_graph", "smooth_muls", "smoothable"]
@@ -75,52 +73,21 @@ def channel_ranges(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarra
     With ``mask_input`` (a 0/1 attention mask input, sequence on axis 1), each batch is cut after its longest
     sequence: the positions cut are padding, which attention and pooling ignore, so their activations need no
     range, and short texts calibrate several times faster than at the full padded length."""
-    import onnxruntime as ort
-
-    # The tensors become extra graph outputs. Serialized protobuf messages merge when concatenated (repeated
-    # fields append), so the outputs are appended to the serialized model without copying its weights.
-    existing = {o.name for o in model.graph.output}
-    extra = onnx.ModelProto()
-    extra.graph.output.extend(onnx.ValueInfoProto(name=n) for n in tensors if n not in existing)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_prepacking", "1")  # one pass: no second copy of the weights
-    with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
-        path = os.path.join(tmp, "augmented.onnx")
-        with open(path, "wb") as fh:  # written in two parts: no second in-memory copy of the weights
-            fh.write(model.SerializeToString())
-            fh.write(extra.SerializeToString())
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    dtypes = {i.name: _np_dtype(i.type) for i in sess.get_inputs()}
     names = list(tensors)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
-    for batch in batches(samples, batch_size, dtypes):
-        if mask_input is not None and mask_input in batch:
-            used = int(np.max(np.nonzero(batch[mask_input].any(axis=0))[0], initial=0)) + 1
-            batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
-        try:
-            values = sess.run(names, batch)
-        except Exception as exc:  # onnxruntime raises its own assorted types
-            line = next((s for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
-            raise CalibrationError(f"ONNX Runtime failed on the calibration data: {line[:300]}; check that the "
-                                   "data fits the model's inputs") from None
-        for name, value in zip(names, values):
+    for _, values in tap(model, samples, names, batch_size=batch_size, progress=progress, mask_input=mask_input,
+                         low_memory=True):
+        for name, value in values.items():
             if value.dtype.kind != "f" or value.size == 0:
                 continue
             flat = value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1)
             vmin, vmax = flat.min(axis=0), flat.max(axis=0)
-            if not (np.isfinite(vmin).all() and np.isfinite(vmax).all()):
-                raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
-                                       "overflows there; check the model and the data")
             if name in lo and lo[name].shape != vmin.shape:  # last axis varies (a sequence axis): per tensor
                 lo[name], hi[name] = lo[name].min(keepdims=True), hi[name].max(keepdims=True)
                 vmin, vmax = vmin.min(keepdims=True), vmax.max(keepdims=True)
             lo[name] = vmin if name not in lo else np.minimum(lo[name], vmin)
             hi[name] = vmax if name not in hi else np.maximum(hi[name], vmax)
-        if progress:
-            progress(len(next(iter(batch.values()))))
     return {n: (lo[n], hi[n]) for n in names if n in lo}
 
 

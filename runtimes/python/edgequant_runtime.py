@@ -4,12 +4,14 @@ Imports only the standard library, numpy and onnxruntime, so this one file can b
 and run on a Raspberry Pi, a Jetson or any machine with onnxruntime. The bundle format is documented in
 ``runtimes/README.md``.
 
-    sess = Session("path/to/bundle")              # verifies every file's sha256, builds the provider chain
+    sess = Session("path/to/bundle")              # schema, confinement, sha256 of what it runs; provider chain
+    sess = Session("bundle", expect_digest="sha256:...")   # only the bundle the app was released with
     outputs = sess.run({"x": x})                   # or sess.run(x), or sess.run(camera_frame_uint8_hwc)
     embeddings, outputs = sess.run_text(["a robot arm", "a gripper"])   # bundles with a tokenizer
     print(sess.placement)                          # {provider: nodes it runs}
 
-    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png [--bench] [--allow-fallback] [--save o.npz]
+    python edgequant_runtime.py BUNDLE --input x.npy|x.npz|frame.png|.jpg [--bench] [--allow-fallback] [--save o.npz]
+                                [--expect-digest sha256:HEX] [--public-key KEY.pem] [--cache-dir DIR]
     python edgequant_runtime.py BUNDLE --text "a robot arm" --text "a gripper" [--reference (the fp32 model)]
     python edgequant_runtime.py BUNDLE --selftest    # golden samples: PASS/FAIL line, exit 1 on FAIL
     python edgequant_runtime.py BUNDLE --generate "The robot" [--max-new-tokens 32] [--sample --seed 1]
@@ -24,35 +26,61 @@ No silent fallback: a provider of the chain that this onnxruntime lacks, nodes t
 provider outside the chain, or a first (preferred) provider that got no node at all, are an error unless
 ``allow_fallback=True``, which logs exactly what runs where.
 ONNX Runtime itself only warns. Node placement is read from ONNX Runtime's profiler (one run on zeros).
+
+The bundle and every frame are untrusted input. The manifest is checked against ``SCHEMA`` before use; every
+file it names is a plain name read through one handle of the bundle folder (no path out of it, no symlink out,
+no device or FIFO); the bytes that were hashed are the bytes onnxruntime, the tokenizer and the text adapter
+get. NaN/Inf inputs and NaN outputs are errors, the batch is capped, and PNG frames are size-checked before
+they are decompressed. The sections below follow that order: schema, reading, signatures, frames, session,
+command line.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__":  # the command line: an interrupt while the imports below run is one line too
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted: nothing was written\n"), os._exit(130)))
+
 import argparse
+import base64
+import errno
 import hashlib
-import importlib.util
+import io
 import json
 import logging
-import os
+import math
+import re
+import signal
+import stat
 import struct
-import sys
 import tempfile
+import threading
 import time
+import types
+import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "IMAGE_SUFFIXES", "InputError", "ProviderError", "RuntimeAdapterError", "SCHEMA_VERSION",
-           "SelfTest", "Session", "check_cpu", "cpu_features", "describe_cpu", "expected_input", "int8_saturates",
-           "preprocess_image", "read_image", "read_png", "resize_bilinear", "sha256_file", "to_channels",
-           "verify_bundle"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "SCHEMA", "SCHEMA_VERSION", "BundleError", "InputError", "OutputError",
+           "ProviderError", "RuntimeAdapterError", "SelfTest", "Session", "VerifiedBundle", "bundle_digest",
+           "check_cpu", "cpu_features", "default_max_batch", "describe_cpu", "expected_input", "int8_saturates",
+           "load_public_key", "open_bundle", "plain_name", "preprocess_image", "read_image", "read_png",
+           "resize_bilinear", "sha256_file", "to_channels", "used_files", "validate_manifest", "verify_bundle"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+DIGEST_FILE = "manifest.sha256"  # "sha256:<hex>" of manifest.json, beside it (informative: pin it in the app)
+SIGNATURE_FILE = "manifest.sig"  # base64 Ed25519 signature of manifest.json's bytes (edgequant sign)
 TEXT_ADAPTER = "edgequant_text.py"
 GENERATE_ADAPTER = "edgequant_generate.py"
 CPU = "CPUExecutionProvider"
+MAX_PIXELS = 1 << 24  # 16.7 million pixels (4096 x 4096): larger PNG frames are refused before decompression
 
 log = logging.getLogger("edgequant_runtime")
 
@@ -71,6 +99,10 @@ class InputError(RuntimeAdapterError):
 
 class ProviderError(RuntimeAdapterError):
     """A requested execution provider is missing, or ONNX Runtime placed nodes elsewhere."""
+
+
+class OutputError(RuntimeAdapterError):
+    """The model answered with NaN: its result must not be acted on."""
 
 # --- pre-processing -------------------------------------------------------------------------------------------
 # The exporter calibrates through these same functions, so a camera frame becomes exactly the tensor the
@@ -143,7 +175,449 @@ def preprocess_image(image: np.ndarray, spec: dict) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-# --- the bundle -----------------------------------------------------------------------------------------------
+# --- the manifest schema --------------------------------------------------------------------------------------
+# Written as data, so that one function checks every key this adapter reads (type and range) before anything
+# uses it, and reports the first problem as one line naming the key. runtimes/README.md documents the same
+# schema. Keys a reader does not know are ignored (forward compatibility); they cannot change what it does.
+
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}\Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_PROVIDER = re.compile(r"[A-Za-z0-9]{1,64}ExecutionProvider\Z")
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32",
+           "uint16", "uint8", "bool", "str")
+
+
+def plain_name(value) -> bool:
+    """True for a name a bundle may list: one path component (no folder, no '..', no absolute path), not hidden."""
+    return isinstance(value, str) and _PLAIN.match(value) is not None
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    text = {"dict": "an object", "list": "a list"}.get(text, text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Invalid(Exception):
+    """A manifest entry that does not follow the schema: (key path, what it must be, the value)."""
+
+
+def _need(ok: bool, at: str, what: str, value) -> None:
+    if not ok:
+        raise _Invalid(at, what, value)
+
+
+def _str(*, choices=None, pattern=None, what=None, max_len=4096, empty=False):
+    def check(v, at):
+        if choices is not None:
+            _need(isinstance(v, str) and v in choices, at, "one of " + ", ".join(map(str, choices)), v)
+        _need(isinstance(v, str) and (empty or v != "") and len(v) <= max_len, at,
+              f"a non-empty string of at most {max_len} characters" if not empty else "a string", v)
+        if pattern is not None:
+            _need(pattern.match(v) is not None, at, what, v)
+    return check
+
+
+def _int(lo: int, hi: int):
+    def check(v, at):
+        _need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, at, f"an integer {lo}..{hi}", v)
+    return check
+
+
+def _num(*, positive=False):
+    def check(v, at):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+        _need(ok, at, "a finite number" + (" > 0" if positive else ""), v)
+    return check
+
+
+def _bool(v, at):
+    _need(isinstance(v, bool), at, "true or false", v)
+
+
+def _any(v, at):  # informative entries: any JSON value
+    return
+
+
+def _null(inner):
+    def check(v, at):
+        if v is not None:
+            inner(v, at)
+    return check
+
+
+def _list(item, lo: int, hi: int):
+    def check(v, at):
+        _need(isinstance(v, list) and lo <= len(v) <= hi, at, f"a list of {lo}..{hi} items", v)
+        for i, x in enumerate(v):
+            item(x, f"{at}[{i}]")
+    return check
+
+
+def _map(value, lo: int, hi: int, key=None):
+    key = key or _str(max_len=256)
+
+    def check(v, at):
+        _need(isinstance(v, dict) and lo <= len(v) <= hi, at, f"an object of {lo}..{hi} entries", v)
+        for k, x in v.items():
+            key(k, f"{at} key")
+            value(x, f"{at}.{k}")
+    return check
+
+
+def _obj(fields: dict):
+    """fields: {key: (check, required)}; other keys are ignored."""
+    def check(v, at):
+        _need(isinstance(v, dict), at, "an object", v)
+        for k, (inner, required) in fields.items():
+            if k in v:
+                inner(v[k], f"{at}.{k}" if at else k)
+            else:
+                _need(not required, f"{at}.{k}" if at else k, "present", "missing")
+    return check
+
+
+def _dim(v, at):
+    _need(v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 31)
+          or (isinstance(v, str) and 0 < len(v) <= 256), at, "an int, a dimension name or null", v)
+
+
+def _option_value(v, at):
+    # provider options and session entries are values, never paths: a cache folder is the app's (cache_dir)
+    _str(max_len=4096, empty=True)(v, at)
+    _need("/" not in v and "\\" not in v and "\x00" not in v and v not in (".", ".."), at,
+          "a value without a path (no '/', '\\' or '..'; cache folders are chosen by the app, not the manifest)", v)
+
+
+_FILE = _str(pattern=_PLAIN, what="a plain file name inside the bundle (no folder, no '..', no absolute path)")
+_IO = _obj({"name": (_str(max_len=1024), True), "dtype": (_str(choices=_DTYPES), True),
+            "shape": (_list(_dim, 0, 16), True)})
+_MODEL = _obj({"file": (_FILE, True), "format": (_str(max_len=64), False), "opset": (_int(1, 1000), False)})
+SCHEMA = _obj({
+    "schema": (_str(choices=("edgequant.bundle",)), True),
+    "schema_version": (_int(1, SCHEMA_VERSION), True),
+    "producer": (_str(max_len=256), False),
+    "model": (_MODEL, True),
+    "reference_model": (_null(_MODEL), False),
+    "inputs": (_list(_IO, 1, 1024), True),
+    "outputs": (_list(_IO, 1, 1024), True),
+    "preprocess": (_null(_obj({
+        "kind": (_str(choices=("image",)), False), "input": (_str(max_len=1024), True),
+        "channel_order": (_str(choices=("rgb", "bgr", "gray")), False),
+        "resize": (_null(_list(_int(1, 65536), 2, 2)), False), "scale": (_num(positive=True), False),
+        "mean": (_list(_num(), 1, 3), False), "std": (_list(_num(positive=True), 1, 3), False),
+        "layout": (_str(choices=("nchw", "nhwc")), False)})), False),
+    "quantization": (_null(_map(_any, 0, 256)), False),
+    "target": (_obj({"name": (_str(max_len=256), False), "description": (_str(max_len=4096, empty=True), False)}),
+               False),
+    "runtime": (_obj({
+        "providers": (_list(_obj({"name": (_str(pattern=_PROVIDER, what="an ONNX Runtime provider name "
+                                                "(...ExecutionProvider)"), True),
+                                  "options": (_map(_option_value, 0, 256), False)}), 1, 16), True),
+        "graph_optimization_level": (_str(choices=("disable", "basic", "extended", "all")), False),
+        "intra_op_num_threads": (_int(0, 4096), False),
+        "session_config": (_map(_option_value, 0, 256), False),
+        "static_shapes": (_bool, False), "cpu_int8_fusion": (_bool, False),
+        "max_batch": (_int(1, 2 ** 31 - 1), False)}), True),
+    "files": (_map(_obj({"sha256": (_str(pattern=_HEX64, what="64 lowercase hex digits"), True),
+                         "bytes": (_int(0, 2 ** 40), True)}), 1, 4096, key=_FILE), True),
+    "tokenizer": (_null(_obj({
+        "file": (_FILE, True), "files": (_list(_FILE, 0, 64), False), "max_length": (_int(1, 65536), True),
+        "padding": (_null(_str(max_len=32)), False), "truncation": (_bool, False),
+        "pad_id": (_int(0, 2 ** 31 - 1), False), "pad_token": (_str(max_len=256, empty=True), False),
+        "pad_type_id": (_int(0, 2 ** 31 - 1), False),
+        "inputs": (_map(_str(choices=("ids", "attention_mask", "type_ids")), 1, 64), True)})), False),
+    "pooling": (_null(_obj({"output": (_str(max_len=1024), True), "mask_input": (_str(max_len=1024), False),
+                            "mode": (_str(choices=("mean", "mean_sqrt_len", "cls", "max")), False),
+                            "normalize": (_bool, False)})), False),
+    "source_model": (_null(_map(_any, 0, 64)), False),
+    "requires_cpu": (_null(_obj({"x86_64_one_of": (_list(_str(max_len=64), 0, 16), False)})), False),
+    "selftest": (_null(_obj({
+        "file": (_FILE, True), "samples": (_int(0, 10 ** 6), False), "entries": (_int(1, 10 ** 6), False),
+        "output_steps": (_map(_num(), 0, 1024), False), "tolerance_steps": (_num(), False)})), False),
+    "generation": (_null(_obj({
+        "tokenizer": (_FILE, True), "context": (_int(1, 1 << 24), True),
+        "eos_token_ids": (_list(_int(0, 2 ** 31 - 1), 0, 64), False),
+        "bos_token_id": (_null(_int(0, 2 ** 31 - 1)), False), "inputs": (_map(_str(max_len=1024), 0, 16), False),
+        "logits": (_str(max_len=1024), False),
+        "cache": (_list(_obj({"input": (_str(max_len=1024), True), "output": (_str(max_len=1024), True),
+                              "shape": (_list(_int(0, 2 ** 31 - 1), 1, 8), True), "axis": (_int(0, 7), True),
+                              "dtype": (_str(choices=_DTYPES), False)}), 0, 4096), False),
+        "defaults": (_null(_map(_any, 0, 64)), False)})), False),
+})
+
+
+def _references(m: dict) -> None:
+    """The entries that name another entry name one that exists."""
+    files, ins, outs = m["files"], [i["name"] for i in m["inputs"]], [o["name"] for o in m["outputs"]]
+    _need(len(set(ins)) == len(ins), "inputs", "a list of distinct names", ins)
+    for key in ("model", "reference_model"):
+        if m.get(key):
+            _need(m[key]["file"] in files, f"{key}.file", "a file listed under files", m[key]["file"])
+    pre = m.get("preprocess")
+    if pre:
+        _need(pre["input"] in ins, "preprocess.input", "one of the inputs " + ", ".join(ins), pre["input"])
+    for key, name in (("selftest", "file"), ("generation", "tokenizer")):
+        if m.get(key):
+            _need(m[key][name] in files, f"{key}.{name}", "a file listed under files", m[key][name])
+    if m.get("generation"):
+        _need(GENERATE_ADAPTER in files, "files", f"an object listing {GENERATE_ADAPTER}", "without it")
+    tok = m.get("tokenizer")
+    if tok:
+        for i, name in enumerate([tok["file"], *tok.get("files", []), TEXT_ADAPTER]):
+            _need(name in files, "tokenizer.file" if i == 0 else "tokenizer.files", "a file listed under files", name)
+        for name in tok["inputs"]:
+            _need(name in ins, f"tokenizer.inputs.{name}", "one of the inputs " + ", ".join(ins), name)
+    pool = m.get("pooling")
+    if pool:
+        _need(pool["output"] in outs, "pooling.output", "one of the outputs " + ", ".join(outs), pool["output"])
+        if "mask_input" in pool:
+            _need(pool["mask_input"] in ins, "pooling.mask_input", "one of the inputs " + ", ".join(ins),
+                  pool["mask_input"])
+
+
+def validate_manifest(manifest, where: str = MANIFEST) -> dict:
+    """A parsed manifest → the same dict, after checking it against :data:`SCHEMA` (every key this adapter reads,
+    its type and range, and that names point at existing entries); otherwise one :class:`BundleError` line."""
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if isinstance(manifest, dict) and manifest.get("schema") == "edgequant.bundle" and isinstance(version, int) \
+            and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise BundleError(f"{where} has schema_version {version}, newer than this runtime reads ({SCHEMA_VERSION}): "
+                          "use the edgequant_runtime.py shipped inside that bundle")
+    try:
+        if not isinstance(manifest, dict) or manifest.get("schema") != "edgequant.bundle":
+            raise _Invalid("schema", '"edgequant.bundle" (this is not an edgequant bundle manifest)',
+                           manifest.get("schema", "missing") if isinstance(manifest, dict) else manifest)
+        SCHEMA(manifest, "")
+        _references(manifest)
+    except _Invalid as exc:
+        at, what, value = exc.args
+        raise BundleError(f"{where}: {at} must be {what}, not {_show(value)}; export the bundle again (a manifest "
+                          "is written by edgequant, never edited)") from None
+    return manifest
+
+
+# --- reading the bundle: confined to its folder, each file read once ------------------------------------------
+# Every file is opened relative to one open handle of the bundle folder, never following a symbolic link out of
+# it, and the bytes that were hashed are the bytes handed on (to onnxruntime, the tokenizer, the text adapter):
+# nothing is opened twice by path, so nothing can be swapped between the check and the use.
+
+MAX_MANIFEST_BYTES = 16 << 20
+_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_AT = os.open in os.supports_dir_fd
+
+
+class _Replaced(Exception):
+    """The bundle folder was replaced (an atomic re-export) while it was being read: read the new one."""
+
+
+class _Folder:
+    """An open bundle folder: files are opened by plain name relative to it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)) \
+                if _AT else None
+            if not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        except FileNotFoundError:
+            raise BundleError(f"{path} is not an edgequant bundle: the folder does not exist ({MANIFEST} is missing)") \
+                from None
+        except OSError as exc:
+            raise BundleError(f"{path} is not a readable bundle folder ({exc.strerror})") from None
+        self.identity = self._identity()
+
+    def _identity(self):
+        st = os.fstat(self.fd) if self.fd is not None else os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def replaced(self) -> bool:
+        """True when the path now names another folder than the one opened (it was re-exported meanwhile)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.identity
+
+    def _open(self, name: str) -> int:
+        if not plain_name(name):
+            raise BundleError(f"{self.path}: {name!r} is not a plain file name inside the bundle; a bundle lists "
+                              "only its own files (no folder, '..' or absolute path)")
+        if not _AT:  # no openat on this system: resolve and check that the file stays in the folder
+            real = os.path.realpath(self.path / name)
+            if os.path.dirname(real) != os.path.realpath(self.path):
+                raise BundleError(f"{self.path / name} resolves to {real}, outside the bundle; copy the file itself "
+                                  "into the bundle")
+            return os.open(real, _OPEN & ~getattr(os, "O_NOFOLLOW", 0))
+        try:
+            return os.open(name, _OPEN, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, getattr(errno, "EMLINK", errno.ELOOP)):
+                raise
+        target = os.readlink(name, dir_fd=self.fd)  # a symbolic link: followed only to a file beside it
+        if not plain_name(target):
+            raise BundleError(f"{self.path / name} is a symbolic link to {target}, outside the bundle folder; a "
+                              "bundle holds its own files: copy the file itself in (cp -L)")
+        try:
+            return os.open(target, _OPEN, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, getattr(errno, "EMLINK", errno.ELOOP)):
+                raise BundleError(f"{self.path / name} is a chain of symbolic links; copy the file itself in") \
+                    from None
+            raise
+
+    def read(self, name: str, limit: int, *, missing_ok: bool = False) -> bytes | None:
+        """A plain file name → its bytes (at most ``limit + 1``, so a larger file shows as larger)."""
+        try:
+            fd = self._open(name)
+        except FileNotFoundError:
+            if self.replaced():
+                raise _Replaced() from None
+            if missing_ok:
+                return None
+            raise BundleError(f"{self.path / name} is missing from the bundle; copy the whole bundle folder") \
+                from None
+        except OSError as exc:
+            raise BundleError(f"{self.path / name} cannot be read ({exc.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BundleError(f"{self.path / name} is not a regular file (a folder, device or pipe); a bundle "
+                                  "holds plain files")
+            parts, left = [], limit + 1
+            while left > 0:
+                block = os.read(fd, min(left, 1 << 30))
+                if not block:
+                    break
+                parts.append(block)
+                left -= len(block)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except OSError as exc:
+            raise BundleError(f"{self.path / name} cannot be read ({exc.strerror})") from None
+        finally:
+            os.close(fd)
+
+    def read_verified(self, name: str, meta: dict) -> bytes:
+        """A file the manifest lists → its bytes, checked against the manifest's size and sha256."""
+        data = self.read(name, meta["bytes"])
+        if len(data) != meta["bytes"]:
+            raise BundleError(f"{self.path / name} has {'more than ' if len(data) > meta['bytes'] else ''}{len(data)} "
+                              f"bytes, the manifest says {meta['bytes']}: the file is truncated or changed; copy the "
+                              "bundle again")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise BundleError(f"{self.path / name} does not match its sha256 in {MANIFEST}: the file was changed; copy "
+                              "the bundle again")
+        return data
+
+
+def bundle_digest(manifest_bytes: bytes) -> str:
+    """The bytes of manifest.json → the bundle's digest, ``sha256:<hex>``. The manifest lists every file's sha256,
+    so this one value pins the whole bundle."""
+    return "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def _pinned(expect: str) -> str:
+    text = str(expect).strip().lower()
+    text = text if text.startswith("sha256:") else "sha256:" + text
+    if not _HEX64.match(text[7:]):
+        raise RuntimeAdapterError(f"expect_digest {expect!r} is not a bundle digest: give 'sha256:' and 64 hex digits, "
+                                  "as `edgequant export` and `edgequant inspect` print it")
+    return text
+
+
+class VerifiedBundle:
+    """What :func:`open_bundle` read: the manifest, its bytes and digest, and the verified files it kept."""
+
+    def __init__(self, path: Path, manifest: dict, manifest_bytes: bytes, digest: str, files: dict[str, bytes]):
+        self.path, self.manifest, self.manifest_bytes, self.digest, self.files = (path, manifest, manifest_bytes,
+                                                                                 digest, files)
+
+
+def used_files(manifest: dict, *, reference: bool = False) -> list[str]:
+    """The files a Session reads from a bundle: the model it runs, a text bundle's tokenizer and adapter, the
+    self-test's golden data, a decoder bundle's tokenizer and generation adapter. Each is read once, checked
+    and kept; nothing else is opened."""
+    entry = manifest.get("reference_model") if reference else manifest["model"]
+    names = [entry["file"]] if entry else []
+    if manifest.get("tokenizer"):
+        names += [manifest["tokenizer"]["file"], TEXT_ADAPTER]
+    if manifest.get("selftest"):  # golden data: checked like the model, and read from the checked bytes
+        names.append(manifest["selftest"]["file"])
+    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter
+        names += [manifest["generation"]["tokenizer"], GENERATE_ADAPTER]
+    return names
+
+
+def open_bundle(bundle_dir: str | os.PathLike, *, keep=None, expect_digest: str | None = None,
+                public_key=None, all_files: bool = False) -> VerifiedBundle:
+    """Bundle folder → :class:`VerifiedBundle`: the manifest checked against the schema (and the pinned digest,
+    and the Ed25519 signature when ``public_key`` is given), and the files in ``keep`` (a list of names, or a
+    function manifest → names; default :func:`used_files`) read once and checked against their size and sha256.
+    ``all_files`` checks every listed file too. A folder replaced by an atomic re-export while it is read is
+    read again, so the result is always one whole bundle, the old or the new."""
+    path = Path(bundle_dir)
+    for attempt in range(3):
+        folder = _Folder(path)
+        try:
+            return _read_bundle(folder, keep, expect_digest, public_key, all_files)
+        except _Replaced:
+            if attempt == 2:
+                raise BundleError(f"{path} was replaced three times while it was read; try again when the export "
+                                  "is done") from None
+        finally:
+            folder.close()
+    raise AssertionError("unreachable")
+
+
+def _read_bundle(folder: _Folder, keep, expect_digest, public_key, all_files) -> VerifiedBundle:
+    path = folder.path
+    mpath = path / MANIFEST
+    raw = folder.read(MANIFEST, MAX_MANIFEST_BYTES, missing_ok=True)
+    if raw is None:
+        raise BundleError(f"{path} is not an edgequant bundle: {MANIFEST} is missing")
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not an edgequant manifest")
+    digest = bundle_digest(raw)
+    if expect_digest is not None and digest != _pinned(expect_digest):
+        raise BundleError(f"{path}: bundle digest {digest} is not the pinned {_pinned(expect_digest)}: this is not "
+                          "the bundle the app was released with; install that bundle, or pin the new digest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON ({str(exc)[:120]}); copy the bundle again") from None
+    validate_manifest(manifest, str(mpath))
+    stored = folder.read(DIGEST_FILE, 256, missing_ok=True)
+    if stored is not None and stored.decode("ascii", "replace").strip() != digest:
+        raise BundleError(f"{path / DIGEST_FILE} says {stored.decode('ascii', 'replace').strip()[:80]}, but "
+                          f"{MANIFEST} hashes to {digest}: the manifest was edited; export the bundle again")
+    if public_key is not None:
+        _check_signature(folder, raw, public_key)
+    files = manifest["files"]
+    names = used_files(manifest) if keep is None else (keep(manifest) if callable(keep) else list(keep))
+    for name in names:
+        if name not in files:
+            raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
+                              "again")
+    kept = {name: folder.read_verified(name, files[name]) for name in dict.fromkeys(names)}
+    if all_files:
+        for name, meta in files.items():
+            if name not in kept:
+                folder.read_verified(name, meta)
+    return VerifiedBundle(path, manifest, raw, digest, kept)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
+    """Bundle folder → its manifest, after checking the schema and every listed file's size and sha256."""
+    return open_bundle(bundle_dir, all_files=True).manifest
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -155,48 +629,51 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
-    """Bundle folder → its manifest, after checking the schema and every listed file's size and sha256."""
-    root = Path(bundle_dir)
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"{root} is not an edgequant bundle: {MANIFEST} is missing")
+# --- signatures (optional; the cryptography package is imported only when a signature is required) -------------
+
+
+def _check_signature(folder: _Folder, manifest_bytes: bytes, public_key) -> None:
+    """Ed25519: ``manifest.sig`` (base64) must be a signature of the manifest's bytes by ``public_key``."""
+    key = load_public_key(public_key)
+    from cryptography.exceptions import InvalidSignature
+
+    raw = folder.read(SIGNATURE_FILE, 4096, missing_ok=True)
+    if raw is None:
+        raise BundleError(f"{folder.path} is not signed ({SIGNATURE_FILE} is missing), and the app requires a "
+                          "signature: sign it with `edgequant sign BUNDLE --key KEY`")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath} is not valid JSON ({exc}); copy the bundle again") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if not isinstance(manifest, dict) or manifest.get("schema") != "edgequant.bundle" or not isinstance(version, int):
-        raise BundleError(f"{mpath} is not an edgequant bundle manifest (no schema 'edgequant.bundle' with an "
-                          "integer schema_version)")
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"{mpath} has schema_version {version}, newer than this runtime reads ({SCHEMA_VERSION}): "
-                          "use the edgequant_runtime.py shipped inside that bundle")
-    files = manifest.get("files") or {}
-    needed = [(manifest.get("model") or {}).get("file")]
-    if manifest.get("tokenizer"):  # a text bundle: its tokenizer and text adapter are verified like the model
-        tok = manifest["tokenizer"]
-        needed += [tok.get("file"), *tok.get("files", []), TEXT_ADAPTER]
-    if manifest.get("selftest"):  # golden data is checked like the model: a changed file is a BundleError
-        needed.append((manifest.get("selftest") or {}).get("file"))
-    if manifest.get("generation"):  # a decoder bundle: its tokenizer and generation adapter, likewise
-        needed += [manifest["generation"].get("tokenizer"), GENERATE_ADAPTER]
-    for name in needed:
-        if name not in files:
-            raise BundleError(f"{mpath} lists no checksum for {name!r}, which the bundle needs; export the bundle "
-                              "again")
-    for name, meta in files.items():
-        path = root / name
-        if not path.is_file():
-            raise BundleError(f"{path} is missing from the bundle; copy the whole bundle folder")
-        size = path.stat().st_size
-        if "bytes" in meta and size != meta["bytes"]:
-            raise BundleError(f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or "
-                              "changed; copy the bundle again")
-        if sha256_file(path) != meta.get("sha256"):
-            raise BundleError(f"{path} does not match its sha256 in {MANIFEST}: the file was changed; copy the "
-                              "bundle again")
-    return manifest
+        signature = base64.b64decode(raw.strip(), validate=True)
+        key.verify(signature, manifest_bytes)
+    except (ValueError, InvalidSignature):
+        raise BundleError(f"{folder.path / SIGNATURE_FILE} is not a valid signature of {MANIFEST} by the app's "
+                          "public key: the bundle was changed or signed with another key") from None
+
+
+def load_public_key(key):
+    """An Ed25519 public key: the cryptography object, 32 raw bytes, PEM text/bytes, or a path to a PEM file."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    except ImportError:
+        raise RuntimeAdapterError("checking a bundle signature needs the cryptography package: pip install "
+                                  "cryptography") from None
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    data = key
+    if isinstance(key, (str, os.PathLike)) and "-----BEGIN" not in str(key):
+        try:
+            data = Path(key).read_bytes()
+        except OSError as exc:
+            raise RuntimeAdapterError(f"public key {key}: cannot read it ({exc.strerror})") from None
+    data = data.encode() if isinstance(data, str) else bytes(data)
+    try:
+        loaded = Ed25519PublicKey.from_public_bytes(data) if len(data) == 32 else \
+            serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise RuntimeAdapterError(f"public key {str(key)[:80]!r} is not an Ed25519 public key ({exc})") from None
+    if not isinstance(loaded, Ed25519PublicKey):
+        raise RuntimeAdapterError(f"public key {str(key)[:80]!r} is a {type(loaded).__name__}, not Ed25519")
+    return loaded
 
 
 # --- PNG frames without extra packages ------------------------------------------------------------------------
@@ -204,9 +681,18 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type → samples per pixel
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """8-bit non-interlaced PNG file → uint8 array (H, W) for grey, (H, W, 3|4) for colour (palette expanded)."""
-    data = Path(path).read_bytes()
+def read_png(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
+    """8-bit non-interlaced PNG file → uint8 array (H, W) for grey, (H, W, 3|4) for colour (palette expanded).
+
+    A frame of more than ``max_pixels`` (default :data:`MAX_PIXELS`) is refused from its header, before any
+    pixel is decompressed, and the decompressor never produces more than the header's size: a small file that
+    inflates to gigabytes is an :class:`InputError`, not a stall.
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror})") from None
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise InputError(f"{path} is not a PNG file")
     pos, idat, palette, header = 8, [], None, None
@@ -229,13 +715,21 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: only 8-bit non-interlaced PNGs are read (this one: bit depth {depth}, "
                          f"interlace {interlace}); save the frame as 8-bit PNG or .npy")
     bpp = _PNG_CHANNELS[colour]
+    if width == 0 or height == 0 or width * height > limit:
+        raise InputError(f"{path}: a {width}x{height} frame ({width * height} pixels) is beyond the limit of {limit} "
+                         "pixels; resize the frame, or raise max_pixels (--max-pixels)")
+    stride = width * bpp
+    expected = height * (stride + 1)
     try:
-        raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(b"".join(idat), expected + 1)
     except zlib.error as exc:
         raise InputError(f"{path}: damaged PNG data ({exc})") from None
-    stride = width * bpp
-    if raw.size != height * (stride + 1):
-        raise InputError(f"{path}: PNG data has {raw.size} bytes, expected {height * (stride + 1)}")
+    raw = np.frombuffer(raw, dtype=np.uint8)
+    if raw.size != expected:
+        got = f"more than {expected}" if raw.size > expected else str(raw.size)
+        raise InputError(f"{path}: PNG data has {got} bytes, expected {expected}: the file is damaged or not what "
+                         "its header says")
     rows = raw.reshape(height, stride + 1)
     out = np.zeros((height, stride), dtype=np.int32)
     prev = np.zeros(stride, dtype=np.int32)
@@ -384,8 +878,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Image file → uint8 array (H, W) for grey, (H, W, 3) for colour (alpha dropped, palette expanded).
+    An image of more than ``max_pixels`` (default :data:`MAX_PIXELS`) is refused from its header, before decoding.
 
     Through Pillow when it is installed (JPEG, PNG, BMP, ...), else through :func:`read_png`, so a board with
     only numpy and onnxruntime still reads 8-bit PNG frames. The exporter reads calibration images with this
@@ -398,13 +893,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if path.suffix.lower() != ".png":
             raise InputError(f"{path}: reading {path.suffix or 'this'} images needs Pillow here (pip install pillow); "
                              "without it only 8-bit PNG frames are read") from None
-        img = read_png(path)
+        img = read_png(path, max_pixels=max_pixels)
         return img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only; pixels are decoded by convert()
+            if im.width * im.height > limit:
+                raise InputError(f"{path}: a {im.width}x{im.height} image ({im.width * im.height} pixels) is beyond "
+                                 f"the limit of {limit} pixels; resize it, or raise max_pixels (--max-pixels)")
             im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: cannot read image ({exc})") from None
 
 
@@ -432,6 +931,53 @@ def _ort_dtype(ort_type: str) -> np.dtype:
     return np.dtype(_NP.get(inner, inner))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- input and output guards ----------------------------------------------------------------------------------
+# A sensor fault (NaN, Inf) must never become a confident answer: int8 Q/DQ turns NaN into a valid integer, so
+# the quantized model answers where the float model would have said NaN.
+
+
+def _nonfinite(arr: np.ndarray) -> tuple[int, int]:
+    """Float array → (NaN count, infinite count); one summation pass when all values are finite."""
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return 0, 0
+    with np.errstate(all="ignore"):
+        total = arr.sum(dtype=np.float64) if arr.dtype.itemsize < 8 else arr.sum()
+    if np.isfinite(total):  # a NaN or Inf anywhere makes the sum non-finite; finite sums need no second pass
+        return 0, 0
+    nan = int(np.count_nonzero(np.isnan(arr)))
+    return nan, int(np.count_nonzero(np.isinf(arr)))
+
+
+def _available_memory() -> int | None:
+    """Bytes this machine can still give (Linux MemAvailable, else free physical pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_max_batch(model_bytes: int, sample_bytes: int, available: int | None) -> int:
+    """Largest batch allowed when the manifest sets no ``runtime.max_batch``: half the available memory, less
+    twice the model (weights and onnxruntime's prepacked copy), over 64 × one sample's inputs and outputs (a
+    rough bound on the activations a sample keeps alive), clamped to 1..65536."""
+    if available is None:
+        return 1024
+    budget = available // 2 - 2 * model_bytes
+    return int(min(65536, max(1, budget // max(64 * sample_bytes, 1))))
+
+
 class Session:
     """An edgequant bundle loaded on this machine's onnxruntime with the bundle's provider chain.
 
@@ -439,29 +985,44 @@ class Session:
     manifest when it names the provider). ``allow_fallback``: run anyway when a provider is missing or nodes
     land outside the chain, and log what runs where; otherwise that is a :class:`ProviderError`.
     ``reference``: open the bundle's fp32 reference model instead of the int8 one (to check int8 on the device).
+    ``expect_digest``: the ``sha256:...`` digest the app pins; any other bundle is a :class:`BundleError`.
+    ``public_key``: an Ed25519 key (object, PEM, 32 raw bytes or a PEM file) whose signature the bundle must carry.
+    ``cache_dir``: the folder for provider caches (TensorRT engines); default ``~/.cache/edgequant/<digest>``.
+    ``check_finite``: refuse NaN/Inf in float inputs and NaN in outputs (False: run and return them).
+    ``max_batch``: the largest batch accepted (default: the manifest's ``runtime.max_batch``, else
+    :func:`default_max_batch`).
     ``allow_saturating_cpu``: run a bundle whose int8 arithmetic this CPU cannot compute (full-range weights on
     x86 without VNNI) instead of raising a :class:`ProviderError`; the outputs then differ from the report.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, providers: str | list[str] = "auto", *,
-                 allow_fallback: bool = False, reference: bool = False, allow_saturating_cpu: bool = False) -> None:
+                 allow_fallback: bool = False, reference: bool = False, expect_digest: str | None = None,
+                 public_key=None, cache_dir: str | os.PathLike | None = None, check_finite: bool = True,
+                 max_batch: int | None = None, allow_saturating_cpu: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = Path(bundle_dir)
-        self.manifest = verify_bundle(self.path)
+        self._text = None
+        self._generator = None
+        self.check_finite = check_finite
+        self.max_pixels = MAX_PIXELS
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        manifest = open_bundle(self.path, expect_digest=expect_digest, public_key=public_key,
+                               keep=lambda m: used_files(m, reference=reference))
+        self.manifest, self.digest = manifest.manifest, manifest.digest
         self.cpu = cpu_features()
         if not reference:
             degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
             if degraded:
                 log.warning("%s", degraded)
-        self._text = None
-        self._generator = None
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
-        if not entry or entry.get("file") not in self.manifest["files"]:
+        if not entry:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
                               "--reference)")
-        runtime = self.manifest.get("runtime") or {}
-        declared = {p["name"]: dict(p.get("options") or {}) for p in runtime.get("providers") or []}
+        model_bytes = manifest.files.pop(entry["file"])
+        self._verified = manifest.files  # the tokenizer and text adapter, as they were checked
+        runtime = self.manifest["runtime"]
+        declared = {p["name"]: dict(p.get("options") or {}) for p in runtime["providers"]}
         names = list(declared) if providers == "auto" else list(providers)
         if not names:
             raise ProviderError("no execution provider requested: pass providers='auto' or a list of names")
@@ -477,20 +1038,19 @@ class Session:
         if not chain:
             chain = [CPU]
         self.requested, self.missing, self.providers = names, missing, chain
-        options = [self._options(declared.get(n, {})) for n in chain]
+        options = [self.resolve_options(declared.get(n, {})) for n in chain]
         so = self._session_options(ort, runtime, strict=not allow_fallback and CPU not in chain)
-        model = str(self.path / entry["file"])
+        where = self.path / entry["file"]
         with tempfile.TemporaryDirectory(prefix="edgequant-rt-") as tmp:
             # profiled for one run on zeros, which names the provider of every kernel; end_profiling() then
             # switches the profiler off for the runs that follow
             so.enable_profiling = True
             so.profile_file_prefix = os.path.join(tmp, "placement")
-            try:
-                self._session = ort.InferenceSession(model, so, providers=list(zip(chain, options)))
+            try:  # the verified bytes themselves: onnxruntime never opens the file again
+                self._session = ort.InferenceSession(model_bytes, so, providers=list(zip(chain, options)))
             except Exception as exc:  # ORT raises its own exception types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ProviderError(f"{model}: onnxruntime could not place the model on {', '.join(chain)}: "
-                                    f"{first}") from None
+                raise ProviderError(f"{where}: onnxruntime could not place the model on {', '.join(chain)}: "
+                                    f"{_first_line(exc)}") from None
             self.placement = self._placement()
         outside = {p: n for p, n in self.placement.items() if p not in chain}
         if outside and not allow_fallback:
@@ -506,14 +1066,48 @@ class Session:
         self.inputs = {i.name: i for i in self._session.get_inputs()}
         self.output_names = [o.name for o in self._session.get_outputs()]
         self._pre = self.manifest.get("preprocess")
+        self.max_batch = max_batch or runtime.get("max_batch") or default_max_batch(
+            len(model_bytes), self._sample_bytes(), _available_memory())
 
-    def _options(self, options: dict) -> dict:
-        """Provider options; relative cache paths (keys ending in _path) are taken inside the bundle folder."""
+    def bundle_file(self, name: str) -> bytes:
+        """A file this session read and verified at open (the names :func:`used_files` lists, the model aside) →
+        its bytes as they were checked. Anything the adapter acts on is read this way, never again by path."""
+        if name not in self._verified:
+            raise BundleError(f"{self.path}: {name!r} was not read when the session opened; add it to used_files()")
+        return self._verified[name]
+
+    def _sample_bytes(self) -> int:
+        """Bytes of one sample's inputs and outputs (symbolic dimensions other than the batch counted as 1)."""
+        total = 0
+        for values in (self._session.get_inputs(), self._session.get_outputs()):
+            for v in values:
+                dims = [d if isinstance(d, int) and d > 0 else 1 for d in v.shape[1:]]
+                total += int(np.prod(dims, dtype=np.int64)) * _ort_dtype(v.type).itemsize
+        return total
+
+    def cache_dir(self) -> Path:
+        """The folder for provider caches: the app's ``cache_dir``, else one per bundle digest under
+        ``$XDG_CACHE_HOME/edgequant`` (``~/.cache/edgequant``), created on first use."""
+        if self._cache_dir is None:
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            self._cache_dir = Path(base) / "edgequant" / self.digest.split(":")[1][:16]
+        try:
+            self._cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeAdapterError(f"cannot create the provider cache folder {self._cache_dir} ({exc.strerror}); "
+                                      "pass cache_dir= (--cache-dir) a writable folder") from None
+        return self._cache_dir
+
+    def resolve_options(self, options: dict) -> dict:
+        """Provider options; a cache location (a key with "cache" ending in _path or _dir, e.g. the TensorRT
+        engine and timing caches) is a sub-folder of :meth:`cache_dir`, never a path the manifest invents (the
+        schema already refuses any option value with a path in it)."""
         out = {}
         for key, value in options.items():
-            if key.endswith("_path") and value and not os.path.isabs(value):
-                value = str(self.path / value)
-                os.makedirs(value, exist_ok=True)
+            if "cache" in key and key.endswith(("_path", "_dir")) and value:
+                folder = self.cache_dir() / value
+                folder.mkdir(exist_ok=True)
+                value = str(folder)
             out[key] = value
         return out
 
@@ -571,6 +1165,8 @@ class Session:
         meta = self.inputs[name]
         want = _ort_dtype(meta.type)
         arr = np.asarray(value)
+        if arr.dtype.hasobject:
+            raise InputError(f"input {name!r} is an array of Python objects, not numbers: pass a numeric array")
         pre = self._pre if self._pre and self._pre.get("input") == name else None
         if pre is not None and arr.dtype == np.uint8 and arr.ndim in (2, 3) and len(meta.shape) == 4:
             try:
@@ -586,7 +1182,19 @@ class Session:
         shape = [d if isinstance(d, int) else (d or "?") for d in meta.shape]
         ok = arr.ndim == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
         if not ok:
-            raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model takes {shape} (batch axis first)")
+            also = "; this bundle also takes a uint8 (H, W[, C]) frame or an image file" if pre else ""
+            raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model takes {shape} (batch axis "
+                             f"first){also}")
+        if shape and not isinstance(shape[0], int) and arr.shape[0] > self.max_batch:
+            raise InputError(f"input {name!r} has a batch of {arr.shape[0]}, more than this session takes "
+                             f"({self.max_batch}); run it in smaller batches, or raise max_batch (--max-batch, the "
+                             "manifest's runtime.max_batch)")
+        if self.check_finite:
+            nan, inf = _nonfinite(arr)
+            if nan or inf:
+                raise InputError(f"input {name!r} has {nan} NaN and {inf} infinite values of {arr.size}: the model "
+                                 "would still answer, meaninglessly; fix the sensor or pre-processing, or pass "
+                                 "check_finite=False (--allow-nonfinite) to run it anyway")
         return np.ascontiguousarray(arr)
 
     def run(self, inputs) -> dict[str, np.ndarray]:
@@ -596,13 +1204,23 @@ class Session:
             if len(self.inputs) != 1:
                 raise InputError(f"the model has inputs {', '.join(self.inputs)}: pass a dict {{name: array}}")
             inputs = {next(iter(self.inputs)): inputs}
-        unknown = sorted(set(inputs) - set(self.inputs))
+        unknown = sorted(map(str, set(inputs) - set(self.inputs)))
         missing = sorted(set(self.inputs) - set(inputs))
         if unknown or missing:
             raise InputError(f"inputs {', '.join(unknown) or '-'} are not the model's and {', '.join(missing) or '-'} "
                              f"are missing; the model takes {', '.join(self.inputs)}")
         feed = {n: self._prepare(n, v) for n, v in inputs.items()}
-        return dict(zip(self.output_names, self._session.run(self.output_names, feed)))
+        try:
+            outputs = dict(zip(self.output_names, self._session.run(self.output_names, feed)))
+        except Exception as exc:  # ORT raises its own exception types (out of memory, a shape the graph refuses)
+            raise InputError(f"onnxruntime could not run these inputs: {_first_line(exc)}") from None
+        if self.check_finite:
+            for name, value in outputs.items():
+                nan, _ = _nonfinite(value)
+                if nan:
+                    raise OutputError(f"output {name!r} has {nan} NaN values of {value.size}: the result must not "
+                                      "be used; check the inputs, or pass check_finite=False (--allow-nonfinite)")
+        return outputs
 
     def selftest(self) -> SelfTest:
         """Runs the bundle's golden samples (held out from the exporter's data) here → a :class:`SelfTest` whose
@@ -622,7 +1240,8 @@ class Session:
         return (text.pool(outputs[pooling["output"]], feeds) if pooling else None), outputs
 
     def _text_inputs(self):
-        """The bundle's own (verified) edgequant_text.py, imported on first use, with its tokenizer loaded."""
+        """The bundle's own edgequant_text.py, run from the bytes that were verified (not imported by path), with
+        its tokenizer loaded from the verified bytes of tokenizer.file."""
         if self._text is not None:
             return self._text
         if not self.manifest.get("tokenizer"):
@@ -631,30 +1250,32 @@ class Session:
             raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
                              "run() (--input)")
         module = self._bundle_module(TEXT_ADAPTER)
+        tok = self.manifest["tokenizer"]
         try:
-            self._text = module.TextInputs(str(self.path), self.manifest)
+            self._text = module.TextInputs(str(self.path), self.manifest,
+                                           tokenizer_json=self.bundle_file(tok["file"]))
         except ImportError as exc:
             if exc.name != "tokenizers":
                 raise
             raise RuntimeAdapterError(f"{self.path} takes text, which needs the tokenizers package here: pip "
                                       "install tokenizers") from None
         except Exception as exc:  # the tokenizers package raises its own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{self.path / self.manifest['tokenizer']['file']}: the tokenizers package cannot load "
-                              f"it ({first}); install a newer tokenizers") from None
+            raise BundleError(f"{self.path / tok['file']}: the tokenizers package cannot load it "
+                              f"({_first_line(exc)}); install a newer tokenizers") from None
         return self._text
 
-
     def _bundle_module(self, filename: str):
-        """A device module that travels in the bundle (verified with the model), imported once per content."""
-        name = f"_edgequant_{Path(filename).stem}_" + self.manifest["files"][filename]["sha256"][:16]
+        """A device module that travels in the bundle, compiled from the bytes verified at open (never imported
+        by path, so the file cannot be swapped after the check), once per content."""
+        source = self.bundle_file(filename)
+        name = f"_edgequant_{Path(filename).stem}_" + hashlib.sha256(source).hexdigest()[:16]
         module = sys.modules.get(name)
         if module is None:
-            spec = importlib.util.spec_from_file_location(name, self.path / filename)
-            module = importlib.util.module_from_spec(spec)
+            module = types.ModuleType(name)
+            module.__file__ = str(self.path / filename)
             sys.modules[name] = module  # before running it: dataclasses look their module up there
             try:
-                spec.loader.exec_module(module)
+                exec(compile(source, module.__file__, "exec"), module.__dict__)
             except BaseException:
                 del sys.modules[name]
                 raise
@@ -671,7 +1292,12 @@ class Session:
                                  "entry); export a decoder model (--task text-generation-with-past)")
             module = self._bundle_module(GENERATE_ADAPTER)
             try:
-                self._generator = module.Generator(self._session, str(self.path), self.manifest)
+                from tokenizers import Tokenizer  # built from the verified bytes, not opened by path
+
+                tokenizer = Tokenizer.from_str(self.bundle_file(self.manifest["generation"]["tokenizer"]).decode())
+                tokenizer.no_padding()
+                tokenizer.no_truncation()
+                self._generator = module.Generator(self._session, str(self.path), self.manifest, tokenizer=tokenizer)
             except ImportError as exc:
                 if exc.name != "tokenizers":
                     raise
@@ -730,13 +1356,14 @@ class SelfTest:
                 f"{self.worst_output}); providers {' > '.join(self.providers)}; CPU {describe_cpu(self.cpu)}")
 
 
-def _load_golden(root: Path, spec: dict, inputs: dict, outputs: list[str]) -> list[tuple[dict, dict]]:
-    """The verified golden file → [(inputs, expected outputs)] per sample; BundleError when it does not fit."""
+def _load_golden(root: Path, spec: dict, data: bytes, inputs: dict, outputs: list[str]) -> list[tuple[dict, dict]]:
+    """The golden file's verified bytes → [(inputs, expected outputs)] per sample; BundleError when it does not
+    fit."""
     path = root / str(spec.get("file", ""))
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise BundleError(f"{path}: the self-test data cannot be read ({exc}); copy the bundle again") from None
     n = spec.get("entries", spec.get("samples"))
     if not isinstance(n, int) or n < 1:
@@ -769,7 +1396,7 @@ def run_selftest(sess: "Session") -> SelfTest:
                           "export it again to get one")
     steps = spec.get("output_steps") or {}
     tolerance = float(spec.get("tolerance_steps", 1.0))
-    cases = _load_golden(sess.path, spec, sess.inputs, sess.output_names)
+    cases = _load_golden(sess.path, spec, sess.bundle_file(spec["file"]), sess.inputs, sess.output_names)
     worst, worst_name, same, total, samples = 0.0, sess.output_names[0], 0, 0, 0
     for feed, want in cases:
         samples += next(iter(feed.values())).shape[0] if feed else 1
@@ -793,7 +1420,39 @@ def run_selftest(sess: "Session") -> SelfTest:
 # --- command line ---------------------------------------------------------------------------------------------
 
 
+def _npy_header(fh, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """An open .npy stream → (shape, dtype) from its header alone, so nothing is allocated before it is checked."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        shape, _, dtype = (fmt.read_array_header_1_0(fh) if version == (1, 0) else fmt.read_array_header_2_0(fh))
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InputError(f"{where} is not a readable .npy array ({_first_line(exc)}); save it with numpy.save") \
+            from None
+    if dtype.hasobject:
+        raise InputError(f"{where} holds Python objects (dtype {dtype}), not numbers: save a numeric array")
+    return shape, dtype
+
+
+def _load_npy(fh, where: str, size: int, sess: Session) -> np.ndarray:
+    shape, dtype = _npy_header(fh, where)
+    if shape and shape[0] > max(sess.max_batch, 1) and len(shape) > 1:
+        raise InputError(f"{where} holds a batch of {shape[0]}, more than this session takes ({sess.max_batch}); "
+                         "split it, or raise --max-batch")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes > size - fh.tell():
+        raise InputError(f"{where}: the header promises {nbytes} bytes of data, the file has {size}: it is "
+                         "truncated; save it again")
+    fh.seek(0)
+    try:
+        return np.load(fh, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{where} is not a readable .npy array ({_first_line(exc)}); save it with numpy.save") \
+            from None
+
+
 def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
+    """A .npy, .npz or .png file → {input name: array}; anything unreadable is one InputError line."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"input file {p} not found")
@@ -805,14 +1464,23 @@ def _read_input(path: str, sess: Session) -> dict[str, np.ndarray]:
         if not sess.manifest.get("preprocess"):
             raise InputError(f"{p}: this bundle has no image pre-processing, so it does not take images; it takes "
                              f"{wants}")
-        return {name: read_image(p)}
-    if suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    elif suffix == ".npy":
-        arrays = {next(iter(sess.inputs)): np.load(p, allow_pickle=False)}
-    else:
-        raise InputError(f"{p}: not a file this bundle takes; it takes {wants}")
+        return {name: read_image(p, max_pixels=sess.max_pixels)}
+    try:
+        if suffix == ".npz":
+            with zipfile.ZipFile(p) as z:
+                arrays = {}
+                for info in z.infolist():
+                    key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                    with z.open(info) as fh:
+                        arrays[key] = _load_npy(io.BufferedReader(fh), f"{p}:{info.filename}", info.file_size, sess)
+        elif suffix == ".npy":
+            with open(p, "rb") as fh:
+                arrays = {name: _load_npy(fh, str(p), p.stat().st_size, sess)}
+        else:
+            raise InputError(f"{p}: not a file this bundle takes; it takes {wants}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        raise InputError(f"{p} cannot be read as {suffix[1:]} ({_first_line(exc)}); save it with numpy.save/savez") \
+            from None
     for name, arr in arrays.items():  # a single sample without batch axis gets one
         meta = sess.inputs.get(name)
         if meta is not None and arr.ndim == len(meta.shape) - 1 and arr.dtype != np.uint8:
@@ -832,7 +1500,30 @@ def _print_embeddings(embeddings: np.ndarray | None, pooling: dict | None) -> No
             print(f"cosine text {i + 1} ~ text {j + 1}: {float(e[i] @ e[j]):.4f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _save(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Arrays → an .npz at ``path``, written beside it and renamed into place (never half a file); a device or
+    pipe (``/dev/stdout``) is written to directly, never replaced."""
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        with open(target, "wb") as fh:
+            np.savez(fh, **arrays)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant_runtime.py", description="Run an edgequant bundle.")
     parser.add_argument("bundle", help="bundle folder (with manifest.json)")
     given = parser.add_mutually_exclusive_group(required=True)
@@ -855,14 +1546,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", action="store_true", help="time 50 runs after 5 warm-up runs")
     parser.add_argument("--save", metavar="OUT.npz", help="save the outputs (and text embeddings) here")
     parser.add_argument("--reference", action="store_true", help="run the fp32 reference model, not the int8 one")
+    parser.add_argument("--expect-digest", metavar="sha256:HEX", help="refuse any bundle but the one with this digest")
+    parser.add_argument("--public-key", metavar="KEY.pem", help="refuse a bundle not signed by this Ed25519 key")
+    parser.add_argument("--cache-dir", metavar="DIR", help="folder for provider caches (TensorRT engines)")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="run NaN/Inf inputs and return NaN outputs")
+    parser.add_argument("--max-batch", type=int, metavar="N", help="largest batch to accept")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N", help="largest PNG frame, pixels")
     parser.add_argument("--allow-saturating-cpu", action="store_true", help="run a full-range int8 bundle on an x86 "
                         "CPU without VNNI, whose outputs then differ from the report")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    saved = False
     try:
         providers = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",") if p.strip()]
         sess = Session(args.bundle, providers, allow_fallback=args.allow_fallback, reference=args.reference,
+                       expect_digest=args.expect_digest, public_key=args.public_key, cache_dir=args.cache_dir,
+                       check_finite=not args.allow_nonfinite, max_batch=args.max_batch,
                        allow_saturating_cpu=args.allow_saturating_cpu)
+        sess.max_pixels = args.max_pixels
         if args.selftest:
             result = sess.selftest()
             print(result.line())
@@ -886,26 +1594,43 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t0)
+        print(f"bundle {sess.digest}")
+        print(sess.describe())
+        for name, value in outputs.items():
+            line = f"{name}: shape {list(value.shape)} {value.dtype}"
+            if value.ndim == 2 and value.shape[1] > 1:
+                line += f"  argmax {np.argmax(value, axis=1).tolist()}"
+            print(line)
+        if args.text:
+            _print_embeddings(embeddings, sess.manifest.get("pooling"))
+        if args.save:
+            _save(args.save, {**outputs, **({"embeddings": embeddings} if embeddings is not None else {})})
+            saved = True
+        if args.bench:
+            ms = np.sort(np.array(times)) * 1e3
+            print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")
+        return 0
+    except KeyboardInterrupt:
+        print(f"interrupted: {'outputs were saved to ' + args.save if saved else 'nothing was written'}",
+              file=sys.stderr)
+        return 130
     except RuntimeAdapterError as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    print(sess.describe())
-    for name, value in outputs.items():
-        line = f"{name}: shape {list(value.shape)} {value.dtype}"
-        if value.ndim == 2 and value.shape[1] > 1:
-            line += f"  argmax {np.argmax(value, axis=1).tolist()}"
-        print(line)
-    if args.text:
-        _print_embeddings(embeddings, sess.manifest.get("pooling"))
-    if args.save:
-        np.savez(args.save, **outputs, **({"embeddings": embeddings} if embeddings is not None else {}))
-    if args.bench:
-        ms = np.sort(np.array(times)) * 1e3
-        print(f"latency over {len(ms)} runs: median {np.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms")
-    return 0
+    except OSError as exc:  # a full disk, a folder that is not writable
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}{'; nothing was written' if not saved else ''}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a defect of this adapter: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: internal error {type(exc).__name__}: {_first_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _generate(sess: Session, args) -> int:

@@ -39,7 +39,9 @@ _DTYPES = {"int64": np.int64, "int32": np.int32}
 class TextInputs:
     """A bundle folder (or its manifest dict and folder) → a callable that turns text into input arrays."""
 
-    def __init__(self, bundle: str, manifest: Mapping | None = None):
+    def __init__(self, bundle: str, manifest: Mapping | None = None, *, tokenizer_json: bytes | str | None = None):
+        """``tokenizer_json``: the contents of ``tokenizer.file`` as already read (and verified) by the caller;
+        without it the file is read from the bundle folder."""
         from tokenizers import Tokenizer
 
         if manifest is None:
@@ -51,7 +53,11 @@ class TextInputs:
         self.spec = dict(spec)
         self.pooling = manifest.get("pooling")
         self.dtypes = {i["name"]: i.get("dtype", "int64") for i in manifest.get("inputs", [])}
-        tok = Tokenizer.from_file(os.path.join(bundle, spec["file"]))
+        if tokenizer_json is not None:
+            text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+            tok = Tokenizer.from_str(text)
+        else:
+            tok = Tokenizer.from_file(os.path.join(bundle, spec["file"]))
         length = int(spec["max_length"])
         if spec.get("truncation", True):
             tok.enable_truncation(length)

@@ -1,0 +1,141 @@
+"""int8/fp32 latency of mobile networks and where the int8 time goes (``pip install -e .[zoo]``).
+
+    python benchmarks/mobile_speed.py [--only mobilenet_v3_large,efficientnet_lite0] [--runs 60]
+
+Per model: edgequant's generic-cpu graph (64 calibration crops) against fp32, batch 1, one thread, interleaved
+(edgequant.bench.interleaved_latency); then the same ranges with one pattern class kept float at a time —
+squeeze-excitation blocks, hard-swish (HardSigmoid·x), depthwise convolutions — so that each choice is
+measured, not assumed; then ONNX Runtime's profile of the int8 and fp32 graphs by op type. The CPU features
+are printed; on an x86 host with VNNI, AVX2-only figures need ``qemu-x86_64-static -cpu Haswell``, whose
+timings mean nothing (emulation), so latency is measured on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _patterns(model) -> dict[str, list[str]]:
+    """Node names per pattern class: SE blocks, hard-swish pairs, depthwise convolutions."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    users = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            users[i].append(n)
+    hswish = set()
+    for n in model.graph.node:
+        if n.op_type == "Mul":
+            hs = [prod.get(i) for i in n.input if prod.get(i) is not None and prod[i].op_type == "HardSigmoid"]
+            if hs and hs[0].input[0] in n.input:
+                hswish |= {n.name, hs[0].name}
+    se = set()
+    for n in model.graph.node:
+        if n.op_type in ("HardSigmoid", "Sigmoid") and n.name not in hswish:
+            chain, cur = [n.name], prod.get(n.input[0])
+            while cur is not None and cur.op_type != "GlobalAveragePool" and len(chain) < 8:
+                chain.append(cur.name)
+                cur = prod.get(cur.input[0])
+            if cur is not None and cur.op_type == "GlobalAveragePool":
+                se |= set(chain) | {cur.name} | {u.name for u in users[n.output[0]] if u.op_type == "Mul"}
+    dw = {n.name for n in model.graph.node if n.op_type == "Conv"
+          and any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    return {"SE blocks": sorted(se), "hard-swish": sorted(hswish), "depthwise conv": sorted(dw)}
+
+
+def _profile(model, x: dict, runs: int = 20) -> dict[str, float]:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "p")
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            s.run(None, x)
+        events = json.load(open(s.end_profiling()))
+    agg = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            agg[e["args"]["op_name"]] += e["dur"] / runs / 1000
+    return dict(agg.most_common())
+
+
+def run(name: str, runs: int) -> dict:
+    import onnx
+
+    import edgequant
+    from edgequant.bench import interleaved_latency
+    from edgequant.calibration.streaming import calibrate, tensors_to_calibrate
+    from edgequant.quantize.qdq import quantize
+    from edgequant.targets import load_target
+    from zoo_models import crops, efficientnet_lite0, torchvision_model
+
+    model = efficientnet_lite0() if name == "efficientnet_lite0" else torchvision_model(name, 224)
+    data = crops(80, 224, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        b = edgequant.export(model, [d for d in data], out=Path(tmp) / "b", progress=False, layer_report=False)
+        fp32, int8 = onnx.load(str(b.fp32_model_path)), onnx.load(str(b.model_path))
+    tgt = load_target("generic-cpu")
+    inp = fp32.graph.input[0].name
+    samples = [{inp: d} for d in data[:32]]
+    ranges = calibrate(fp32, samples, tensors_to_calibrate(fp32, tgt.quantization.op_types), batch_size=8)
+    variants = {"fp32": fp32, "edgequant": int8}
+    pats = _patterns(fp32)
+    for label, nodes in pats.items():
+        if nodes:
+            variants[f"{label} float"] = quantize(fp32, ranges, tgt, exclude_nodes=nodes)
+    x = {inp: data[:1]}
+    lat = interleaved_latency(variants, x, runs=runs, warmup=5)
+    base = lat["fp32"].p50_ms
+    return {"model": name, "fp32_ms": round(base, 3),
+            "ratios": {k: round(v.p50_ms / base, 3) for k, v in lat.items() if k != "fp32"},
+            "pattern_nodes": {k: len(v) for k, v in pats.items()},
+            "profile_int8_ms": {k: round(v, 3) for k, v in _profile(int8, x).items()},
+            "profile_fp32_ms": {k: round(v, 3) for k, v in _profile(fp32, x).items()}}
+
+
+def main() -> None:
+    from mobile_accuracy import cpu_features
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="mobilenet_v3_large,efficientnet_lite0")
+    ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    goals = {"mobilenet_v3_large": 0.75, "efficientnet_lite0": 0.60}
+    out = []
+    print(f"host CPU features: {cpu_features()}; batch 1, one thread, interleaved, p50")
+    for name in args.only.split(","):
+        r = run(name, args.runs)
+        out.append(r)
+        goal = goals.get(name)
+        print(f"\n{name}: fp32 {r['fp32_ms']:.2f} ms; int8/fp32 {r['ratios']['edgequant']:.3f}"
+              + (f" (goal <= {goal})" if goal else ""))
+        for k, v in r["ratios"].items():
+            if k != "edgequant":
+                print(f"  variant {k:22s} {v:.3f}  ({r['pattern_nodes'][k[:-6]]} nodes)")
+        tot = sum(r["profile_int8_ms"].values())
+        print("  int8 profile: " + ", ".join(f"{k} {v:.2f} ms ({100 * v / tot:.0f}%)"
+                                             for k, v in list(r["profile_int8_ms"].items())[:7]))
+        tot = sum(r["profile_fp32_ms"].values())
+        print("  fp32 profile: " + ", ".join(f"{k} {v:.2f} ms ({100 * v / tot:.0f}%)"
+                                             for k, v in list(r["profile_fp32_ms"].items())[:5]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

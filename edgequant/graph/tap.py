@@ -1,0 +1,75 @@
+"""The activation tap: fp32 model + samples + tensor names → per batch, the values of those tensors.
+
+Calibration (min/max and histograms), GPTQ's Hessians and SmoothQuant's channel ranges all need the same
+thing: some internal tensors of the model, batch by batch, in one streaming pass, with a clear error where the
+fp32 model overflows. The tensors become extra graph outputs of one ONNX Runtime session (basic optimization
+level, so no fusion hides them); memory is one batch of activations, whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import CalibrationError
+from .sessions import batches, input_dtypes, session
+
+__all__ = ["tap", "with_outputs"]
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``names`` added to the graph outputs (those already outputs are not repeated)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return out
+
+
+def _low_memory_session(model: onnx.ModelProto, names: Sequence[str]):
+    """The tap's session without a second in-memory copy of the weights: serialized protobuf messages merge when
+    concatenated (repeated fields append), so the outputs are appended to the serialized model in a file, and
+    ONNX Runtime does not pre-pack the weights (one pass does not pay for it)."""
+    existing = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    extra.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
+        path = os.path.join(tmp, "augmented.onnx")
+        with open(path, "wb") as fh:
+            fh.write(model.SerializeToString())
+            fh.write(extra.SerializeToString())
+        return session(path, level="basic", prepacking=False)
+
+
+def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *,
+        batch_size: int = 16, progress: Callable[[int], None] | None = None, mask_input: str | None = None,
+        low_memory: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """fp32 model + samples + tensor names → per batch, (the batch, {tensor: value}). A float value with NaN/Inf
+    is a CalibrationError naming the tensor; ``progress(n)`` is called after each batch of n samples.
+
+    With ``mask_input`` (a 0/1 attention mask input, sequence on axis 1), each batch is cut after its longest
+    sequence: the positions cut are padding, which attention and pooling ignore, so their activations need no
+    range. ``low_memory`` opens the session without a second copy of the weights (large transformers)."""
+    names = list(tensors)
+    sess = _low_memory_session(model, names) if low_memory else session(with_outputs(model, names), level="basic")
+    for batch in batches(samples, batch_size, input_dtypes(sess)):
+        if mask_input is not None and mask_input in batch:
+            used = int(np.max(np.nonzero(batch[mask_input].any(axis=0))[0], initial=0)) + 1
+            batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
+        try:
+            values = sess.run(names, batch)
+        except Exception as exc:  # onnxruntime raises its own assorted types
+            line = next((s for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
+            raise CalibrationError(f"ONNX Runtime failed on the calibration data: {line[:300]}; check that the "
+                                   "data fits the model's inputs") from None
+        for name, value in zip(names, values):
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
+                                       "overflows there; check the model and the data's pre-processing")
+        yield batch, dict(zip(names, values))
+        if progress:
+            progress(len(next(iter(batch.values()))))

@@ -1245,10 +1245,8 @@ class Session:
         if self._text is not None:
             return self._text
         if not self.manifest.get("tokenizer"):
-            if self.manifest.get("generation"):
-                raise InputError(f"{self.path} generates text, it does not embed it: use generate() (--generate)")
-            raise InputError(f"{self.path} takes arrays, not text: its manifest has no tokenizer; pass arrays to "
-                             "run() (--input)")
+            how = "generate() (--generate)" if self.manifest.get("generation") else "run() (--input)"
+            raise InputError(f"{self.path} takes no text to embed: its manifest has no tokenizer entry; use {how}")
         module = self._bundle_module(TEXT_ADAPTER)
         tok = self.manifest["tokenizer"]
         try:

@@ -358,7 +358,7 @@ def write_faults(bundle: Path, work: Path) -> tuple[int, int]:
     before = rt.open_bundle(out).digest
     real = atomic._write
     cases = bad = 0
-    for k in range(len(a) + 5):
+    for k in range(len(a) + 4):  # the files, the adapter, manifest.json, manifest.sha256, report.json
         calls = []
 
         def fill(path, data, k=k, calls=calls):
@@ -393,20 +393,26 @@ def sigints(bundle: Path, work: Path, n: int) -> tuple[int, int, int, int]:
             "--calibrate", str(DIGITS / "data"), "-o", str(out), "--force", "--no-progress"]
     rng = random.Random(1)
     interrupted = bad = false = 0
+    examples = []
     for i in range(n):
         (out / "report.json").write_text(json.dumps({"marker": i}))
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.25, 9.0))
+        delay = rng.uniform(0.25, 9.0)
+        time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate()
         if proc.returncode == 0:
             continue
         interrupted += 1
-        bad += proc.returncode != 130 or "Traceback" in err or err.count("\n") != 1
+        if proc.returncode != 130 or "Traceback" in err or err.count("\n") != 1:
+            bad += 1
+            lines = err.strip().splitlines() or ["(nothing on stderr)"]
+            examples.append(f"after {delay:.2f} s: exit {proc.returncode}: {lines[-1][:150]} ({len(lines)} lines; "
+                            f"first: {lines[0][:100]})")
         old = json.loads((out / "report.json").read_text()).get("marker") == i
         false += ("nothing was written" in err) != old
         rt.open_bundle(out, all_files=True)
-    return n, interrupted, bad, false
+    return n, interrupted, bad, false, examples
 
 
 def nan_frames(bundle: Path, n: int) -> tuple[int, int]:
@@ -499,9 +505,11 @@ def main() -> None:
             print("   ", e)
         cases, bad = write_faults(digits, work)
         print(f"full-disk faults not one line or damaging the old bundle: {bad} in {cases}")
-        runs, interrupted, bad, false = sigints(digits, work, 3 if q else 12)
+        runs, interrupted, bad, false, examples = sigints(digits, work, 3 if q else 12)
         print(f"SIGINT during export: {interrupted} of {runs} runs interrupted, {bad} tracebacks or wrong exits, "
               f"{false} false 'nothing was written'")
+        for e in examples:
+            print("   ", e)
         frames, answered = nan_frames(digits, 100 if q else 1000)
         print(f"NaN/Inf frames answered: {answered} of {frames}")
     print(f"\ncosts (CPU features: {cpu_features()})")

@@ -19,11 +19,35 @@ from .errors import EdgeQuantError, UsageError, cli_spelling
 __all__ = ["main"]
 
 
+def _interrupt(exc: BaseException) -> bool:
+    """True for Ctrl-C, also when it struck inside an import and came out as another error (ImportError:
+    initialization failed)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _interrupted(since: int) -> None:
+    """One line saying what Ctrl-C left on disk (bundles written completely since ``since``), then exit 130."""
+    from .bundle import atomic
+
+    written = atomic.committed_writes[since:]
+    click.echo(f"interrupted: {written[-1]} holds the complete new bundle" if written else
+               "interrupted: nothing was written", err=True)
+    sys.exit(130)
+
+
 def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .bundle import atomic
+
         ctx = click.get_current_context()
         debug = ctx.find_root().params.get("debug", False)
+        since = len(atomic.committed_writes)
         try:
             with cli_spelling():
                 return fn(*args, **kwargs)
@@ -36,17 +60,24 @@ def _handle_errors(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt as exc:
-            written = getattr(exc, "written", None)  # a bundle write that completed before the interrupt
-            click.echo(f"interrupted: {written} holds the complete new bundle" if written else
-                       "interrupted: nothing was written", err=True)
-            sys.exit(130)
+        except MemoryError:
+            if debug:
+                raise
+            click.echo("error: out of memory (nothing was written): free memory, or calibrate on fewer samples "
+                       "(--num-samples)", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            _interrupted(since)
         except OSError as exc:  # a full disk, a folder that is not writable: the cause and where, in one line
             if debug:
                 raise
             why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
             click.echo(f"error: {why}" + (f": {exc.filename}" if exc.filename else ""), err=True)
             sys.exit(1)
+        except Exception as exc:
+            if _interrupt(exc) and not debug:
+                _interrupted(since)
+            raise
 
     return wrapper
 
@@ -228,7 +259,10 @@ def _export(model, data, out, target, method, num_samples, opset, exclude, resiz
             no_layer_report):
     """The export command's options → the same ExportConfig the Python API builds, one flag to one field (a flag
     not given is not passed, so the job's default applies) → the bundle."""
+    from ._memory import release_freed_buffers
     from .config import ExportConfig
+
+    release_freed_buffers()
     from .errors import BudgetError
     from .jobs import run_job
 
@@ -366,8 +400,9 @@ def _arithmetic_lines(report: dict) -> list[str]:
     h = report.get("host_kernels")
     if h:
         here, there = h["fidelity"][0], report["fidelity"][0]
-        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {here['cosine']:.5f}; the "
-                     f"target computes {there['cosine']:.5f} — {h['advice']}")
+        cos = lambda f: "n/a" if f.get("cosine") is None else f"{f['cosine']:.5f}"  # noqa: E731 (degenerate output)
+        lines.append(f"host     this machine ({h['cpu']}) would run this bundle at cosine {cos(here)}; the "
+                     f"target computes {cos(there)} — {h['advice']}")
     return lines
 
 
@@ -524,16 +559,23 @@ def main() -> None:
     try:
         cli(prog_name="edgequant", standalone_mode=False)
     except click.exceptions.Abort:  # Ctrl-C outside a command (while options are read)
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+        _interrupted(0)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+        _interrupted(0)
+    except Exception as exc:  # a defect: one line; --debug shows the traceback
+        if _interrupt(exc):
+            _interrupted(0)
+        if "--debug" in sys.argv[1:]:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        click.echo(f"error: internal error {type(exc).__name__}: {first} (run with --debug for the traceback)",
+                   err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ def test_checked_with_follows_target_and_host(name):
 
 
 def test_host_kernels_needs_weights_that_cannot_saturate(tmp_path):
-    text = (ROOT / "toolchains" / "generic-cpu.toml").read_text().replace("reduce_range = true",
-                                                                          "reduce_range = false")
+    text = (ROOT / "toolchains" / "generic-cpu.toml").read_text().replace("pair_saturation = true",
+                                                                          "pair_saturation = false")
     (tmp_path / "bad.toml").write_text(text)
-    with pytest.raises(TargetError, match="host-kernels.*reduce_range = true"):
+    with pytest.raises(TargetError, match="host-kernels.*pair_saturation = true"):
         edgequant.load_target(tmp_path / "bad.toml")
     (tmp_path / "typo.toml").write_text(text.replace('"host-kernels"', '"fast"'))
     with pytest.raises(TargetError, match="arithmetic must be one of exact, host-kernels, vnni-kernels"):

@@ -54,10 +54,14 @@ def test_layer_table_is_real(digits_bundle, digits_parts):
     # accumulated error at the output = what the deployed int8 model does (same fused kernels)
     fid = digits_bundle.report["fidelity"][0]
     out = by_tensor[fid["output"]]
-    assert out["accumulated_max_abs_error"] == pytest.approx(fid["max_abs_error"], rel=1e-4)
-    x = np.stack([holdout[i]["x"] for i in range(len(holdout))])
+    # the table runs on the first MAX_SAMPLES held-out samples
+    from edgequant.check.layers import MAX_SAMPLES
+
+    x = np.stack([holdout[i]["x"] for i in range(min(len(holdout), MAX_SAMPLES))])
     ref = ort.InferenceSession(str(digits_bundle.fp32_model_path)).run(None, {"x": x})[0].astype(np.float64)
     q = ort.InferenceSession(str(digits_bundle.model_path)).run(None, {"x": x})[0].astype(np.float64)
+    assert out["accumulated_max_abs_error"] == pytest.approx(np.abs(ref - q).max(), rel=1e-4)
+    assert out["accumulated_max_abs_error"] <= fid["max_abs_error"] * (1 + 1e-6)
     assert out["accumulated_mse"] == pytest.approx(np.mean((ref - q) ** 2), rel=1e-4)
 
 

@@ -9,6 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import edgequant
+from edgequant.errors import TargetError
 from edgequant.quantize.saturation import INT16_MAX, pair_matrix, pair_overflows, safe_levels
 from edgequant.targets import QuantSpec, load_target
 
@@ -50,7 +51,7 @@ def test_measured_activations_allow_full_range_only_when_they_stay_small():
 
 
 def test_profile_refuses_pair_saturation_with_reduce_range():
-    with pytest.raises(ValueError, match="reduce_range"):
+    with pytest.raises(TargetError, match="reduce_range"):
         QuantSpec(reduce_range=True, pair_saturation=True)
 
 

@@ -35,6 +35,7 @@ def _rewrite(path, golden=None, manifest_edit=None):
     for name, meta in manifest["files"].items():
         meta.update(sha256=rt.sha256_file(path / name), bytes=(path / name).stat().st_size)
     (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.sha256").write_text(rt.bundle_digest((path / "manifest.json").read_bytes()))  # and its digest
 
 
 def _golden(path):

@@ -35,13 +35,16 @@ try:
 except ImportError:  # not POSIX: no locks, so leftovers are not cleaned automatically
     fcntl = None
 
-__all__ = ["Interrupted", "Staging", "exchange", "remove_leftovers", "write_file_atomic"]
+__all__ = ["Interrupted", "Staging", "committed_writes", "exchange", "remove_leftovers", "write_file_atomic"]
 
 log = logging.getLogger(__name__)
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "armv7l": 382, "armv8l": 382, "riscv64": 276, "ppc64le": 357}
+
+
+committed_writes: list[Path] = []  # every folder this process made visible, in order (the CLI's Ctrl-C message)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -216,6 +219,7 @@ class Staging:
             os.replace(self.folder, self.out)
             self.folder = None
         self.committed = True
+        committed_writes.append(self.out)
         fsync_dir(self.parent)
 
     def __exit__(self, kind, exc, tb) -> None:

@@ -120,12 +120,13 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
     int8 model runs at ONNX Runtime ``level`` (the target's arithmetic: see ``edgequant.graph.sessions``)."""
     from .outputs import OutputAgreement
 
-    s_ref, s_q = session(fp32), session(int8, level=level)
+    s_ref, s_q = session(fp32, arena=False), session(int8, level=level, arena=False)
     dtypes = input_dtypes(s_ref)
     names = [o.name for o in s_ref.get_outputs()]
     accs = {n: OutputAgreement(n) for n in names}
     for batch in batches(samples, batch_size, dtypes):
         for n, r, t in zip(names, s_ref.run(names, batch), s_q.run(names, batch)):
             accs[n].update(r, t)
+        del r, t
     return [Fidelity.from_result(accs[n].result()) for n in names]
 

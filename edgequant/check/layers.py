@@ -37,13 +37,14 @@ from onnx import numpy_helper
 
 from ..graph.sessions import batches, input_dtypes, session
 from ..graph.index import consumers, producers
-from ..graph.tap import with_outputs
+from ..graph.tap import fit_batch, with_outputs
 from .metrics import MAX_SQNR_DB, sqnr_from_sums
 
 __all__ = ["MAX_SQNR_DB", "LayerError", "LayerRow", "format_layers", "layer_errors"]
 
 log = logging.getLogger(__name__)
 
+MAX_SAMPLES = 32  # held-out samples the per-layer table runs on: a diagnostic, not the check
 _PREFIX = "edgequant.alone/"
 
 
@@ -93,21 +94,31 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence
     graph_inputs = {i.name for i in fp32.graph.input}
     ref_names = sorted({r.fp32_name for r in rows if r.fp32_name not in graph_inputs})
     alone_model, alone_out = _alone_model(fp32, int8, rows, ref_names)
-    s_acc, s_alone = session(acc_model, level=level), session(alone_model, level=level)
+    s_acc = session(acc_model, level=level, arena=False)
+    s_alone = session(alone_model, level=level, arena=False)
     dtypes = input_dtypes(s_alone)
     alone_names = [alone_out[r.q_node] for r in rows]
     sums = np.zeros((len(rows), 4))  # Σx², Σ(x - x̂acc)², Σ(x - x̂alone)², n
     max_abs = np.zeros(len(rows))
+    samples = samples[:MAX_SAMPLES] if isinstance(samples, list) else [samples[i] for i in
+                                                                        range(min(len(samples), MAX_SAMPLES))]
+    batch_size = fit_batch([s_acc, s_alone], samples, dtypes, batch_size)
     for batch in batches(samples, batch_size, dtypes):
         quantized = s_acc.run([r.q_output for r in rows], batch)
         outs = s_alone.run(ref_names + alone_names, batch)
         refs = {**dict(zip(ref_names, outs[:len(ref_names)])), **batch}
         for i, (r, q, alone) in enumerate(zip(rows, quantized, outs[len(ref_names):])):
-            x = refs[r.fp32_name].astype(np.float64)
-            acc = (q.astype(np.float64) - r.zero_point) * r.scale
-            d_acc, d_alone = x - acc, x - alone.astype(np.float64)
-            sums[i] += (np.sum(x * x), np.sum(d_acc * d_acc), np.sum(d_alone * d_alone), x.size)
-            max_abs[i] = max(max_abs[i], float(np.abs(d_acc).max(initial=0.0)))
+            # float32 arrays, float64 sums: dot products instead of float64 copies of every activation
+            x = refs[r.fp32_name].astype(np.float32, copy=False).ravel()
+            acc = q.astype(np.float32).ravel()
+            acc -= np.float32(r.zero_point.item())
+            acc *= np.float32(r.scale.item())
+            np.subtract(x, acc, out=acc)
+            d_alone = x - alone.astype(np.float32, copy=False).ravel()
+            sums[i] += (_dot(x), _dot(acc), _dot(d_alone), x.size)
+            if acc.size:
+                max_abs[i] = max(max_abs[i], float(acc.max()), -float(acc.min()))
+        del quantized, outs, refs, x, acc, d_alone  # before the next batch is computed: one batch alive, not two
         if progress:
             progress(len(next(iter(batch.values()))))
     meta = _scopes(int8)
@@ -122,6 +133,16 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence
             accumulated_max_abs_error=float(max_abs[i]), alone_sqnr_db=sqnr_from_sums(sig, e_alone),
             alone_mse=e_alone / max(n, 1), fp32_rms=math.sqrt(sig / max(n, 1))))
     return sorted(out, key=lambda e: (e.alone_sqnr_db, e.index))
+
+
+def _dot(v: np.ndarray) -> float:
+    """Σv² of a float32 vector, accumulated in float64 by chunks (a float32 dot over millions of values loses
+    digits)."""
+    total = 0.0
+    for start in range(0, v.size, 1 << 16):
+        c = v[start:start + (1 << 16)]
+        total += float(np.dot(c, c))
+    return total
 
 
 def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:

@@ -105,12 +105,16 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 
 
 def session(model: onnx.ModelProto | str, *, level: str = "all", threads: int = 0,
-            optimized_path: str | None = None, prepacking: bool = True):
+            optimized_path: str | None = None, prepacking: bool = True, arena: bool = True):
     """An ONNX Runtime CPU session on an in-memory model (or a model file path). ``prepacking=False`` keeps
-    ONNX Runtime from a second, pre-packed copy of the weights (for one streaming pass over a large model)."""
+    ONNX Runtime from a second, pre-packed copy of the weights (for one streaming pass over a large model).
+    ``arena=False`` for passes over many batches (calibration, the checks): ONNX Runtime's arena keeps every
+    block it ever grew to and, fragmented batch after batch, grows with the number of samples; without it
+    each batch's buffers go back to the allocator."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

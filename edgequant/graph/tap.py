@@ -18,7 +18,26 @@ import onnx
 from ..errors import CalibrationError
 from .sessions import batches, input_dtypes, session
 
-__all__ = ["tap", "with_outputs"]
+__all__ = ["ACTIVATION_BUDGET", "fit_batch", "tap", "with_outputs"]
+
+# Bytes of exposed activations one batch may hold: passes that expose many activations (the tap, the per-layer
+# report) shrink their batch to this, so that peak memory is one such batch whatever the input size (YOLOv8n at
+# 640×640 exposes ~0.4 GB per image).
+ACTIVATION_BUDGET = 512 * 2**20
+
+
+def fit_batch(sessions: Sequence, samples: Sequence[dict[str, np.ndarray]], dtypes: dict[str, np.dtype],
+              batch_size: int, budget: int = ACTIVATION_BUDGET) -> int:
+    """Sessions that expose activations + samples → the largest batch (at most ``batch_size``) whose outputs
+    fit ``budget`` bytes, measured on one sample; a model with a fixed batch keeps it."""
+    if not len(samples):
+        return batch_size
+    fixed = {i.shape[0] for s in sessions for i in s.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    if fixed:
+        return max(fixed)
+    one = next(batches([samples[0]], 1, dtypes))
+    per = sum(v.nbytes for s in sessions for v in s.run(None, one))
+    return int(max(1, min(batch_size, budget // max(per, 1))))
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -42,7 +61,7 @@ def _low_memory_session(model: onnx.ModelProto, names: Sequence[str]):
         with open(path, "wb") as fh:
             fh.write(model.SerializeToString())
             fh.write(extra.SerializeToString())
-        return session(path, level="basic", prepacking=False)
+        return session(path, level="basic", prepacking=False, arena=False)
 
 
 def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *,
@@ -55,8 +74,11 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
     sequence: the positions cut are padding, which attention and pooling ignore, so their activations need no
     range. ``low_memory`` opens the session without a second copy of the weights (large transformers)."""
     names = list(tensors)
-    sess = _low_memory_session(model, names) if low_memory else session(with_outputs(model, names), level="basic")
-    for batch in batches(samples, batch_size, input_dtypes(sess)):
+    sess = _low_memory_session(model, names) if low_memory else session(with_outputs(model, names), level="basic",
+                                                                        arena=False)
+    dtypes = input_dtypes(sess)
+    batch_size = fit_batch([sess], samples, dtypes, batch_size)
+    for batch in batches(samples, batch_size, dtypes):
         if mask_input is not None and mask_input in batch:
             used = int(np.max(np.nonzero(batch[mask_input].any(axis=0))[0], initial=0)) + 1
             batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
@@ -70,6 +92,9 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
                                        "overflows there; check the model and the data's pre-processing")
-        yield batch, dict(zip(names, values))
+        out = dict(zip(names, values))
+        del values
+        yield batch, out
+        del out  # before the next batch is computed: one batch alive, not two
         if progress:
             progress(len(next(iter(batch.values()))))

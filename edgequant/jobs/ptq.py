@@ -24,10 +24,12 @@ from ..quantize.qdq import skip_absurd_ranges
 from ..transforms.algorithms import Algorithms
 from .stages import Run, report_parts, to_fp32
 
-__all__ = ["budget", "calibrate", "fp32_graph", "fp32_passes", "gate", "host_kernels", "layers", "prepare", "quantize",
-           "settings"]
+__all__ = ["budget", "calibrate", "detection", "fp32_graph", "fp32_passes", "gate", "heads", "host_kernels", "layers",
+           "prepare", "quantize", "settings"]
 
 log = logging.getLogger(__name__)
+
+DETECT_RUNTIME = "edgequant_detect.py"
 
 
 def prepare(raw: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -97,11 +99,11 @@ def calibrate(run: Run) -> None:
             run.ranges = streaming_calibrate(run.work, run.calib, tensors, method=method, batch_size=batch,
                                              progress=bar.update)
     run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch, run.ranges,
-                                 cfg.calibration.exclude_nodes)
+                                 cfg.calibration.exclude_nodes, fixed=bool(run.fixed_batch))
 
 
 def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, batch_size: int, ranges: dict,
-               exclude_nodes: Sequence[str]):
+               exclude_nodes: Sequence[str], fixed: bool = False):
     """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied. On targets whose
     kernels saturate u8·s8 pair sums, the weight ranges are measured once here on the calibration data."""
     from ..quantize.bias_correction import correct_bias
@@ -114,7 +116,8 @@ def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, ba
 
         limits = weight_limits(work, skip_absurd_ranges(ranges)[0], calib, op_types=tgt.quantization.op_types,
                                exclude=[*exclude_nodes, *keep_float],
-                               symmetric_activations=tgt.quantization.activation_symmetric)
+                               symmetric_activations=tgt.quantization.activation_symmetric,
+                               **({"batch_size": batch_size} if fixed else {}))  # a fixed batch runs in no other
 
     def run(ranges, exclude):
         int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)
@@ -125,9 +128,40 @@ def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, ba
     return run
 
 
+def heads(run: Run) -> None:
+    """Outputs whose final Concat mixes ranges (detection heads) → their decode tails stay float
+    (edgequant.quantize.heads); the report lists them."""
+    from ..quantize.heads import mixed_range_heads
+
+    run.parts["heads"] = [h.to_dict() for h in mixed_range_heads(run.work, run.ranges)]
+
+
+def _exclude(run: Run) -> list[str]:
+    """``--exclude`` nodes and the detection heads' float nodes."""
+    given = list(run.config.calibration.exclude_nodes)
+    extra = [n for h in run.parts.get("heads") or [] for n in h["float_nodes"] if n not in given]
+    return [*given, *extra]
+
+
 def quantize(run: Run) -> None:
-    """Ranges → the QDQ int8 graph (the target's placement rules; ``--exclude`` nodes in float)."""
-    run.int8 = run.quantize_fn(run.ranges, run.config.calibration.exclude_nodes)
+    """Ranges → the QDQ int8 graph (the target's placement rules; ``--exclude`` nodes and head tails in float)."""
+    run.int8 = run.quantize_fn(run.ranges, _exclude(run))
+
+
+def detection(run: Run) -> None:
+    """For a box+scores head: detection agreement of int8 with fp32 through the device's reference NMS, and that
+    NMS (``edgequant_detect.py``) in the bundle."""
+    from importlib import resources
+
+    from ..check.detection import detection_agreement, yolo_output
+
+    head = next((h for h in run.parts.get("heads") or [] if yolo_output(h)), None)
+    if head is None:
+        run.parts["detection"] = None
+        return
+    run.parts["detection"] = detection_agreement(run.fp32, run.int8, run.holdout, head["output"],
+                                                 batch_size=run.batch_size, level=run.checked.level)
+    run.files[DETECT_RUNTIME] = resources.files("edgequant._runtime").joinpath(DETECT_RUNTIME).read_bytes()
 
 
 def budget(run: Run) -> None:
@@ -140,7 +174,7 @@ def budget(run: Run) -> None:
 
     run.int8, run.parts["accuracy_budget"] = keep_float_until(
         cfg.budget, run.work, lambda excl: run.quantize_fn(run.ranges, excl), run.holdout,
-        op_types=run.target.quantization.op_types, labels=run.labels, exclude=cfg.calibration.exclude_nodes,
+        op_types=run.target.quantization.op_types, labels=run.labels, exclude=_exclude(run),
         batch_size=run.batch_size, progress=cfg.progress, level=run.checked.level)
 
 

@@ -183,6 +183,7 @@ def preprocess_image(image: np.ndarray, spec: dict) -> np.ndarray:
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _PROVIDER = re.compile(r"[A-Za-z0-9]{1,64}ExecutionProvider\Z")
+_DTYPE_PAIR = re.compile(r"[a-z0-9]{1,16}/[a-z0-9]{1,16}\Z")
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32",
            "uint16", "uint8", "bool", "str")
 
@@ -308,12 +309,20 @@ SCHEMA = _obj({
         "mean": (_list(_num(), 1, 3), False), "std": (_list(_num(positive=True), 1, 3), False),
         "layout": (_str(choices=("nchw", "nhwc")), False)})), False),
     "quantization": (_null(_map(_any, 0, 256)), False),
-    "target": (_obj({"name": (_str(max_len=256), False), "description": (_str(max_len=4096, empty=True), False)}),
-               False),
+    "target": (_obj({"name": (_str(max_len=256), True), "description": (_str(max_len=4096, empty=True), False)}),
+               True),
     "runtime": (_obj({
         "providers": (_list(_obj({"name": (_str(pattern=_PROVIDER, what="an ONNX Runtime provider name "
                                                 "(...ExecutionProvider)"), True),
-                                  "options": (_map(_option_value, 0, 256), False)}), 1, 16), True),
+                                  "options": (_map(_option_value, 0, 256), False),
+                                  # the profile's declared capabilities, which `edgequant inspect` reads
+                                  "kernels": (_str(choices=("ort-cpu", "declared")), False),
+                                  "int8_op_types": (_list(_str(max_len=64), 0, 256), False),
+                                  "per_channel_op_types": (_list(_str(max_len=64), 0, 256), False),
+                                  "dtypes": (_list(_str(pattern=_DTYPE_PAIR, what="a pair like uint8/int8"), 0, 64),
+                                             False),
+                                  "symmetric_activations": (_bool, False), "symmetric_weights": (_bool, False),
+                                  "static_shapes": (_bool, False)}), 1, 16), True),
         "graph_optimization_level": (_str(choices=("disable", "basic", "extended", "all")), False),
         "intra_op_num_threads": (_int(0, 4096), False),
         "session_config": (_map(_option_value, 0, 256), False),

@@ -1,0 +1,156 @@
+"""Detection heads: an output that concatenates values of very different ranges → the nodes to keep float.
+
+A YOLO-style head (ultralytics v5/v8/v11) ends in one Concat of decoded box coordinates (up to the image size)
+and class scores (0–1). Quantized as one tensor, one scale of ~2.7 per step rounds every score to the same
+value. ONNX Runtime's quantizer has no notion of this; what is done here, from the calibration ranges:
+
+- find each graph output written by a Concat (through shape-only ops) whose inputs' ranges are at least
+  ``RANGE_GAP`` apart in magnitude;
+- keep float that Concat and the *decode tail* behind it: every node between it and the last learned
+  layers (Conv/MatMul/Gemm with learned weights), i.e. Sigmoid, the DFL Softmax and its fixed 0..n-1
+  Conv ("dfl" pattern), anchor arithmetic, Reshape/Split/Concat. The learned convolutions stay int8, each
+  branch's last Conv output on its own scale, and the tail is elementwise work on a few hundred thousand
+  values: cheaper in float than the Q/DQ pairs int8 would need around it.
+- a tail that reaches further than ``MAX_TAIL`` nodes (no learned layer close to the output) is not a pattern
+  known here: only the Concat stays float, and the report names it ``"unrecognised"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["HeadPlan", "mixed_range_heads"]
+
+log = logging.getLogger(__name__)
+
+RANGE_GAP = 10.0
+MAX_TAIL = 96
+_LEARNED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_SHAPE_ONLY = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+
+
+@dataclass
+class HeadPlan:
+    """One mixed-range output and what stays float for it."""
+
+    output: str
+    concat: str
+    pattern: str  # "decode-tail", "decode-tail+dfl" or "unrecognised"
+    input_ranges: dict[str, float]  # Concat input → its calibrated |max|
+    float_nodes: list[str] = field(default_factory=list)
+    parts: list[tuple[int, int]] = field(default_factory=list)  # channel ranges along the Concat axis
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_ranges"] = {k: float(f"{v:.4g}") for k, v in self.input_ranges.items()}
+        d["parts"] = [list(p) for p in self.parts]
+        return d
+
+
+def mixed_range_heads(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]]) -> list[HeadPlan]:
+    """fp32 model + calibration ranges → a plan per output whose final Concat mixes ranges (see the docstring)."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    shapes = _channel_sizes(model)
+    plans = []
+    for out in g.output:
+        node = producers.get(out.name)
+        while node is not None and node.op_type in _SHAPE_ONLY:
+            node = producers.get(node.input[0])
+        if node is None or node.op_type != "Concat" or len(node.input) < 2:
+            continue
+        amax = {t: max(abs(ranges[t][0]), abs(ranges[t][1])) for t in node.input if t in ranges}
+        if len(amax) < 2 or min(amax.values()) <= 0 or max(amax.values()) / min(amax.values()) < RANGE_GAP:
+            continue
+        tail, dfl = _tail(node, producers, inits)
+        plan = HeadPlan(out.name, node.name, "unrecognised", amax)
+        if tail is None:
+            plan.float_nodes = [node.name]
+            log.warning("output %r mixes ranges %s but no learned layer is near it: only its Concat %r stays "
+                        "float", out.name, _fmt(amax), node.name)
+        else:
+            plan.pattern = "decode-tail+dfl" if dfl else "decode-tail"
+            plan.float_nodes = tail
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        sizes = [shapes.get((t, axis)) for t in node.input]
+        if all(s is not None for s in sizes):
+            starts = np.cumsum([0, *sizes])
+            plan.parts = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        log.info("output %r mixes ranges %s: %d nodes kept float (%s)", out.name, _fmt(amax),
+                 len(plan.float_nodes), plan.pattern)
+        plans.append(plan)
+    return plans
+
+
+def _fmt(amax: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} |max| {v:.3g}" for k, v in amax.items())
+
+
+def _tail(concat: onnx.NodeProto, producers, inits) -> tuple[list[str] | None, bool]:
+    """The nodes upstream of ``concat`` up to (not including) learned layers → (names, DFL found); None when the
+    walk passes ``MAX_TAIL`` nodes or reaches a graph input (no learned layer in between)."""
+    seen: dict[str, onnx.NodeProto] = {}
+    stack = [concat]
+    dfl = False
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen[node.name] = node
+        if len(seen) > MAX_TAIL:
+            return None, False
+        for t in node.input:
+            if not t or t in inits:
+                continue
+            p = producers.get(t)
+            if p is None:
+                return None, False  # a graph input: no learned layer between it and the output
+            if p.op_type in _LEARNED:
+                if _is_dfl(p, inits):
+                    dfl = True
+                    stack.append(p)
+                continue
+            stack.append(p)
+    return list(seen), dfl
+
+
+def _is_dfl(node: onnx.NodeProto, inits) -> bool:
+    """A Conv whose fixed weight is 0, 1, ..., n-1 over its input channels: the expectation of a distribution
+    (Distribution Focal Loss decoding, YOLOv8/v11)."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    w = numpy_helper.to_array(inits[node.input[1]])
+    return w.ndim == 4 and w.shape[0] == 1 and w.shape[1] > 1 and np.array_equal(
+        w.reshape(-1), np.arange(w.shape[1], dtype=w.dtype))
+
+
+def _channel_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
+    """(tensor, axis) → static size, from ONNX shape inference (without the weights' data)."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    g = model.graph
+    for f in ("node", "input", "output", "value_info"):
+        getattr(skeleton.graph, f).extend(getattr(g, f))
+    for init in g.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64:
+            skeleton.graph.initializer.append(init)
+        else:
+            skeleton.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # onnx raises assorted types; sizes are only for the report
+        return {}
+    out = {}
+    for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
+        dims = v.type.tensor_type.shape.dim
+        for a, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                out[(v.name, a)] = d.dim_value
+                out[(v.name, a - len(dims))] = d.dim_value
+    return out

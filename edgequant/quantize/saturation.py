@@ -205,7 +205,9 @@ def _bounds(model, nodes: Mapping[str, onnx.NodeProto], ranges, samples, symmetr
     params = {t: _act_params(*ranges[t], symmetric) for t in inputs}
     conv_input = {n.input[0] for n in nodes.values() if n.op_type == "Conv"}
     chmax: dict[str, np.ndarray] = {}
-    subset = [samples[i] for i in range(min(len(samples), max_samples))]
+    n = min(len(samples), max_samples)
+    n = max(n - n % batch_size, min(n, batch_size))  # whole batches (a fixed-batch model takes no other)
+    subset = [samples[i] for i in range(n)]
     for batch in batches(subset, batch_size, dtypes):
         for t, x in zip(inputs, sess.run(inputs, batch)):
             scale, zp = params[t]

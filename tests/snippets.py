@@ -12,7 +12,9 @@ line right before the fence (blank lines in between are allowed):
 - ```` ```python ````: the block runs as a script with ``python``.
 - any other tag (``text``, ``json``, ``toml``, ``cpp``, ``kotlin``, ...): shown, not run. A block without a tag
   is shown too, but one that looks like a command (a line starting with ``$ ``, ``edgequant``, ``python``,
-  ``pip``) is an error: tag it ``sh``/``console`` to run it, or ``text`` for a synopsis.
+  ``pip``) is an error: tag it ``sh``/``console`` to run it, or ``text`` for a synopsis. A ``text`` block with
+  a ``$ `` prompt line, or that starts as Python code (``import``/``from ... import``), is an error unless
+  marked: a reader would run it, so it runs here or says why not.
 
 Markers (each alone on its line, so a marker quoted in prose is not one):
 
@@ -133,6 +135,14 @@ def _lint(snip: Snippet, problems: list[str]) -> None:
     if not snip.lang and any(_COMMANDISH.match(line) for line in snip.text.splitlines()):
         problems.append(f"{snip.where}: an untagged block that looks like a command: tag it ```sh or ```console "
                         "to run it, ```text to show it, or mark it <!-- snippet: skip — why -->")
+    shown_only = snip.lang in ("", "text") and snip.marker is None
+    lines = [x for x in snip.text.splitlines() if x.strip()]
+    if shown_only and any(x.startswith("$ ") for x in lines):
+        problems.append(f"{snip.where}: a '$ ' command in a text block: tag it ```console to run it, or mark it "
+                        "<!-- snippet: skip — why --> or <!-- snippet: tested-by tests/...::test -->")
+    if shown_only and lines and re.match(r"(import \w|from [\w.]+ import )", lines[0]):
+        problems.append(f"{snip.where}: Python code in a text block: tag it ```python to run it, or mark it "
+                        "<!-- snippet: skip — why --> or <!-- snippet: tested-by tests/...::test -->")
     if snip.lang in CONSOLE and snip.marker is None and not any(
             line.startswith("$ ") for line in snip.text.splitlines()):
         problems.append(f"{snip.where}: a console block without a '$ ' command line")

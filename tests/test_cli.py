@@ -207,9 +207,19 @@ def test_usage_error_exits_2(tiny):
 
 
 def test_debug_shows_the_traceback(tiny):
-    result = CliRunner().invoke(cli, ["--debug", "export", "nowhere.py:build", "--calibrate", str(tiny / "data"),
-                                      "-o", str(tiny / "out")])
-    assert result.exit_code == 1 and result.exception is not None
+    import traceback
+
+    from edgequant.errors import ExportError
+
+    args = ["export", "nowhere.py:build", "--calibrate", str(tiny / "data"), "-o", str(tiny / "out")]
+    result = CliRunner().invoke(cli, ["--debug", *args])
+    assert result.exit_code == 1 and isinstance(result.exception, ExportError)
+    tb = "".join(traceback.format_exception(*result.exc_info))
+    # the whole chain, down to the frame that raised it in the model loader
+    assert tb.startswith("Traceback (most recent call last)") and "edgequant/cli.py" in tb
+    assert "in load_model" in tb and "nowhere.py" in tb
+    plain = CliRunner().invoke(cli, args)  # without --debug: one line, no traceback
+    assert plain.exit_code == 1 and plain.output.count("\n") == 1 and "Traceback" not in plain.output
 
 
 def test_opset_is_honoured_or_refused_clearly(tiny):

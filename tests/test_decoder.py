@@ -149,6 +149,8 @@ def test_prompt_longer_than_context(decoder):
         sess.generate(long, 4)
     with pytest.raises(rt.InputError, match="token id 999999 is outside the model's vocabulary"):
         sess.generate([1, 2, 999999], 4)
+    with pytest.raises(rt.InputError, match="takes no text to embed: its manifest has no tokenizer entry; use generate"):
+        sess.run_text("the robot")
     out = sess.generate(long, 4, truncate=True)
     assert out.truncated_tokens > 0 and out.prompt_tokens == 2048 - 4 and len(out.token_ids) <= 4
 

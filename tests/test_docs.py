@@ -39,14 +39,18 @@ def test_markers_are_found_and_checked(tmp_path, monkeypatch):
                     "```\nedgequant export a -o b\n```\n"
                     "<!-- snippet: skip — needs a Jetson -->\n\nsome prose\n```sh\ntrue\n```\n"
                     "<!-- snippet: skip — needs a Jetson -->\n```sh\nnvidia-smi\n```\n"
-                    "```console\n$ echo hi\nhi\n```\n", encoding="utf-8")
+                    "```console\n$ echo hi\nhi\n```\n"
+                    "```text\n$ edgequant inspect build/x\n```\n"
+                    "```text\nimport edgequant\n```\n", encoding="utf-8")
     parsed = snippets.parse(page)
     text = "\n".join(parsed.problems)
     assert "p.md:2: 'snippet: skip' needs a reason" in text
     assert "names no existing test" in text
     assert "p.md:9: an untagged block that looks like a command" in text
     assert "p.md:12: marker 'snippet: skip' is not right before a fence" in text
-    assert len(parsed.problems) == 4
+    assert "p.md:26: a '$ ' command in a text block" in text
+    assert "p.md:29: Python code in a text block" in text
+    assert len(parsed.problems) == 6
     runs = [s for s in parsed.snippets if s.runs]
     assert [s.text for s in runs] == ["true\n", "$ echo hi\nhi\n"]
     assert parsed.snippets[4].marker_arg == "needs a Jetson"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pytest
 import onnx
 
 import edgequant
 from edgequant.check.fidelity import cpu_kernels
 
-from conftest import DIGITS, run_onnx
+from conftest import DIGITS, ROOT, residual_block, run_onnx
 
 
 def test_digits_int8_accuracy_within_half_a_point(digits_bundle, digits_split):
@@ -27,19 +29,25 @@ def test_every_conv_and_gemm_runs_in_int8(digits_bundle):
     kernels = cpu_kernels(onnx.load(str(digits_bundle.model_path)))
     assert kernels.float_compute == []
     int8_macs = sum(kernels.int8.get(op, 0) for op in ("QLinearConv", "QGemm", "QLinearMatMul"))
-    assert macs >= 4 and int8_macs == macs
+    assert macs == 4 and int8_macs == macs
 
 
 def test_report_holds_fidelity_sizes_and_kernels(digits_bundle):
     report = json.loads((digits_bundle.path / "report.json").read_text())
     (fid,) = report["fidelity"]
     assert fid["argmax_agreement"] >= 0.98
-    assert fid["cosine"] >= 0.99
+    # README's quick start prints this bundle's figures: they must be the ones it gets, to the printed digit
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    cosine = float(re.search(r"output   linear: cosine (\d\.\d{5}) ", readme).group(1))
+    nodes = int(re.search(r"int8     (\d+) nodes run in int8", readme).group(1))
+    assert fid["cosine"] == pytest.approx(cosine, abs=5e-6), (fid["cosine"], cosine)
+    assert report["kernels"]["int8_nodes"] == nodes == 5
     assert fid["samples"] == 60  # every 5th of the 300 samples is held out
     assert report["holdout"]["disjoint_from_calibration"] is True
     assert report["calibration"]["samples"] == 240
     assert report["sizes"]["int8_bytes"] < 0.5 * report["sizes"]["fp32_bytes"]
-    assert report["kernels"]["int8_nodes"] >= 4
+    # README: "5 nodes run in int8 on the CPU provider: QGemm 1, QLinearConv 3, QLinearGlobalAveragePool 1"
+    assert report["kernels"]["int8"] == {"QGemm": 1, "QLinearConv": 3, "QLinearGlobalAveragePool": 1}
 
 
 def test_manifest_describes_inputs_and_checksums(digits_bundle):
@@ -82,18 +90,9 @@ def test_residual_network_fuses_every_conv_add_and_pool(tmp_path):
     import torch
     from torch import nn
 
-    class Block(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.a, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-            self.b = nn.Conv2d(c, c, 3, padding=1)
-
-        def forward(self, x):
-            return torch.relu(self.b(torch.relu(self.bn(self.a(x)))) + x)
-
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), Block(16), Block(16),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), residual_block(16),
+                          residual_block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
     rng = np.random.default_rng(0)
     data = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(20)]
     bundle = edgequant.export(model, data, out=tmp_path / "res", progress=False)

@@ -17,7 +17,7 @@ import edgequant
 from edgequant import qat
 from edgequant.cli import cli
 
-from conftest import DIGITS, ROOT, load_example_module, run_onnx
+from conftest import DIGITS, ROOT, load_example_module, residual_block, run_onnx
 
 QAT_DIGITS = ROOT / "examples" / "qat_digits"
 DW = ROOT / "examples" / "digits_dw"
@@ -69,16 +69,6 @@ def _placement(bundle):
     return k["int8"], k["other"], sorted(name.split(":")[0] for name in k["float_compute"])
 
 
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.a, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.b = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.b(torch.relu(self.bn(self.a(x)))) + x)
-
-
 def test_qat_and_ptq_quantize_the_same_ops(qat_example, tmp_path):
     _, r = qat_example
     ptq_dw = edgequant.export(f"{DW / 'model.py'}:build", DIGITS / "data", out=tmp_path / "ptq_dw", progress=False)
@@ -87,8 +77,8 @@ def test_qat_and_ptq_quantize_the_same_ops(qat_example, tmp_path):
 
     # residual blocks (BatchNorm, functional relu, Add), MaxPool, Flatten; u8 (generic-cpu) and s8 (arm64) activations
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), Block(16), Block(16),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), residual_block(16),
+                          residual_block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
     data = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(20)]
     for target in ("generic-cpu", "arm64"):
         ptq = edgequant.export(model, data, out=tmp_path / f"ptq_{target}", target=target, progress=False)
@@ -133,6 +123,15 @@ def test_fabric_training_and_cli_checkpoint_export(qat_example, digits_split, tm
     assert "qat" in res.output.splitlines()[0]
     assert res.output.splitlines()[-1].startswith("qat      linear vs the QAT model in PyTorch: argmax agreement")
     assert np.array_equal(run_onnx(out / "model.onnx", x_test), run_onnx(bundle.path / "model.onnx", x_test))
+    # the checkpoint's scales were trained for its target: another --target is a usage error, nothing written
+    trained_for = edgequant.load_bundle(out).report["target"]
+    other = "arm64" if trained_for != "arm64" else "generic-cpu"
+    res = CliRunner().invoke(cli, ["export", f"{DW / 'model.py'}:build", "--calibrate", str(DIGITS / "data"),
+                                   "--qat-checkpoint", str(tmp_path / "fabric" / "checkpoint.pt"),
+                                   "-o", str(tmp_path / "other"), "--target", other, "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert f"--target {other} does not match the QAT checkpoint's target {trained_for}" in res.output
+    assert not (tmp_path / "other").exists()
 
 
 class Gate(nn.Module):

@@ -66,7 +66,9 @@ def test_perplexity_per_preset(lm, lm_fp32):
     assert fp32.SerializeToString() == before  # the caller's model is left as it was
     assert all(s["layers"] == 13 for s in sizes.values())  # 4 per block × 3 blocks + the output head
     assert ppl["q8"] <= 1.005 * ppl["fp32"]
-    assert ppl["q4-gptq"] <= 1.05 * ppl["fp32"]
+    # docs/weight-only.md: q4-gptq +0.10% perplexity and KL 0.00044 nats/byte at block 32 (here: +0.05%, 0.00046)
+    assert ppl["q4-gptq"] <= 1.002 * ppl["fp32"]
+    assert kl["q4-gptq"] <= 0.0006
     assert ppl["q4-gptq"] < ppl["q4"]
     assert kl["q4-gptq"] <= 0.5 * kl["q4"]  # GPTQ's error feedback: the 4-bit model stays closer to fp32
     assert sizes["q4"]["ratio"] <= 0.20 and sizes["q4-gptq"]["ratio"] <= 0.20

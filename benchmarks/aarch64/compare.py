@@ -120,22 +120,10 @@ def quantize_qdq(fp32_path: Path, out: Path, samples: list[dict]) -> None:
 
 
 def random_inputs(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Seeded inputs for any model: symbolic dims become 1, floats are N(0, 1), integers small and >= 0."""
-    inits = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[vi.name] = rng.integers(0, 2, shape).astype(dtype)
-        else:
-            feeds[vi.name] = rng.integers(0, 10, shape).astype(dtype)
-    return feeds
+    """Seeded inputs for any model (free dimensions 1), from the same generator as edgequant bench's."""
+    from edgequant.bench import random_inputs as bench_inputs
+
+    return bench_inputs(model, 1, rng=rng)
 
 
 def output_scales(model: onnx.ModelProto) -> dict[str, float]:

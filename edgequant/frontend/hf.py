@@ -112,16 +112,22 @@ def read_decoder_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, A
     if not path.is_file():
         raise ExportError(f"{folder} has no {GENERATION_CONFIG}: a decoder bundle needs the model's end-of-sequence "
                           "tokens and decoding defaults; save it with model.generation_config.save_pretrained()")
-    try:
-        generation = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc}); save it again with save_pretrained()") from None
-    if not isinstance(generation, dict):
-        raise ExportError(f"{path}: not a generation config (a JSON object)")
+    generation = _json_object(path, "a generation config", "save it again with save_pretrained()")
     if not (folder / "tokenizer.json").is_file() and not any((folder / n).is_file() for n in TOKENIZER_FILES):
         raise ExportError(f"{folder} has no tokenizer.json: a decoder bundle carries the model's own tokenizer; "
                           "save it with tokenizer.save_pretrained() into that folder")
     return config, generation
+
+
+def _json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold one object → the object; an ExportError naming the file and the fix."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: not {what} (a JSON object)")
+    return data
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -132,11 +138,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not cfg.is_file():
         raise ExportError(f"{folder} is not a Hugging Face model folder: config.json is missing; save the model "
                           "with save_pretrained() into that folder")
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{cfg}: not valid JSON ({exc}); save the model again with save_pretrained()") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = _json_object(cfg, "a Hugging Face model config", "save the model again with save_pretrained()")
+    if "model_type" not in config:
         raise ExportError(f"{cfg} has no 'model_type': it is not a Hugging Face model config")
     if not any((folder / w).is_file() for w in WEIGHT_FILES):
         raise ExportError(f"{folder} has no weights ({', '.join(WEIGHT_FILES[:2])}); save the model with "

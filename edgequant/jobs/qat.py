@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from ..data.samples import load_samples
-from ..errors import ExportError, UsageError
+from ..errors import ExportError, UsageError, option
 from ..frontend.torch_export import input_names_of, load_model
 from ..graph.sessions import checked_with
 from ..qat import load_checkpoint, unwrap
@@ -44,10 +44,10 @@ def load(run: Run) -> None:
     else:
         qmodel = cfg.model
     gm, state = unwrap(qmodel, "qat.export")
-    if cfg.target.target is not None and load_target(cfg.target.target).name != state.target.name:
-        raise UsageError(f"--target {load_target(cfg.target.target).name} does not match the QAT checkpoint's target "
-                         f"{state.target.name}: its scales were trained for that target; drop --target or train "
-                         "for the other one")
+    asked = load_target(cfg.target.target).name if cfg.target.target is not None else None
+    if asked is not None and asked != state.target.name:
+        raise UsageError(f"{option('target', asked)} does not match the QAT checkpoint's target {state.target.name}: "
+                         f"its scales were trained for that target; drop {option('target')} or train for {asked}")
     run.loaded = (gm, state)
     run.target, run.opset = state.target, state.target.opset
     run.checked = checked_with(state.target)

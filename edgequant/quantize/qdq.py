@@ -128,7 +128,15 @@ def _infer_types(model: onnx.ModelProto) -> None:
         else:
             skeleton.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
+        if any(n.domain == "com.microsoft" for n in g.node):
+            # ONNX's own inference stops at ONNX Runtime's contrib ops (fused SkipLayerNormalization, BiasGelu,
+            # Attention): its symbolic inference knows them, so every tensor after them gets a type too. It reads
+            # the weights' data (a copy of them at the peak), so it runs only on such graphs
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        else:
+            inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception as exc:  # onnx raises its own assorted types
         raise QuantizationError(f"ONNX shape inference failed on the model: {type(exc).__name__}: {exc}") from exc
     del g.value_info[:]

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph.skeleton import weightless_copy
+
 __all__ = ["HeadPlan", "mixed_range_heads"]
 
 log = logging.getLogger(__name__)
@@ -133,17 +135,8 @@ def _is_dfl(node: onnx.NodeProto, inits) -> bool:
 
 def _channel_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
     """(tensor, axis) → static size, from ONNX shape inference (without the weights' data)."""
-    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
-    g = model.graph
-    for f in ("node", "input", "output", "value_info"):
-        getattr(skeleton.graph, f).extend(getattr(g, f))
-    for init in g.initializer:
-        if int(np.prod(init.dims, dtype=np.int64)) <= 64:
-            skeleton.graph.initializer.append(init)
-        else:
-            skeleton.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model))
     except Exception:  # onnx raises assorted types; sizes are only for the report
         return {}
     out = {}

@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import QuantizationError
+from ..graph.skeleton import weightless_copy
 from ..targets import Target
 from .saturation import WeightLimits, weight_limits
 
@@ -117,16 +118,7 @@ def _infer_types(model: onnx.ModelProto) -> None:
     """ONNX shape inference into ``model``'s value_info, run on a copy without the weights' data, and marked
     done for ONNX Runtime's quantizer, which would otherwise deep-copy, save and reload the whole model for it
     (two more copies of every weight at the peak). Only small initializers (shape tensors) keep their data."""
-    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
     g = model.graph
-    skeleton.graph.name = g.name
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(skeleton.graph, field).extend(getattr(g, field))
-    for init in g.initializer:
-        if int(np.prod(init.dims, dtype=np.int64)) <= 64:
-            skeleton.graph.initializer.append(init)
-        else:
-            skeleton.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
     try:
         if any(n.domain == "com.microsoft" for n in g.node):
             # ONNX's own inference stops at ONNX Runtime's contrib ops (fused SkipLayerNormalization, BiasGelu,
@@ -136,7 +128,7 @@ def _infer_types(model: onnx.ModelProto) -> None:
 
             inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         else:
-            inferred = onnx.shape_inference.infer_shapes(skeleton)
+            inferred = onnx.shape_inference.infer_shapes(weightless_copy(model))
     except Exception as exc:  # onnx raises its own assorted types
         raise QuantizationError(f"ONNX shape inference failed on the model: {type(exc).__name__}: {exc}") from exc
     del g.value_info[:]

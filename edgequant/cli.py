@@ -554,8 +554,17 @@ def main() -> None:
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _run_cli()
+    finally:  # the outcome (and its exit status) is decided: a Ctrl-C while Python shuts down changes nothing
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_cli() -> None:
     try:
         cli(prog_name="edgequant", standalone_mode=False)
     except click.exceptions.Abort:  # Ctrl-C outside a command (while options are read)

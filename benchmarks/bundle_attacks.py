@@ -147,20 +147,26 @@ def _bundle_parts(bundle: Path):
     return manifest, report, a, dict(a, **{"model.onnx": a["model.fp32.onnx"]})
 
 
+def _fork_writer(out: Path, files: tuple[dict, dict], manifest: dict, report: dict, exports: int) -> int:
+    """A child process that re-exports OUT ``exports`` times, alternating the two bundles → its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for i in range(exports):
+                write_bundle(out, files[(i + 1) % 2], manifest, report, force=True)
+                time.sleep(0.02)
+        finally:
+            os._exit(0)
+    return pid
+
+
 def reexport_reads(bundle: Path, work: Path, exports: int, min_opens: int) -> tuple[int, int, int, int]:
     """A child process re-exports OUT (write_bundle --force, alternating two bundles) while this one opens it in
     a loop, checking every file → (exports, opens, broken or missing, distinct digests seen)."""
     out = work / "reexport"
     manifest, report, a, b = _bundle_parts(bundle)
     write_bundle(out, a, manifest, report)
-    pid = os.fork()
-    if pid == 0:  # the writer
-        try:
-            for i in range(exports):
-                write_bundle(out, b if i % 2 == 0 else a, manifest, report, force=True)
-                time.sleep(0.02)
-        finally:
-            os._exit(0)
+    pid = _fork_writer(out, (a, b), manifest, report, exports)
     opens = broken = 0
     digests = set()
     while True:
@@ -173,14 +179,7 @@ def reexport_reads(bundle: Path, work: Path, exports: int, min_opens: int) -> tu
         if done:
             if opens >= min_opens:
                 break
-            pid = os.fork()  # more re-exports until enough opens were made during them
-            if pid == 0:
-                try:
-                    for i in range(exports):
-                        write_bundle(out, b if i % 2 == 0 else a, manifest, report, force=True)
-                        time.sleep(0.02)
-                finally:
-                    os._exit(0)
+            pid = _fork_writer(out, (a, b), manifest, report, exports)  # more, until enough opens were made
             exports *= 2
     return exports, opens, broken, len(digests)
 

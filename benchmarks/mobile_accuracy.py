@@ -40,17 +40,10 @@ ROWS = [  # (label, model file, arithmetic columns)
 
 
 def cpu_features() -> str:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return ",".join(have) or "unknown"
+    """This CPU's int8 features as the device adapter reads them (CPUID: under qemu, the emulated CPU's)."""
+    from edgequant._runtime.edgequant_runtime import cpu_features as read, describe_cpu
 
+    return describe_cpu(read())
 
 def build(folder: Path, model_fn, calib: np.ndarray, targets=("generic-cpu", "arm64"), prefix="eq") -> dict:
     """fp32 model → edgequant bundles (defaults) per target + NNCF default/MIXED + ORT, in ``folder``."""

@@ -92,14 +92,10 @@ def _unit_variance_init(m, head) -> None:
 
 
 def cpu_features() -> str:
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in flags]
-    return "+".join(have) or "unknown"
+    """This CPU's int8 features as the device adapter reads them (CPUID: under qemu, the emulated CPU's)."""
+    from edgequant._runtime.edgequant_runtime import cpu_features as read, describe_cpu
 
+    return describe_cpu(read())
 
 def write_samples(folder: Path, n: int, size: int) -> None:
     sys.path.insert(0, str(HERE))

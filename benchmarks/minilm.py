@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "minilm"))
 
-# A fresh process: load the fp32 model and the sentences, then time calibration (per-channel min-max pass,
-# smoothing, QDQ insertion) and read the peak RSS before and after it.
+# A fresh process: load the fp32 model and the sentences, then time calibration (per-channel min-max pass with
+# activation rows, per-group smoothing search, QDQ insertion) and read the peak RSS before and after it.
 CHILD = r"""
 import json, sys, time
 import onnx
@@ -38,19 +38,21 @@ from edgequant_text import TextInputs
 from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, activation_products, encoder_target, linear_inputs,
                                text_channel_ranges)
 from edgequant.quantize.qdq import quantize
-from edgequant.transforms.smooth import smooth
+from edgequant.transforms.smooth import smooth_graph
 from edgequant.targets import load_target
 fp32 = onnx.load(bundle + "/model.fp32.onnx")
 feeds = TextInputs(bundle).encode(split()[0][:count])
 samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
 before = hwm()
 t = time.perf_counter()
-stats = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
+stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask", rows=True)
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
-smoothed, ranges = smooth(fp32, stats)
-del stats
-quantize(smoothed, ranges, encoder_target(load_target(target)), exclude_nodes=activation_products(smoothed),
+tgt = encoder_target(load_target(target))
+smoothed, ranges, _, _ = smooth_graph(fp32, stats, alpha="auto", rows=rows,
+                                      weight_levels=64 if tgt.quantization.pair_saturation else 127)
+del stats, rows
+quantize(smoothed, ranges, tgt, exclude_nodes=activation_products(smoothed),
          float_outputs=LINEAR_OPS, consume=True)
 t_all = time.perf_counter() - t
 print(json.dumps({"calibrate_s": t_cal, "calibrate_quantize_s": t_all, "rss_before_mib": before,

@@ -9,10 +9,12 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
 - MatMul outputs stay float (MatMulIntegerToFloat): they feed the residual stream, whose outlier channels
   8 bits cannot hold. Quantizing them drops the embedding cosine from 0.990 to 0.935.
 - The MatMul inputs are smoothed (``smooth.py``) before calibration: per-tensor activation scales then fit
-  every channel (cosine 0.990 → 0.998).
-- Targets that must be safe on AVX2 without VNNI (``generic-cpu``) use 7-bit s8 weights, except on the
-  feed-forward MatMuls, whose full-range u8 weights (``uint8_weight_nodes``) run on U8U8 kernels: cosine
-  0.9963 → 0.9978 at 0.66× fp32 latency instead of 0.46×.
+  every channel (cosine 0.990 → 0.998). Each group's migration strength α is searched on activation rows
+  kept from the calibration pass (``alpha="auto"``), with the weights modelled at the width the target gives
+  them: one α for all is 0.9979, per-group α 0.9983.
+- Targets that must be safe on AVX2 without VNNI (``generic-cpu``) narrow s8 weight channels towards 7 bits
+  where their pair sums could saturate (``pair_saturation``); every MatMul stays on the fast U8S8 kernels
+  (0.48× fp32 latency; full-range u8 feed-forward weights on U8U8 kernels were 0.64× for +0.0001 cosine).
 - ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (each activation's scale computed from its range at every
   run, per-channel weights), no calibration ranges; the data only checks the result.
 """
@@ -41,7 +43,7 @@ from ..graph.sessions import checked_with
 from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
 from ..targets import Target
-from ..transforms.smooth import ALPHA, channel_ranges, smooth
+from ..transforms.smooth import channel_ranges, channel_stats, smooth_graph
 from .stages import Run, report_parts
 
 __all__ = ["activation_products", "check", "dynamic_int8", "encoder_target", "input_names", "linear_inputs", "load",
@@ -106,9 +108,13 @@ def quantize(run: Run) -> None:
     else:
         inputs = input_names(fp32)
         mask = "attention_mask" if "attention_mask" in inputs else None
-        stats = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH), cfg.progress,
-                                    mask)
-        smoothed, ranges = smooth(fp32, stats)
+        stats, rows = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH),
+                                          cfg.progress, mask, rows=True)
+        q = encoder_target(tgt).quantization
+        smoothed, ranges, _, alphas = smooth_graph(fp32, stats, alpha="auto", rows=rows,
+                                                   weight_levels=64 if q.reduce_range or q.pair_saturation else 127)
+        del rows
+        run.parts["calibration"]["smoothing_alphas"] = _alpha_summary(alphas)
         if method != "minmax":
             ranges = calibrate(smoothed, calib, linear_inputs(smoothed), method=method,
                                batch_size=min(batch_size, TEXT_BATCH))
@@ -149,7 +155,7 @@ def settings(run: Run) -> None:
     run.settings = {"source": "ptq-dynamic" if dynamic else "ptq", "method": run.method,
                     "calibration_samples": 0 if dynamic else len(run.calib),
                     **encoder_target(tgt).to_dict()["quantization"],
-                    "float_outputs": [] if dynamic else list(LINEAR_OPS), "smoothing_alpha": None if dynamic else ALPHA}
+                    "float_outputs": [] if dynamic else list(LINEAR_OPS), "smoothing_alpha": None if dynamic else "auto"}
     if weights is not None:
         from ..quantize.weight_only import weight_bytes
 
@@ -160,7 +166,9 @@ def settings(run: Run) -> None:
         run.parts["weights"] = {**weights.to_dict(), **weight_bytes(run.int8)}
     calib = run.parts["calibration"]
     run.parts["calibration"] = {"data": calib["data"], "samples": run.settings["calibration_samples"],
-                                "max_length": calib["max_length"], "float_tensors": calib["float_tensors"]}
+                                "max_length": calib["max_length"], "float_tensors": calib["float_tensors"],
+                                **({"smoothing_alphas": calib["smoothing_alphas"]} if "smoothing_alphas" in calib
+                                   else {})}
     run.parts.update(report_parts(run))
     run.files.update(run.loaded.tokenizer_files)
     run.files[TEXT_RUNTIME] = resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()
@@ -229,10 +237,19 @@ def encoder_target(tgt: Target) -> Target:
     return dataclasses.replace(tgt, quantization=dataclasses.replace(q, op_types=ops))
 
 
-def text_channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
+def text_channel_ranges(fp32, calib, tensors, batch_size, progress, mask, rows: bool = False):
+    """Per-channel ranges of ``tensors`` on the calibration texts [+ activation rows for the α search]."""
     with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample",
                       disable=not progress, leave=False) as bar:
+        if rows:
+            return channel_stats(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
         return channel_ranges(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
+
+
+def _alpha_summary(alphas: dict[str, float]) -> dict[str, object]:
+    """The α chosen per smoothed group → a count per value (the report's smoothing_alphas)."""
+    values = sorted(alphas.values())
+    return {"groups": len(values), "counts": {f"{a:.2f}": values.count(a) for a in sorted(set(values))}}
 
 
 def dynamic_int8(fp32: onnx.ModelProto, tgt: Target, exclude_nodes: Sequence[str]) -> onnx.ModelProto:

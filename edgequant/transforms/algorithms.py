@@ -69,5 +69,5 @@ def smooth_quant(model: onnx.ModelProto, samples, *, alpha: float = ALPHA, batch
         return model, 0
     subset = [samples[i] for i in range(min(limit, len(samples)))]
     stats = channel_ranges(model, subset, tensors, batch_size=batch_size, progress=progress)
-    smoothed, _, count = smooth_graph(model, stats, alpha=alpha)
+    smoothed, _, count, _ = smooth_graph(model, stats, alpha=alpha)
     return smoothed, count

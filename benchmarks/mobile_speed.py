@@ -3,9 +3,11 @@
     python benchmarks/mobile_speed.py [--only mobilenet_v3_large,efficientnet_lite0] [--runs 60]
 
 Per model: edgequant's generic-cpu graph (64 calibration crops) against fp32, batch 1, one thread, interleaved
-(edgequant.bench.interleaved_latency); then the same ranges with one pattern class kept float at a time —
-squeeze-excitation blocks, hard-swish (HardSigmoid·x), depthwise convolutions — so that each choice is
-measured, not assumed; then ONNX Runtime's profile of the int8 and fp32 graphs by op type. The CPU features
+(edgequant.bench.interleaved_latency); then the graph with each of the profile's kernel choices undone —
+depthwise convolutions left at channel counts MLAS's fast int8 kernels refuse (``depthwise_channel_align``),
+HardSigmoid left float between Q/DQ (``int8_hardsigmoid``), neither — and with one pattern class kept float
+at a time — squeeze-excitation blocks, hard-swish (HardSigmoid·x), depthwise convolutions — so that each
+choice is measured, not assumed; then ONNX Runtime's profile of the int8 and fp32 graphs by op type. The CPU features
 are printed; on an x86 host with VNNI, AVX2-only figures need ``qemu-x86_64-static -cpu Haswell``, whose
 timings mean nothing (emulation), so latency is measured on the host.
 """
@@ -79,8 +81,11 @@ def run(name: str, runs: int) -> dict:
     import edgequant
     from edgequant.bench import interleaved_latency
     from edgequant.calibration.streaming import calibrate, tensors_to_calibrate
+    from edgequant.frontend.torch_export import prepare_fp32
+    from edgequant.quantize.hardsigmoid import int8_hardsigmoid
     from edgequant.quantize.qdq import quantize
     from edgequant.targets import load_target
+    from edgequant.transforms.channel_pad import pad_depthwise_channels
     from zoo_models import crops, efficientnet_lite0, torchvision_model
 
     model = efficientnet_lite0() if name == "efficientnet_lite0" else torchvision_model(name, 224)
@@ -91,17 +96,31 @@ def run(name: str, runs: int) -> dict:
     tgt = load_target("generic-cpu")
     inp = fp32.graph.input[0].name
     samples = [{inp: d} for d in data[:32]]
-    ranges = calibrate(fp32, samples, tensors_to_calibrate(fp32, tgt.quantization.op_types), batch_size=8)
-    variants = {"fp32": fp32, "edgequant": int8}
-    pats = _patterns(fp32)
+    base = prepare_fp32(fp32)
+    padded, info = pad_depthwise_channels(base, tgt.quantization.depthwise_channel_align)
+
+    def q(graph, hsig: bool, exclude=()):
+        ranges = calibrate(graph, samples, tensors_to_calibrate(graph, tgt.quantization.op_types), batch_size=8)
+        out = quantize(graph, ranges, tgt, exclude_nodes=list(exclude))
+        if hsig:
+            int8_hardsigmoid(out)
+        return out
+
+    # the export's own graph, then each of its two kernel choices undone, then one pattern class kept float
+    variants = {"fp32": fp32, "edgequant": int8,
+                "depthwise unpadded": q(base, True), "HardSigmoid float": q(padded, False),
+                "neither": q(base, False)}
+    pats = _patterns(padded)
     for label, nodes in pats.items():
         if nodes:
-            variants[f"{label} float"] = quantize(fp32, ranges, tgt, exclude_nodes=nodes)
+            variants[f"{label} float"] = q(padded, True, nodes)
     x = {inp: data[:1]}
     lat = interleaved_latency(variants, x, runs=runs, warmup=5)
-    base = lat["fp32"].p50_ms
-    return {"model": name, "fp32_ms": round(base, 3),
-            "ratios": {k: round(v.p50_ms / base, 3) for k, v in lat.items() if k != "fp32"},
+    base_ms = lat["fp32"].p50_ms
+    return {"model": name, "fp32_ms": round(base_ms, 3),
+            "ratios": {k: round(v.p50_ms / base_ms, 3) for k, v in lat.items() if k != "fp32"},
+            "spread": {k: round(v.spread, 3) for k, v in lat.items()},
+            "padded_depthwise": [(i["channels"], i["padded"]) for i in info],
             "pattern_nodes": {k: len(v) for k, v in pats.items()},
             "profile_int8_ms": {k: round(v, 3) for k, v in _profile(int8, x).items()},
             "profile_fp32_ms": {k: round(v, 3) for k, v in _profile(fp32, x).items()}}
@@ -124,9 +143,12 @@ def main() -> None:
         goal = goals.get(name)
         print(f"\n{name}: fp32 {r['fp32_ms']:.2f} ms; int8/fp32 {r['ratios']['edgequant']:.3f}"
               + (f" (goal <= {goal})" if goal else ""))
+        print(f"  depthwise convolutions padded (channels -> padded): {r['padded_depthwise']}")
         for k, v in r["ratios"].items():
             if k != "edgequant":
-                print(f"  variant {k:22s} {v:.3f}  ({r['pattern_nodes'][k[:-6]]} nodes)")
+                nodes = r["pattern_nodes"].get(k[:-6])
+                print(f"  variant {k:22s} {v:.3f}" + (f"  ({nodes} nodes)" if nodes is not None else ""))
+        print("  latency spread (p90-p50)/p50: " + ", ".join(f"{k} {v:.3f}" for k, v in r["spread"].items()))
         tot = sum(r["profile_int8_ms"].values())
         print("  int8 profile: " + ", ".join(f"{k} {v:.2f} ms ({100 * v / tot:.0f}%)"
                                              for k, v in list(r["profile_int8_ms"].items())[:7]))

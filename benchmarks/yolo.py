@@ -1,6 +1,7 @@
 """YOLOv8n (ultralytics, built from its yaml: random weights, nothing downloaded) through ``edgequant export``:
 score-branch and box-branch SQNR, detection agreement (the bundle's reference NMS on fp32 and int8, matched
-boxes at IoU ≥ 0.5 and same class), peak memory and time of the whole command.
+boxes at IoU ≥ 0.5 and same class), peak memory and time of the whole command, and the bundle's int8/fp32
+latency (batch 1, one thread, interleaved, p50; ``--latency-runs``).
 
 Random weights as ultralytics initialises them make a constant output (class scores ~1e-4 everywhere,
 boxes the anchors): nothing to detect or compare. They are rescaled (LSUV, see ``_unit_variance_init``) so
@@ -107,7 +108,7 @@ def write_samples(folder: Path, n: int, size: int) -> None:
 
 
 def run(size: int = 640, samples: int = 160, model: str = "yolov8n.yaml", limit_gb: float = 12.0,
-        layer_report: bool = True) -> dict:
+        layer_report: bool = True, latency_runs: int = 20) -> dict:
     """Export the detector once in a subprocess → its figures (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="edgequant-yolo-") as tmp:
         tmp = Path(tmp)
@@ -143,7 +144,24 @@ def run(size: int = 640, samples: int = 160, model: str = "yolov8n.yaml", limit_
             "heads": [(h["pattern"], len(h["float_nodes"])) for h in rep.get("heads", [])],
             "int8_convs": (rep.get("kernels") or {}).get("int8", {}).get("QLinearConv"),
         })
+        if latency_runs:
+            row.update(_latency(out, size, latency_runs))
         return row
+
+
+def _latency(bundle: Path, size: int, runs: int) -> dict:
+    """int8 vs fp32 of the bundle: batch 1, one thread, interleaved, p50 (edgequant.bench)."""
+    from edgequant.bench import interleaved_latency
+
+    x = np.load(sorted((bundle.parent / "data").glob("*.npy"))[0])[None]
+    import onnx
+
+    name = onnx.load(str(bundle / "model.fp32.onnx"), load_external_data=False).graph.input[0].name
+    lat = interleaved_latency({"fp32": str(bundle / "model.fp32.onnx"), "int8": str(bundle / "model.onnx")},
+                              {name: x.reshape(1, 3, size, size)}, threads=1, runs=runs, warmup=3)
+    return {"fp32_ms": round(lat["fp32"].p50_ms, 2), "int8_ms": round(lat["int8"].p50_ms, 2),
+            "latency_ratio": round(lat["int8"].p50_ms / lat["fp32"].p50_ms, 3),
+            "latency_spread": round(max(v.spread for v in lat.values()), 3)}
 
 
 def main() -> None:
@@ -153,8 +171,9 @@ def main() -> None:
     ap.add_argument("--model", default="yolov8n.yaml")
     ap.add_argument("--limit-gb", type=float, default=12.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--latency-runs", type=int, default=20, help="interleaved int8/fp32 runs (0: no latency)")
     args = ap.parse_args()
-    row = run(args.size, args.samples, args.model, args.limit_gb)
+    row = run(args.size, args.samples, args.model, args.limit_gb, latency_runs=args.latency_runs)
     for k, v in row.items():
         print(f"{k:>22}: {v}")
     if args.json:

@@ -49,6 +49,13 @@ class QuantSpec:
     # output channel keeps the widest weight range (8 bits down to 7) whose pair sums provably, or measured on
     # the calibration data, stay within int16 (edgequant.quantize.saturation). Instead of reduce_range.
     pair_saturation: bool = False
+    # Depthwise convolutions whose channel count is not a multiple of this are padded with zero channels up to
+    # one (edgequant.transforms.channel_pad): MLAS's fast symmetric int8 depthwise kernels need multiples of 16
+    # on x86-64. 0: never.
+    depthwise_channel_align: int = 0
+    # DQ → HardSigmoid → Q runs as an int8 Add whose output scale clamps and rescales it (QLinearAdd on the CPU
+    # provider, which has no int8 HardSigmoid; edgequant.quantize.hardsigmoid).
+    int8_hardsigmoid: bool = False
 
     def __post_init__(self) -> None:
         for pattern in self.uint8_weight_nodes:
@@ -67,6 +74,9 @@ class QuantSpec:
         if self.pair_saturation and (self.reduce_range or self.activation_dtype != "uint8"):
             raise TargetError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
                              "false (it makes every weight 7-bit) and activation_dtype = \"uint8\"")
+        if not 0 <= self.depthwise_channel_align <= 256:
+            raise TargetError(f"depthwise_channel_align must be between 0 (off) and 256, not "
+                              f"{self.depthwise_channel_align}")
         if not self.op_types:
             raise TargetError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
 
@@ -187,6 +197,8 @@ class Target:
                 "float_output_op_types": list(q.float_output_op_types),
                 "constant_weight_only": q.constant_weight_only,
                 "uint8_weight_nodes": list(q.uint8_weight_nodes),
+                "depthwise_channel_align": q.depthwise_channel_align,
+                "int8_hardsigmoid": q.int8_hardsigmoid,
             },
             "runtime": {
                 "providers": [p.to_dict() for p in r.providers],

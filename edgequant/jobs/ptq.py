@@ -63,7 +63,8 @@ def _fit_fixed_batch(samples: Any, fixed: int, what: str) -> Any:
 
 
 def fp32_passes(run: Run) -> None:
-    """The fp32 rewrites that keep the function (equalization, SmoothQuant) → the graph to quantize."""
+    """The fp32 rewrites that keep the function (equalization, SmoothQuant, depthwise channels padded to the
+    target's kernels) → the graph to quantize."""
     from ..transforms.algorithms import equalize_cross_layer, smooth_quant
 
     algo = run.config.algorithms
@@ -75,6 +76,11 @@ def fp32_passes(run: Run) -> None:
         work, report["smoothed_activations"] = smooth_quant(work, run.calib, alpha=algo.smooth_quant_alpha,
                                                             batch_size=run.batch_size,
                                                             limit=algo.max_samples)
+    align = run.target.quantization.depthwise_channel_align
+    if align:
+        from ..transforms.channel_pad import pad_depthwise_channels
+
+        work, report["padded_depthwise"] = pad_depthwise_channels(work, align)
     run.work = work
     run.parts["algorithms"] = report
 
@@ -107,6 +113,7 @@ def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, ba
     """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied. On targets whose
     kernels saturate u8·s8 pair sums, the weight ranges are measured once here on the calibration data."""
     from ..quantize.bias_correction import correct_bias
+    from ..quantize.hardsigmoid import int8_hardsigmoid
     from ..transforms.smooth import smooth_muls
 
     keep_float = smooth_muls(work)
@@ -121,6 +128,8 @@ def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, ba
 
     def run(ranges, exclude):
         int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)
+        if tgt.quantization.int8_hardsigmoid:
+            int8_hardsigmoid(int8)
         if algo.bias_correction:
             int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
         return int8

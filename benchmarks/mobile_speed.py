@@ -5,7 +5,8 @@
 Per model: edgequant's generic-cpu graph (64 calibration crops) against fp32, batch 1, one thread, interleaved
 (edgequant.bench.interleaved_latency); then the graph with each of the profile's kernel choices undone —
 depthwise convolutions left at channel counts MLAS's fast int8 kernels refuse (``depthwise_channel_align``),
-HardSigmoid left float between Q/DQ (``int8_hardsigmoid``), neither — and with one pattern class kept float
+the RGB input left at 3 channels (``input_channel_align``), HardSigmoid left float between Q/DQ
+(``int8_hardsigmoid``), none of the three — and with one pattern class kept float
 at a time — squeeze-excitation blocks, hard-swish (HardSigmoid·x), depthwise convolutions — so that each
 choice is measured, not assumed; then ONNX Runtime's profile of the int8 and fp32 graphs by op type. The CPU features
 are printed; on an x86 host with VNNI, AVX2-only figures need ``qemu-x86_64-static -cpu Haswell``, whose
@@ -85,7 +86,7 @@ def run(name: str, runs: int) -> dict:
     from edgequant.quantize.hardsigmoid import int8_hardsigmoid
     from edgequant.quantize.qdq import quantize
     from edgequant.targets import load_target
-    from edgequant.transforms.channel_pad import pad_depthwise_channels
+    from edgequant.transforms.channel_pad import pad_depthwise_channels, pad_input_channels
     from zoo_models import crops, efficientnet_lite0, torchvision_model
 
     model = efficientnet_lite0() if name == "efficientnet_lite0" else torchvision_model(name, 224)
@@ -97,7 +98,10 @@ def run(name: str, runs: int) -> dict:
     inp = fp32.graph.input[0].name
     samples = [{inp: d} for d in data[:32]]
     base = prepare_fp32(fp32)
-    padded, info = pad_depthwise_channels(base, tgt.quantization.depthwise_channel_align)
+    qs = tgt.quantization
+    dw, info = pad_depthwise_channels(base, qs.depthwise_channel_align)
+    rgb, _ = pad_input_channels(base, qs.input_channel_align)
+    padded, inputs = pad_input_channels(dw, qs.input_channel_align)
 
     def q(graph, hsig: bool, exclude=()):
         ranges = calibrate(graph, samples, tensors_to_calibrate(graph, tgt.quantization.op_types), batch_size=8)
@@ -108,8 +112,8 @@ def run(name: str, runs: int) -> dict:
 
     # the export's own graph, then each of its two kernel choices undone, then one pattern class kept float
     variants = {"fp32": fp32, "edgequant": int8,
-                "depthwise unpadded": q(base, True), "HardSigmoid float": q(padded, False),
-                "neither": q(base, False)}
+                "depthwise unpadded": q(rgb, True), "RGB input unpadded": q(dw, True),
+                "HardSigmoid float": q(padded, False), "none of the three": q(base, False)}
     pats = _patterns(padded)
     for label, nodes in pats.items():
         if nodes:
@@ -121,6 +125,7 @@ def run(name: str, runs: int) -> dict:
             "ratios": {k: round(v.p50_ms / base_ms, 3) for k, v in lat.items() if k != "fp32"},
             "spread": {k: round(v.spread, 3) for k, v in lat.items()},
             "padded_depthwise": [(i["channels"], i["padded"]) for i in info],
+            "padded_inputs": [(i["channels"], i["padded"]) for i in inputs],
             "pattern_nodes": {k: len(v) for k, v in pats.items()},
             "profile_int8_ms": {k: round(v, 3) for k, v in _profile(int8, x).items()},
             "profile_fp32_ms": {k: round(v, 3) for k, v in _profile(fp32, x).items()}}
@@ -143,7 +148,7 @@ def main() -> None:
         goal = goals.get(name)
         print(f"\n{name}: fp32 {r['fp32_ms']:.2f} ms; int8/fp32 {r['ratios']['edgequant']:.3f}"
               + (f" (goal <= {goal})" if goal else ""))
-        print(f"  depthwise convolutions padded (channels -> padded): {r['padded_depthwise']}")
+        print(f"  padded (channels -> padded): depthwise {r['padded_depthwise']}, inputs {r['padded_inputs']}")
         for k, v in r["ratios"].items():
             if k != "edgequant":
                 nodes = r["pattern_nodes"].get(k[:-6])

@@ -12,7 +12,10 @@ unless ``--layer-report`` (it does not change the model). Every tool quantizes t
 exported, on the same 128 calibration crops of natural photographs (benchmarks/zoo_models.py); 64 other crops
 are held out. The CPU features of this host are printed with the table.
 
-YOLOv8n needs ultralytics; it is listed but skipped when ultralytics is not installed.
+YOLOv8n (ultralytics, random weights rescaled as in benchmarks/yolo.py, 640×640, RGB in 0–1) needs ultralytics;
+it is skipped when ultralytics is not installed. Its "agree" is detection agreement (the bundle's reference NMS
+on both models' outputs, boxes matched at IoU ≥ 0.5 with the same class) and its SQNR is the class-score
+rows' (the box rows' is printed beside it): one scale for the concatenated output destroys the scores.
 """
 
 from __future__ import annotations
@@ -50,10 +53,18 @@ def _build(name: str, size: int):
     if name == "efficientnet_lite0":
         return efficientnet_lite0()
     if name == "yolov8n":
-        from ultralytics import YOLO  # noqa: F401 - raises ImportError when missing
+        from yolo import build
 
-        raise ImportError("yolov8n: the detection benchmark lives with the detection example")
+        return build()
     return torchvision_model(name, size)
+
+
+def _crops(kind: str, n: int, size: int, seed: int) -> np.ndarray:
+    """Calibration/held-out crops: ImageNet-normalised, or RGB in 0–1 for the detector."""
+    from zoo_models import MEAN, STD, crops
+
+    x = crops(n, size, seed=seed)
+    return (x * STD + MEAN).astype(np.float32) if kind == "detect" else x
 
 
 def worker(tool: str, name: str, folder: Path, layer_report: bool) -> None:
@@ -74,10 +85,12 @@ def worker(tool: str, name: str, folder: Path, layer_report: bool) -> None:
         fp32 = onnx.load(str(folder / "fp32.onnx"))
         inp = fp32.graph.input[0].name
         used = [calib[i] for i in range(len(calib)) if i % 5 != 4][:128]
+        b = max(1, fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value)  # a batch the export kept fixed
+        used = [np.stack(used[i:i + b]) for i in range(0, len(used) - b + 1, b)]
         if tool == "nncf":
             import nncf
 
-            q = nncf.quantize(fp32, nncf.Dataset(used, lambda x: {inp: x[None]}), subset_size=len(used))
+            q = nncf.quantize(fp32, nncf.Dataset(used, lambda x: {inp: x}), subset_size=len(used))
             onnx.save(q, str(folder / "nncf.onnx"))
         else:
             from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -88,7 +101,7 @@ def worker(tool: str, name: str, folder: Path, layer_report: bool) -> None:
 
                 def get_next(self):
                     x = next(self.it, None)
-                    return None if x is None else {inp: x[None]}
+                    return None if x is None else {inp: x}
 
             quantize_static(str(folder / "fp32.onnx"), str(folder / "ort.onnx"), Reader(),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
@@ -115,7 +128,21 @@ def _fidelity(kind: str, ref: np.ndarray, got: np.ndarray) -> dict:
         out["top1"] = float((ref.argmax(1) == got.argmax(1)).mean())
     elif kind == "segment":
         out["pixels"] = float((ref.argmax(1) == got.argmax(1)).mean())
+    elif kind == "detect":  # rows 0:4 boxes, 4: class scores
+        for part, sl in (("box_sqnr_db", slice(0, 4)), ("sqnr_db", slice(4, None))):
+            e = float(((ref[:, sl] - got[:, sl]) ** 2).sum())
+            out[part] = round(10 * np.log10(float((ref[:, sl] ** 2).sum()) / e), 2) if e > 0 else float("inf")
     return out
+
+
+def _detections(fp32, model, held: np.ndarray) -> float | None:
+    from edgequant.check.detection import detection_agreement
+
+    inp, out = fp32.graph.input[0].name, fp32.graph.output[0].name
+    batch = max(1, fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
+    n = len(held) - len(held) % batch
+    entry = detection_agreement(fp32, model, [{inp: x} for x in held[:n]], out, batch_size=batch)
+    return entry["agreement"]
 
 
 def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
@@ -126,7 +153,8 @@ def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     so.log_severity_level = 3
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    batch = max(1, s.get_inputs()[0].shape[0] if isinstance(s.get_inputs()[0].shape[0], int) else 1)
+    return np.concatenate([s.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x) - batch + 1, batch)])
 
 
 def run_model(name: str, tools, runs: int, layer_report: bool) -> dict:
@@ -134,14 +162,19 @@ def run_model(name: str, tools, runs: int, layer_report: bool) -> dict:
 
     from edgequant.bench import interleaved_latency
     from edgequant.check.fidelity import cpu_kernels
-    from zoo_models import crops
 
     kind, size = MODELS[name]
     row: dict = {"model": name, "kind": kind, "tools": {}}
+    if kind == "detect":
+        try:
+            import ultralytics  # noqa: F401
+        except ImportError:
+            row["skipped"] = "ultralytics is not installed (pip install -e .[zoo])"
+            return row
     with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
         folder = Path(tmp)
-        np.save(folder / "calib.npy", crops(CALIB, size, seed=0))
-        held = crops(HELD, size, seed=7)
+        np.save(folder / "calib.npy", _crops(kind, CALIB, size, seed=0))
+        held = _crops(kind, HELD if kind != "detect" else 32, size, seed=7)
         for tool in ("edgequant", *[t for t in tools if t != "edgequant"]):
             r = _run_tool(tool, name, folder, layer_report)
             row["tools"][tool] = r
@@ -157,7 +190,11 @@ def run_model(name: str, tools, runs: int, layer_report: bool) -> dict:
             models[tool] = model
             r["float_left"] = len(cpu_kernels(model).float_compute)
             r.update(_fidelity(kind, ref, _outputs(folder / f"{tool}.onnx", held)))
-        lat = interleaved_latency(models, {models["fp32"].graph.input[0].name: held[:1]}, runs=runs, warmup=5)
+            if kind == "detect":
+                r["detections"] = _detections(models["fp32"], model, held)
+        first = models["fp32"].graph.input[0]
+        batch = max(1, first.type.tensor_type.shape.dim[0].dim_value)  # a traced batch the export kept fixed
+        lat = interleaved_latency(models, {first.name: held[:batch]}, runs=runs, warmup=5)
         row["fp32_ms"] = round(lat["fp32"].p50_ms, 3)
         for tool in models:
             if tool != "fp32":
@@ -178,11 +215,16 @@ def _table(rows: list[dict], cpu: str) -> str:
             if not r["ok"]:
                 lines.append(f"{row['model']:30s} {tool:10s} no  {r['error']}")
                 continue
-            agree = r.get("top1", r.get("pixels"))
+            agree = r.get("top1", r.get("pixels", r.get("detections")))
             lines.append(f"{row['model']:30s} {tool:10s} yes {r['seconds']:7.1f} {r['peak_rss'] / 2**30:7.2f} "
                          f"{r.get('float_left', '-'):>5} {r.get('latency_ratio', float('nan')):9.3f} "
                          f"{'-' if agree is None else f'{100 * agree:6.1f}%':>7s} {r.get('sqnr_db', float('nan')):7.2f}")
-    lines.append("agree: top-1 agreement with fp32 (classifiers), per-pixel argmax agreement (segmentation)")
+    lines.append("agree: top-1 agreement with fp32 (classifiers), per-pixel argmax agreement (segmentation), "
+                 "detection agreement (detector; SQNR of its class-score rows)")
+    det = [(row["model"], t, r.get("box_sqnr_db")) for row in rows for t, r in row.get("tools", {}).items()
+           if r.get("ok") and r.get("box_sqnr_db") is not None]
+    if det:
+        lines.append("detector box-row SQNR dB: " + ", ".join(f"{m} {t} {v:.2f}" for m, t, v in det))
     return "\n".join(lines)
 
 

@@ -53,6 +53,9 @@ class QuantSpec:
     # one (edgequant.transforms.channel_pad): MLAS's fast symmetric int8 depthwise kernels need multiples of 16
     # on x86-64. 0: never.
     depthwise_channel_align: int = 0
+    # Graph inputs read only by dense convolutions (an RGB image) are padded with zero channels to a multiple of
+    # this in front of them: the same kernels take input channels in multiples of 4. 0: never.
+    input_channel_align: int = 0
     # DQ → HardSigmoid → Q runs as an int8 Add whose output scale clamps and rescales it (QLinearAdd on the CPU
     # provider, which has no int8 HardSigmoid; edgequant.quantize.hardsigmoid).
     int8_hardsigmoid: bool = False
@@ -74,9 +77,9 @@ class QuantSpec:
         if self.pair_saturation and (self.reduce_range or self.activation_dtype != "uint8"):
             raise TargetError("pair_saturation is for uint8 activations with full-range weights: set reduce_range = "
                              "false (it makes every weight 7-bit) and activation_dtype = \"uint8\"")
-        if not 0 <= self.depthwise_channel_align <= 256:
-            raise TargetError(f"depthwise_channel_align must be between 0 (off) and 256, not "
-                              f"{self.depthwise_channel_align}")
+        for key in ("depthwise_channel_align", "input_channel_align"):
+            if not 0 <= getattr(self, key) <= 256:
+                raise TargetError(f"{key} must be between 0 (off) and 256, not {getattr(self, key)}")
         if not self.op_types:
             raise TargetError("op_types is empty: list the op types to quantize, e.g. [\"Conv\", \"MatMul\", \"Gemm\"]")
 
@@ -198,6 +201,7 @@ class Target:
                 "constant_weight_only": q.constant_weight_only,
                 "uint8_weight_nodes": list(q.uint8_weight_nodes),
                 "depthwise_channel_align": q.depthwise_channel_align,
+                "input_channel_align": q.input_channel_align,
                 "int8_hardsigmoid": q.int8_hardsigmoid,
             },
             "runtime": {

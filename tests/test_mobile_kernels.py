@@ -1,6 +1,7 @@
 """Mobile blocks on ONNX Runtime's fast int8 CPU kernels: depthwise convolutions padded to the channel count
-MLAS's symmetric depthwise kernels take (multiples of 16 on x86-64), HardSigmoid run as an int8 Add. Both keep
-the function: padding exactly, the Add within one output step."""
+MLAS's symmetric depthwise kernels take (multiples of 16 on x86-64), an RGB input padded to 4 channels for the
+symmetric dense kernels, HardSigmoid run as an int8 Add. All keep the function: padding exactly, the Add
+within half an output step."""
 
 from __future__ import annotations
 
@@ -49,11 +50,11 @@ def _run(model, x, level="all"):
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def test_depthwise_region_is_padded_to_16_channels_and_computes_the_same(mobile_bundle):
+def test_depthwise_region_and_rgb_input_are_padded_and_compute_the_same(mobile_bundle):
     import onnx
 
     from edgequant.frontend.torch_export import prepare_fp32
-    from edgequant.transforms.channel_pad import pad_depthwise_channels
+    from edgequant.transforms.channel_pad import pad_depthwise_channels, pad_input_channels
 
     info = mobile_bundle.report["algorithms"]["padded_depthwise"]
     assert [(i["channels"], i["padded"]) for i in info] == [(72, 80)]
@@ -63,9 +64,16 @@ def test_depthwise_region_is_padded_to_16_channels_and_computes_the_same(mobile_
     fp32 = prepare_fp32(onnx.load(mobile_bundle.fp32_model_path))
     padded, info = pad_depthwise_channels(fp32, 16)
     assert [i["padded"] for i in info] == [80]
+    both, inputs = pad_input_channels(padded, 4)
+    assert inputs == [{"input": "x", "channels": 3, "padded": 4}]
+    assert mobile_bundle.report["algorithms"]["padded_inputs"] == inputs
+    assert [i.name for i in both.graph.input] == ["x"]  # the model still takes the 3-channel image
     x = np.random.default_rng(1).uniform(-1, 2, (4, 3, 32, 32)).astype(np.float32)
-    a, b = _run(fp32, x, "basic"), _run(padded, x, "basic")
+    a, b, c = _run(fp32, x, "basic"), _run(padded, x, "basic"), _run(both, x, "basic")
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+    assert np.abs(a - c).max() <= 1e-5 * max(1.0, np.abs(a).max())
+    stem = next(i for i in int8.graph.initializer if len(i.dims) == 4 and i.dims[0] == 24 and i.dims[2] == 3)
+    assert stem.dims[1] == 4  # the stem reads 4 channels, the fourth with zero weights
     # every int8 convolution still runs as QLinearConv, none in float
     kernels = mobile_bundle.report["kernels"]
     assert kernels["int8"].get("QLinearConv", 0) == 6, kernels

@@ -76,11 +76,12 @@ def fp32_passes(run: Run) -> None:
         work, report["smoothed_activations"] = smooth_quant(work, run.calib, alpha=algo.smooth_quant_alpha,
                                                             batch_size=run.batch_size,
                                                             limit=algo.max_samples)
-    align = run.target.quantization.depthwise_channel_align
-    if align:
-        from ..transforms.channel_pad import pad_depthwise_channels
+    q = run.target.quantization
+    if q.depthwise_channel_align or q.input_channel_align:
+        from ..transforms.channel_pad import pad_depthwise_channels, pad_input_channels
 
-        work, report["padded_depthwise"] = pad_depthwise_channels(work, align)
+        work, report["padded_depthwise"] = pad_depthwise_channels(work, q.depthwise_channel_align)
+        work, report["padded_inputs"] = pad_input_channels(work, q.input_channel_align)
     run.work = work
     run.parts["algorithms"] = report
 

@@ -100,8 +100,8 @@ def run(name: str, runs: int) -> dict:
     base = prepare_fp32(fp32)
     qs = tgt.quantization
     dw, info = pad_depthwise_channels(base, qs.depthwise_channel_align)
-    rgb, _ = pad_input_channels(base, qs.input_channel_align)
-    padded, inputs = pad_input_channels(dw, qs.input_channel_align)
+    rgb, _ = pad_input_channels(base, qs.input_channel_align, spread=qs.pair_saturation)
+    padded, inputs = pad_input_channels(dw, qs.input_channel_align, spread=qs.pair_saturation)
 
     def q(graph, hsig: bool, exclude=()):
         ranges = calibrate(graph, samples, tensors_to_calibrate(graph, tgt.quantization.op_types), batch_size=8)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -106,7 +105,8 @@ def worker(tool: str, name: str, folder: Path, layer_report: bool) -> None:
             quantize_static(str(folder / "fp32.onnx"), str(folder / "ort.onnx"), Reader(),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # this process's own high-water mark: ru_maxrss would carry the parent's, inherited through fork and exec
+    rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) * 1024
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": rss}))
 
 

@@ -50,3 +50,36 @@ def test_long_lines_are_cut_outside_expressions():
     cut = clip_line(guard)
     assert cut.endswith(" …") and cut.count("(") == cut.count(")") and len(cut) < 450
     assert clip_line("short line") == "short line"
+
+
+def test_module_whose_export_specializes_the_batch_is_exported_at_batch_1(tmp_path, caplog):
+    """Shape-dependent code (here a branch on the batch size, as detection heads cache anchors per shape) makes
+    torch.export keep the tracing batch of 2: the bundle would refuse single frames, so the export is redone
+    at batch 1, with a warning, and calibrates and checks in batches of 1."""
+    import logging
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import edgequant
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8 * 6 * 6, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            if x.shape[0] == 2:
+                y = y * 1.0
+            return self.fc(y.flatten(1))
+
+    x = np.random.default_rng(0).uniform(0, 1, (30, 3, 8, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="edgequant"):
+        b = edgequant.export(Cached().eval(), x, out=tmp_path / "b", progress=False)
+    assert b.manifest["inputs"][0]["shape"] == [1, 3, 8, 8]
+    assert any("does not stay dynamic" in r.getMessage() for r in caplog.records)
+    assert b.report["fidelity"][0]["samples"] == 6 and b.report["fidelity"][0]["cosine"] > 0.99

@@ -149,10 +149,27 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], *, opset: int, dynamic_
         for h in hooks:
             h.remove()
     model = program.model_proto
+    if dynamic_batch and _batch_specialized(model, kwargs, batch):
+        # torch.export kept the traced batch (shape-dependent code, e.g. a detection head's anchor cache): a
+        # model fixed at the tracing batch of 2 would refuse the single frames a robot sends, so export at 1
+        log.warning("%s's batch axis does not stay dynamic when exported (its code specializes it): exporting "
+                    "with a fixed batch of 1", type(module).__name__)
+        return to_onnx(module, example, opset=opset, dynamic_batch=False,
+                       custom_translation_table=custom_translation_table)
     if model.ByteSize() > 2_000_000_000:
         raise ExportError(f"{type(module).__name__} exports to {model.ByteSize() / 1e9:.1f} GB: ONNX files over 2 GB "
                           "need external data; export it yourself with external_data=True and pass the .onnx folder")
     return model
+
+
+def _batch_specialized(model: onnx.ModelProto, kwargs: dict, batch: int) -> bool:
+    """Whether an exported input's first axis came out as the fixed tracing batch instead of a symbol."""
+    for inp in model.graph.input:
+        if inp.name in kwargs:
+            dims = inp.type.tensor_type.shape.dim
+            if dims and not dims[0].dim_param and dims[0].dim_value == batch:
+                return True
+    return False
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -81,7 +81,7 @@ def fp32_passes(run: Run) -> None:
         from ..transforms.channel_pad import pad_depthwise_channels, pad_input_channels
 
         work, report["padded_depthwise"] = pad_depthwise_channels(work, q.depthwise_channel_align)
-        work, report["padded_inputs"] = pad_input_channels(work, q.input_channel_align)
+        work, report["padded_inputs"] = pad_input_channels(work, q.input_channel_align, spread=q.pair_saturation)
     run.work = work
     run.parts["algorithms"] = report
 

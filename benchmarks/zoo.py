@@ -40,6 +40,7 @@ MODELS = {  # name: (kind, input size)
     "lraspp_mobilenet_v3_large": ("segment", 224),
     "deeplabv3_mobilenet_v3_large": ("segment", 224),
     "yolov8n": ("detect", 640),
+    "ssdlite320_mobilenet_v3_large": ("ssd", 320),
 }
 TOOLS = ("edgequant", "ort", "nncf")
 CALIB, HELD = 160, 64  # edgequant holds out every 5th of the 160: all tools calibrate on the same 128
@@ -121,7 +122,10 @@ def _run_tool(tool: str, name: str, folder: Path, layer_report: bool) -> dict:
     return {"ok": False, "error": err[:160]}
 
 
-def _fidelity(kind: str, ref: np.ndarray, got: np.ndarray) -> dict:
+def _fidelity(kind: str, ref, got) -> dict:
+    if kind == "ssd":
+        return _fidelity_parts(ref, got)
+    ref, got = ref[0], got[0]
     err = float(((ref - got) ** 2).sum())
     out = {"sqnr_db": round(10 * np.log10(float((ref ** 2).sum()) / err), 2) if err > 0 else float("inf")}
     if kind == "classify":
@@ -135,6 +139,17 @@ def _fidelity(kind: str, ref: np.ndarray, got: np.ndarray) -> dict:
     return out
 
 
+def _fidelity_parts(ref: list, got: list) -> dict:
+    """SSD-style (box regression, class logits): each output's SQNR, and how many anchors keep their class."""
+    def sqnr(r, g):
+        e = float(((r - g) ** 2).sum())
+        return round(10 * np.log10(float((r ** 2).sum()) / e), 2) if e > 0 else float("inf")
+
+    (ref_b, ref_c), (got_b, got_c) = ref[:2], got[:2]
+    return {"sqnr_db": sqnr(ref_c, got_c), "box_sqnr_db": sqnr(ref_b, got_b),
+            "anchors": float((ref_c.argmax(-1) == got_c.argmax(-1)).mean())}
+
+
 def _detections(fp32, model, held: np.ndarray) -> float | None:
     from edgequant.check.detection import detection_agreement
 
@@ -145,7 +160,7 @@ def _detections(fp32, model, held: np.ndarray) -> float | None:
     return entry["agreement"]
 
 
-def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
+def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -154,7 +169,8 @@ def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
     batch = max(1, s.get_inputs()[0].shape[0] if isinstance(s.get_inputs()[0].shape[0], int) else 1)
-    return np.concatenate([s.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x) - batch + 1, batch)])
+    runs = [s.run(None, {name: x[i:i + batch]}) for i in range(0, len(x) - batch + 1, batch)]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
 
 
 def run_model(name: str, tools, runs: int, layer_report: bool) -> dict:
@@ -215,12 +231,13 @@ def _table(rows: list[dict], cpu: str) -> str:
             if not r["ok"]:
                 lines.append(f"{row['model']:30s} {tool:10s} no  {r['error']}")
                 continue
-            agree = r.get("top1", r.get("pixels", r.get("detections")))
+            agree = r.get("top1", r.get("pixels", r.get("detections", r.get("anchors"))))
             lines.append(f"{row['model']:30s} {tool:10s} yes {r['seconds']:7.1f} {r['peak_rss'] / 2**30:7.2f} "
                          f"{r.get('float_left', '-'):>5} {r.get('latency_ratio', float('nan')):9.3f} "
                          f"{'-' if agree is None else f'{100 * agree:6.1f}%':>7s} {r.get('sqnr_db', float('nan')):7.2f}")
     lines.append("agree: top-1 agreement with fp32 (classifiers), per-pixel argmax agreement (segmentation), "
-                 "detection agreement (detector; SQNR of its class-score rows)")
+                 "detection agreement (detector; SQNR of its class-score rows), anchors keeping their argmax class "
+                 "(SSD head; SQNR of its class logits)")
     det = [(row["model"], t, r.get("box_sqnr_db")) for row in rows for t, r in row.get("tools", {}).items()
            if r.get("ok") and r.get("box_sqnr_db") is not None]
     if det:

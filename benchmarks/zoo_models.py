@@ -117,6 +117,10 @@ def torchvision_model(name: str, size: int = 224, seed: int = 0):
     if name in ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"):
         inner = getattr(tv.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=21)
         model = _SegOut(inner)
+    elif name == "ssdlite320_mobilenet_v3_large":
+        inner = tv.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                  num_classes=91)
+        model = _SSDHead(inner)
     else:
         model = getattr(tv.models, name)(weights=None)
     return _recalibrate_bn(model, crops(64, size, seed=seed + 100))
@@ -138,3 +142,21 @@ def _seg_wrapper():
 
 def _SegOut(inner):  # noqa: N802 - a class built lazily so that importing this module does not import torch
     return _seg_wrapper()(inner)
+
+
+def _SSDHead(inner):  # noqa: N802
+    """torchvision's SSDLite without its transform and box decoding/NMS (Python code that does not export):
+    backbone + head on a normalised 320×320 image → (box regression (N, anchors, 4), class logits (N, anchors,
+    91)), the two outputs an SSD-style head has."""
+    import torch
+
+    class SSDHead(torch.nn.Module):
+        def __init__(self, ssd):
+            super().__init__()
+            self.backbone, self.head = ssd.backbone, ssd.head
+
+        def forward(self, x):
+            out = self.head(list(self.backbone(x).values()))
+            return out["bbox_regression"], out["cls_logits"]
+
+    return SSDHead(inner)

@@ -56,3 +56,19 @@ def test_qat_selftest_on_aarch64(qat_example, aarch64_python):
     assert bundle.report["source"] == "qat"
     verdict, samples, agreement, steps = selftest_on_arm(aarch64_python, bundle.path)
     assert (verdict, samples, agreement) == ("PASS", 16, 100.0) and steps <= 1.0, steps
+
+
+def test_mobile_block_selftest_on_aarch64(tmp_path, aarch64_python):
+    """generic-cpu's kernel rewrites — a depthwise region padded to 80 channels, the RGB input spread to 8, the
+    HardSigmoids as int8 Adds — compute on ARM what the exporter checked on x86."""
+    import numpy as np
+
+    import edgequant
+    from test_mobile_kernels import _mobile_block
+
+    x = np.random.default_rng(0).uniform(0, 1, (48, 3, 32, 32)).astype(np.float32)
+    bundle = edgequant.export(_mobile_block(), x, out=tmp_path / "mobile", progress=False)
+    algo = bundle.report["algorithms"]
+    assert algo["padded_depthwise"] and algo["padded_inputs"][0]["spread"]
+    verdict, samples, agreement, steps = selftest_on_arm(aarch64_python, bundle.path)
+    assert (verdict, samples, agreement) == ("PASS", 9, 100.0) and steps <= 1.0, steps

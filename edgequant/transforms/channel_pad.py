@@ -172,12 +172,11 @@ def pad_depthwise_channels(model: onnx.ModelProto, align: int) -> tuple[onnx.Mod
         if roles is None:
             log.info("depthwise %s (%d channels) left unpadded: its channels reach beyond convolutions", dw.name, c)
             continue
-        ok = all(_fits(g, nodes[n], r, c) for n, r in roles.items())
-        if not ok:
+        if not all(_fits(g, nodes[n], r, c) for n, r in roles.items()):
             continue
         target = -(-c // align) * align
-        for name, r in roles.items():
-            node = nodes[name]
+        for k, r in roles.items():
+            node = nodes[k]
             if "dw" in r:
                 _pad_weight(g, node, 0, target, new_inits, dropped, bias=True)
                 for a in node.attribute:
@@ -198,7 +197,7 @@ def pad_depthwise_channels(model: onnx.ModelProto, align: int) -> tuple[onnx.Mod
         del out.graph.initializer[:]
         out.graph.initializer.extend(keep_inits)
         log.info("padded %d depthwise convolutions to multiples of %d channels", len(padded), align)
-    return out, padded
+    return (out if padded else model), padded
 
 
 def _candidates(model: onnx.ModelProto, align: int) -> bool:

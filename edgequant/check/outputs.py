@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .metrics import sqnr_from_sums
+
 __all__ = ["ARGMAX_FLOOR", "CORRELATION_FLOOR", "COSINE_FLOOR", "PART_SQNR_FLOOR_DB", "OutputAgreement",
            "Part", "gate_message", "gross_failures"]
 
@@ -39,13 +41,6 @@ ARGMAX_FLOOR = 0.5
 ARGMAX_SQNR_DB = 10.0
 RANGE_GAP = 10.0
 MAX_PART_AXIS = 4096
-MAX_SQNR_DB = 200.0
-
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise <= 0.0 or signal <= 0.0:
-        return MAX_SQNR_DB if noise <= 0.0 else -MAX_SQNR_DB
-    return float(min(MAX_SQNR_DB, max(-MAX_SQNR_DB, 10.0 * math.log10(signal / noise))))
 
 
 @dataclass
@@ -101,7 +96,7 @@ class _Sums:
             corr = 0.0
         else:
             corr = float(np.clip(cov / math.sqrt(vx * vy), -1.0, 1.0))
-        return _sqnr(sxx, sdd), corr, float(self.err[idx].max()), float(self.amax[idx].max()), constant
+        return sqnr_from_sums(sxx, sdd), corr, float(self.err[idx].max()), float(self.amax[idx].max()), constant
 
 
 @dataclass

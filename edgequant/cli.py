@@ -363,6 +363,7 @@ def summary(report: dict, path: Path) -> str:
         lines.append(f"weights  {w['layers']} MatMul weights {w['bits']}-bit in blocks of {w['block_size']} "
                      f"({w['method']}): {format_bytes(w['fp32_bytes'])} -> {format_bytes(w['quantized_bytes'])} "
                      f"({100 * w['ratio']:.1f}%)")
+    lines += _kernel_choice_lines(report)
     k = report.get("kernels")
     if k:
         ops = ", ".join(f"{op} {n}" for op, n in k["int8"].items()) or "none"
@@ -388,6 +389,21 @@ def summary(report: dict, path: Path) -> str:
 
         lines += describe(report["accuracy_budget"])
     return "\n".join(lines)
+
+
+def _kernel_choice_lines(report: dict) -> list[str]:
+    """The graph changes made for the target's fast int8 kernels (docs/targets.md), as one line, or none."""
+    a = report.get("algorithms") or {}
+    parts = []
+    dw = a.get("padded_depthwise") or []
+    if dw:
+        parts.append(f"{len(dw)} depthwise convolution{'s' * (len(dw) > 1)} padded to "
+                     f"{', '.join(sorted({str(d['padded']) for d in dw}, key=int))} channels")
+    parts += [f"input {i['input']} padded from {i['channels']} to {i['padded']} channels" for i in
+              a.get("padded_inputs") or []]
+    if a.get("int8_hardsigmoid"):
+        parts.append(f"{a['int8_hardsigmoid']} HardSigmoid as int8 Add")
+    return [f"kernels  for the target's int8 kernels: {'; '.join(parts)}"] if parts else []
 
 
 def _arithmetic_lines(report: dict) -> list[str]:

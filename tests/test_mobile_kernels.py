@@ -153,3 +153,12 @@ def test_hardsigmoid_add_matches_the_float_op_on_every_code():
         got = session(model, level="basic").run(None, {"q": codes})[0]
         assert np.abs(got - want).max() <= 0.5 / 255 + 1e-6, np.abs(got - want).max()
         assert got.min() == 0.0 and got.max() == pytest.approx(1.0)
+
+
+def test_export_summary_names_the_kernel_choices(mobile_bundle):
+    from edgequant.cli import summary
+
+    assert mobile_bundle.report["algorithms"]["int8_hardsigmoid"] == 4
+    line = next(l for l in summary(mobile_bundle.report, mobile_bundle.path).splitlines() if l.startswith("kernels"))
+    assert line == ("kernels  for the target's int8 kernels: 1 depthwise convolution padded to 80 channels; "
+                    "input x padded from 3 to 8 channels; 4 HardSigmoid as int8 Add"), line

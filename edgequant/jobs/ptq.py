@@ -242,5 +242,9 @@ def settings(run: Run) -> None:
     run.settings = {"source": "ptq", "method": run.method, "calibration_samples": len(run.calib),
                     **tgt.to_dict()["quantization"]}
     run.parts.update(report_parts(run))
+    if tgt.quantization.int8_hardsigmoid:
+        from ..quantize.hardsigmoid import count_int8_hardsigmoid
+
+        run.parts["algorithms"]["int8_hardsigmoid"] = count_int8_hardsigmoid(run.int8)
     run.parts["calibration"] = {"data": run.samples.source, "samples": len(run.calib), "tensors": len(run.ranges),
                                 "float_tensors": skip_absurd_ranges(run.ranges)[1]}

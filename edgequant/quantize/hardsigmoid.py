@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["int8_hardsigmoid"]
+__all__ = ["count_int8_hardsigmoid", "int8_hardsigmoid"]
 
 log = logging.getLogger(__name__)
 
 _QMIN = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128}
+_SUFFIX = "_as_add"  # the name of each Add that stands for a HardSigmoid
 
 
 def int8_hardsigmoid(model: onnx.ModelProto) -> int:
@@ -75,7 +76,7 @@ def int8_hardsigmoid(model: onnx.ModelProto) -> int:
         const = helper.make_node("DequantizeLinear", [f"{tag}_shift_q", f"{tag}_shift_scale", f"{tag}_zero_point"],
                                  [f"{tag}_shift"], name=f"{tag}_shift_dq")
         add = helper.make_node("Add", [h.input[0], f"{tag}_shift"], [h.output[0]],
-                               name=f"{h.name or h.output[0]}_as_add")
+                               name=f"{h.name or h.output[0]}{_SUFFIX}")
         detached |= {q.input[1], q.input[2], *(i for r in readers for i in r.input[1:3])}
         q.input[1], q.input[2] = f"{tag}_sum_scale", f"{tag}_zero_point"
         for r in readers:
@@ -93,3 +94,8 @@ def int8_hardsigmoid(model: onnx.ModelProto) -> int:
         g.initializer.extend(keep + added)
         log.info("%d HardSigmoid run as int8 Add", len(replaced))
     return len(replaced)
+
+
+def count_int8_hardsigmoid(model: onnx.ModelProto) -> int:
+    """How many HardSigmoids of ``model`` run as an int8 Add (for the report)."""
+    return sum(n.op_type == "Add" and n.name.endswith(_SUFFIX) for n in model.graph.node)

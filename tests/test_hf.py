@@ -89,7 +89,7 @@ def test_static_int8_matches_fp32_on_held_out_sentences(minilm_bundle, held_out,
     assert not set(sentences[0]) & set(sentences[1])  # held-out sentences were never calibrated on
     agree = _agreement(minilm_bundle, held_out)
     assert agree["samples"] == 64
-    assert agree["cosine"] >= 0.997, agree
+    assert agree["cosine"] >= 0.9975, agree  # 0.99801 measured (32 calibration sentences; 64 give 0.99822)
     assert agree["spearman_pairwise"] >= 0.99, agree
     kernels = minilm_bundle.report["kernels"]
     assert kernels["int8"] == {"MatMulIntegerToFloat": 36}  # 6 layers × (Q, K, V, out, FFN in, FFN out)

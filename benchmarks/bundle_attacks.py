@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant._runtime import edgequant_runtime as rt
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DIGITS = ROOT / "examples" / "digits"
@@ -542,7 +544,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     import edgequant
-    from edgequant._runtime import edgequant_runtime as rt
     from edgequant.bundle.core import write_bundle
 
     main()

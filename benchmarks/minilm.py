@@ -45,7 +45,7 @@ feeds = TextInputs(bundle).encode(split()[0][:count])
 samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
 before = hwm()
 t = time.perf_counter()
-stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask", rows=True)
+stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
 tgt = encoder_target(load_target(target))

@@ -123,30 +123,28 @@ def _run_tool(tool: str, name: str, folder: Path, layer_report: bool) -> dict:
 
 
 def _fidelity(kind: str, ref, got) -> dict:
+    from edgequant.check.metrics import sqnr_db
+
     if kind == "ssd":
         return _fidelity_parts(ref, got)
     ref, got = ref[0], got[0]
-    err = float(((ref - got) ** 2).sum())
-    out = {"sqnr_db": round(10 * np.log10(float((ref ** 2).sum()) / err), 2) if err > 0 else float("inf")}
+    out = {"sqnr_db": round(sqnr_db(ref, got), 2)}
     if kind == "classify":
         out["top1"] = float((ref.argmax(1) == got.argmax(1)).mean())
     elif kind == "segment":
         out["pixels"] = float((ref.argmax(1) == got.argmax(1)).mean())
     elif kind == "detect":  # rows 0:4 boxes, 4: class scores
         for part, sl in (("box_sqnr_db", slice(0, 4)), ("sqnr_db", slice(4, None))):
-            e = float(((ref[:, sl] - got[:, sl]) ** 2).sum())
-            out[part] = round(10 * np.log10(float((ref[:, sl] ** 2).sum()) / e), 2) if e > 0 else float("inf")
+            out[part] = round(sqnr_db(ref[:, sl], got[:, sl]), 2)
     return out
 
 
 def _fidelity_parts(ref: list, got: list) -> dict:
     """SSD-style (box regression, class logits): each output's SQNR, and how many anchors keep their class."""
-    def sqnr(r, g):
-        e = float(((r - g) ** 2).sum())
-        return round(10 * np.log10(float((r ** 2).sum()) / e), 2) if e > 0 else float("inf")
+    from edgequant.check.metrics import sqnr_db
 
     (ref_b, ref_c), (got_b, got_c) = ref[:2], got[:2]
-    return {"sqnr_db": sqnr(ref_c, got_c), "box_sqnr_db": sqnr(ref_b, got_b),
+    return {"sqnr_db": round(sqnr_db(ref_c, got_c), 2), "box_sqnr_db": round(sqnr_db(ref_b, got_b), 2),
             "anchors": float((ref_c.argmax(-1) == got_c.argmax(-1)).mean())}
 
 

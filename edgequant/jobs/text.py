@@ -43,7 +43,7 @@ from ..graph.sessions import checked_with
 from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
 from ..targets import Target
-from ..transforms.smooth import channel_ranges, channel_stats, smooth_graph
+from ..transforms.smooth import channel_stats, smooth_graph
 from .stages import Run, report_parts
 
 __all__ = ["activation_products", "check", "dynamic_int8", "encoder_target", "input_names", "linear_inputs", "load",
@@ -109,7 +109,7 @@ def quantize(run: Run) -> None:
         inputs = input_names(fp32)
         mask = "attention_mask" if "attention_mask" in inputs else None
         stats, rows = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH),
-                                          cfg.progress, mask, rows=True)
+                                          cfg.progress, mask)
         q = encoder_target(tgt).quantization
         smoothed, ranges, _, alphas = smooth_graph(fp32, stats, alpha="auto", rows=rows,
                                                    weight_levels=64 if q.reduce_range or q.pair_saturation else 127)
@@ -237,13 +237,11 @@ def encoder_target(tgt: Target) -> Target:
     return dataclasses.replace(tgt, quantization=dataclasses.replace(q, op_types=ops))
 
 
-def text_channel_ranges(fp32, calib, tensors, batch_size, progress, mask, rows: bool = False):
-    """Per-channel ranges of ``tensors`` on the calibration texts [+ activation rows for the α search]."""
+def text_channel_ranges(fp32, calib, tensors, batch_size, progress, mask):
+    """Per-channel ranges of ``tensors`` on the calibration texts, and activation rows for the α search."""
     with progress_bar(total=len(calib), desc="calibrating (per-channel minmax)", unit="sample",
                       disable=not progress, leave=False) as bar:
-        if rows:
-            return channel_stats(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
-        return channel_ranges(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
+        return channel_stats(fp32, calib, tensors, batch_size=batch_size, progress=bar.update, mask_input=mask)
 
 
 def _alpha_summary(alphas: dict[str, float]) -> dict[str, object]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.int8_numerics  # padded kernels and the int8 Add run on the host's fused kernels
+
 
 def _mobile_block():
     """A MobileNetV3-style network: stem, an inverted residual with 72 expanded channels (not a multiple of 16),

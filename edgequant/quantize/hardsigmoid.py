@@ -18,11 +18,11 @@ QuantizeLinear (and that by DequantizeLinears only), is left as it is.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from ..graph.index import consumers, producers
 
 __all__ = ["count_int8_hardsigmoid", "int8_hardsigmoid"]
 
@@ -37,11 +37,7 @@ def int8_hardsigmoid(model: onnx.ModelProto) -> int:
     g = model.graph
     nodes = list(g.node)
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in nodes:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, read_by = producers(g), consumers(g)
     outputs = {o.name for o in g.output}
     replaced: dict[int, list[onnx.NodeProto]] = {}
     added: list[onnx.TensorProto] = []
@@ -52,13 +48,13 @@ def int8_hardsigmoid(model: onnx.ModelProto) -> int:
         alpha = next((a.f for a in h.attribute if a.name == "alpha"), 0.2)
         beta = next((a.f for a in h.attribute if a.name == "beta"), 0.5)
         src = producer.get(h.input[0])
-        users = consumers.get(h.output[0], [])
+        users = read_by.get(h.output[0], [])
         if alpha <= 0 or beta <= 0 or src is None or src.op_type != "DequantizeLinear" or h.output[0] in outputs:
             continue
         if len(users) != 1 or users[0].op_type != "QuantizeLinear" or len(users[0].input) < 3:
             continue
         q = users[0]
-        readers = consumers.get(q.output[0], [])
+        readers = read_by.get(q.output[0], [])
         if not readers or q.output[0] in outputs or any(r.op_type != "DequantizeLinear" for r in readers):
             continue
         zp = inits.get(q.input[2])
@@ -88,7 +84,7 @@ def int8_hardsigmoid(model: onnx.ModelProto) -> int:
             rebuilt.extend(replaced.get(k, [n]))
         del g.node[:]
         g.node.extend(rebuilt)
-        used = {i for n in g.node for i in n.input}
+        used = consumers(g)
         keep = [i for i in g.initializer if i.name in used or i.name not in detached]
         del g.initializer[:]
         g.initializer.extend(keep + added)

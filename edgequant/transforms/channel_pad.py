@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..graph.index import consumers, producers
+
 __all__ = ["pad_depthwise_channels", "pad_input_channels"]
 
 log = logging.getLogger(__name__)
@@ -53,11 +55,7 @@ class _Graph:
         self.nodes = list(g.node)  # one wrapper per node, so that id() names it (nodes may have no name)
         self.pos = {id(n): k for k, n in enumerate(self.nodes)}
         self.inits = {i.name: i for i in g.initializer}
-        self.producer = {o: n for n in self.nodes for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in self.nodes:
-            for i in n.input:
-                self.consumers[i].append(n)
+        self.producer, self.consumers = producers(g), consumers(g)
         self.boundary = {o.name for o in g.output} | {i.name for i in g.input}
 
     def dims(self, name: str) -> tuple:
@@ -205,7 +203,7 @@ def _candidates(model: onnx.ModelProto, align: int) -> bool:
 
 def _prune(model: onnx.ModelProto, added: list[onnx.TensorProto], replaced: set[str]) -> None:
     """Append the ``added`` initializers; drop those in ``replaced`` that no node reads any more."""
-    used = {i for n in model.graph.node for i in n.input}
+    used = consumers(model.graph)
     keep = [i for i in [*model.graph.initializer, *added] if i.name in used or i.name not in replaced]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -293,7 +291,7 @@ def pad_input_channels(model: onnx.ModelProto, align: int, *, spread: bool = Fal
             new_inits.append(numpy_helper.from_array(np.array(place, np.int64), index))
             front.append(helper.make_node("Gather", [pad_out, index], [padded_name], name=f"{padded_name}_spread",
                                           axis=1))
-        for u in g.consumers[name]:
+        for u in g.consumers.get(name, []):
             w = numpy_helper.to_array(g.inits[u.input[1]])
             wide = np.zeros((w.shape[0], target, *w.shape[2:]), w.dtype)
             for k, src in enumerate(place):

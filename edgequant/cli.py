@@ -364,6 +364,8 @@ def summary(report: dict, path: Path) -> str:
                      f"({w['method']}): {format_bytes(w['fp32_bytes'])} -> {format_bytes(w['quantized_bytes'])} "
                      f"({100 * w['ratio']:.1f}%)")
     lines += _kernel_choice_lines(report)
+    lines += [f"undone   rewrite {r['name']}: {r['reason']}" for r in report.get("passes") or []
+              if r["outcome"] == "undone"]
     k = report.get("kernels")
     if k:
         ops = ", ".join(f"{op} {n}" for op, n in k["int8"].items()) or "none"

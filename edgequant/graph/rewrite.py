@@ -13,13 +13,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["drop_unused_initializers", "global_average_pool", "rewrite_for_int8"]
+__all__ = ["drop_unused_initializers", "global_average_pool", "rewrite_for_int8", "spatial_reduce_means"]
 
 log = logging.getLogger(__name__)
 
 
 def _spatial_axes(node: ir.Node, rank: int) -> bool:
     """True if ``node`` (ReduceMean) reduces exactly axes 2..rank-1 of a rank ≥ 3 input."""
+    if rank < 3:  # unknown (0) or no spatial axes
+        return False
     axes = None
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         const = ir.convenience.get_const_tensor(node.inputs[1])
@@ -34,12 +36,11 @@ def _spatial_axes(node: ir.Node, rank: int) -> bool:
     return rank >= 3 and norm == list(range(2, rank))
 
 
-def global_average_pool(model: ir.Model) -> int:
-    """ReduceMean over all spatial axes (keepdims=1) → GlobalAveragePool; keepdims=0 adds a Flatten.
-    Returns how many nodes were rewritten."""
-    count = 0
-    graph = model.graph
-    for node in list(graph):
+def spatial_reduce_means(graph: ir.Graph) -> list[ir.Node]:
+    """The ReduceMean nodes of ``graph`` that average over all spatial axes (what :func:`global_average_pool`
+    rewrites)."""
+    found = []
+    for node in graph:
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
             continue
         x = node.inputs[0]
@@ -48,6 +49,17 @@ def global_average_pool(model: ir.Model) -> int:
             continue
         if "noop_with_empty_axes" in node.attributes and node.attributes["noop_with_empty_axes"].value:
             continue
+        found.append(node)
+    return found
+
+
+def global_average_pool(model: ir.Model) -> int:
+    """ReduceMean over all spatial axes (keepdims=1) → GlobalAveragePool; keepdims=0 adds a Flatten.
+    Returns how many nodes were rewritten."""
+    count = 0
+    graph = model.graph
+    for node in spatial_reduce_means(graph):
+        x = node.inputs[0]
         keepdims = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
         gap = ir.Node("", "GlobalAveragePool", inputs=[x], name=f"{node.name}_gap")
         new_nodes = [gap]

@@ -16,7 +16,8 @@ from ..check.fidelity import fidelity
 from ..check.outputs import gate_message, gross_failures
 from ..errors import DataError, FidelityError
 from ..frontend.torch_export import convert_opset, prepare_fp32
-from ..graph.rewrite import rewrite_for_int8
+from ..graph.passes import (REGISTRY, BiasCorrection, Equalize, GlobalAveragePool, HardSigmoidAdd, PadDepthwise,
+                            PadInput, PassRecord, PassRun, SmoothQuant)
 from ..graph.sessions import host_would_differ
 from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
@@ -33,19 +34,41 @@ DETECT_RUNTIME = "edgequant_detect.py"
 
 
 def prepare(raw: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """The exported graph → what PTQ quantizes: ORT's basic optimizations, the int8-friendly rewrites, the opset."""
-    return convert_opset(rewrite_for_int8(prepare_fp32(raw)), opset)
+    """The exported graph → ORT's basic optimizations at the opset (the int8-friendly rewrites follow in
+    :func:`fp32_graph`, as verified passes)."""
+    return convert_opset(prepare_fp32(raw), opset)
 
 
 def fp32_graph(run: Run) -> None:
-    """The model → the fp32 reference graph, traced with a dynamic batch axis (shapes are fixed at the end). An
-    .onnx whose batch axis is fixed runs in batches of exactly that size."""
+    """The model → the fp32 reference graph, traced with a dynamic batch axis (shapes are fixed at the end), with
+    the int8-friendly rewrites that every target takes (GlobalAveragePool). An .onnx whose batch axis is fixed
+    runs in batches of exactly that size."""
     to_fp32(run, dynamic_batch=True, prepare=prepare)
     fixed = fixed_batch(run.fp32)
     if fixed:
         run.calib, run.holdout = _fit_fixed_batch(run.calib, fixed, "calibration"), \
             _fit_fixed_batch(run.holdout, fixed, "held-out")
         run.fixed_batch = fixed
+    run.fp32, _ = _pass_run(run).run(run.fp32, [GlobalAveragePool()])
+    run.work = run.fp32
+
+
+def _pass_run(run: Run, **kwargs: Any) -> PassRun:
+    """A PassRun on the calibration samples whose records go into the report's ``passes`` part."""
+    return PassRun(run.calib, batch_size=run.batch_size, fixed=bool(run.fixed_batch), on_record=_recorder(run),
+                   **kwargs)
+
+
+def _recorder(run: Run):
+    """A PassRecord → the report's ``passes`` rows, one per pass (a later record of a pass replaces the earlier
+    one), in pipeline order."""
+    order = [cls.name for cls in REGISTRY]
+
+    def note(record: PassRecord) -> None:
+        rows = [r for r in run.parts.get("passes") or [] if r["name"] != record.name]
+        run.parts["passes"] = sorted([*rows, record.to_dict()], key=lambda r: order.index(r["name"]))
+
+    return note
 
 
 def _fit_fixed_batch(samples: Any, fixed: int, what: str) -> Any:
@@ -64,25 +87,26 @@ def _fit_fixed_batch(samples: Any, fixed: int, what: str) -> Any:
 
 def fp32_passes(run: Run) -> None:
     """The fp32 rewrites that keep the function (equalization, SmoothQuant, depthwise channels padded to the
-    target's kernels) → the graph to quantize."""
-    from ..transforms.algorithms import equalize_cross_layer, smooth_quant
-
-    algo = run.config.algorithms
+    target's kernels), each verified on calibration samples (edgequant.graph.passes) → the graph to quantize."""
+    algo, q = run.config.algorithms, run.target.quantization
     report: dict[str, Any] = algo.to_dict()
-    work = run.fp32
+    passes: list = []
     if algo.equalize:
-        work, report["equalized_pairs"] = equalize_cross_layer(work)
+        passes.append(Equalize())
     if algo.smooth_quant:
-        work, report["smoothed_activations"] = smooth_quant(work, run.calib, alpha=algo.smooth_quant_alpha,
-                                                            batch_size=run.batch_size,
-                                                            limit=algo.max_samples)
-    q = run.target.quantization
-    if q.depthwise_channel_align or q.input_channel_align:
-        from ..transforms.channel_pad import pad_depthwise_channels, pad_input_channels
-
-        work, report["padded_depthwise"] = pad_depthwise_channels(work, q.depthwise_channel_align)
-        work, report["padded_inputs"] = pad_input_channels(work, q.input_channel_align, spread=q.pair_saturation)
-    run.work = work
+        passes.append(SmoothQuant(run.calib, alpha=algo.smooth_quant_alpha, batch_size=run.batch_size,
+                                  limit=algo.max_samples))
+    padding = bool(q.depthwise_channel_align or q.input_channel_align)
+    if padding:
+        passes += [PadDepthwise(q.depthwise_channel_align), PadInput(q.input_channel_align, spread=q.pair_saturation)]
+    run.work, done = _pass_run(run).run(run.fp32, passes) if passes else (run.fp32, {})
+    if algo.equalize:
+        report["equalized_pairs"] = done.get(Equalize.name, 0)
+    if algo.smooth_quant:
+        report["smoothed_activations"] = done.get(SmoothQuant.name, 0)
+    if padding:
+        report["padded_depthwise"] = done.get(PadDepthwise.name, [])
+        report["padded_inputs"] = done.get(PadInput.name, [])
     run.parts["algorithms"] = report
 
 
@@ -106,15 +130,16 @@ def calibrate(run: Run) -> None:
             run.ranges = streaming_calibrate(run.work, run.calib, tensors, method=method, batch_size=batch,
                                              progress=bar.update)
     run.quantize_fn = _quantizer(run.work, tgt, cfg.algorithms, run.calib, batch, run.ranges,
-                                 cfg.calibration.exclude_nodes, fixed=bool(run.fixed_batch))
+                                 cfg.calibration.exclude_nodes, fixed=bool(run.fixed_batch),
+                                 on_record=_recorder(run), level=run.checked.level)
 
 
 def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, batch_size: int, ranges: dict,
-               exclude_nodes: Sequence[str], fixed: bool = False):
-    """(ranges, float nodes) → int8 model, with the post-quantization algorithms applied. On targets whose
-    kernels saturate u8·s8 pair sums, the weight ranges are measured once here on the calibration data."""
-    from ..quantize.bias_correction import correct_bias
-    from ..quantize.hardsigmoid import int8_hardsigmoid
+               exclude_nodes: Sequence[str], fixed: bool = False, on_record: Any = None, level: str = "all"):
+    """(ranges, float nodes) → int8 model, with the post-quantization rewrites applied as passes verified on the
+    first int8 graph (edgequant.graph.passes; ``on_record`` gets their records, ``level`` is the arithmetic
+    they are checked in). On targets whose kernels saturate u8·s8 pair sums, the weight ranges are measured once
+    here on the calibration data."""
     from ..transforms.smooth import smooth_muls
 
     keep_float = smooth_muls(work)
@@ -127,13 +152,16 @@ def _quantizer(work: onnx.ModelProto, tgt: Any, algo: Algorithms, calib: Any, ba
                                symmetric_activations=tgt.quantization.activation_symmetric,
                                **({"batch_size": batch_size} if fixed else {}))  # a fixed batch runs in no other
 
+    passes: list = []
+    if tgt.quantization.int8_hardsigmoid:
+        passes.append(HardSigmoidAdd())
+    if algo.bias_correction:
+        passes.append(BiasCorrection(work, calib, batch_size=batch_size, limit=algo.max_samples))
+    checker = PassRun(calib, batch_size=batch_size, fixed=fixed, level=level, reference=work, on_record=on_record)
+
     def run(ranges, exclude):
         int8 = qdq_quantize(work, ranges, tgt, exclude_nodes=[*exclude, *keep_float], limits=limits)
-        if tgt.quantization.int8_hardsigmoid:
-            int8_hardsigmoid(int8)
-        if algo.bias_correction:
-            int8, _ = correct_bias(work, int8, calib, batch_size=batch_size, limit=algo.max_samples)
-        return int8
+        return checker.run(int8, passes)[0] if passes else int8
 
     return run
 

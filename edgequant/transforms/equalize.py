@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["equalize_cross_layer"]
+__all__ = ["conv_pairs", "equalize_cross_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return vals[0], vals[1]
 
 
-def _pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node | None, ir.Node]]:
+def conv_pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node | None, ir.Node]]:
     """(Conv A, activation or None, Conv B) chains whose intermediate values have no other user."""
     out = []
     for a in graph:
@@ -80,7 +80,7 @@ def equalize_cross_layer(model: onnx.ModelProto, *, sweeps: int = 8) -> tuple[on
     """fp32 ModelProto → (a new, equalized ModelProto computing the same function, number of Conv pairs)."""
     m = ir.serde.deserialize_model(model)
     graph = m.graph
-    pairs = _pairs(graph)
+    pairs = conv_pairs(graph)
     if not pairs:
         return model, 0
     w = {id(n): _weight(n, 1).astype(np.float64) for p in pairs for n in (p[0], p[2])}

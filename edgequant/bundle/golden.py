@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..graph.index import producers
+
 __all__ = ["GOLDEN", "SAMPLES", "TOLERANCE_STEPS", "add_selftest", "output_steps"]
 
 GOLDEN = "golden.npz"
@@ -28,10 +30,10 @@ TOLERANCE_STEPS = 1.0
 def output_steps(model: onnx.ModelProto) -> dict[str, float]:
     """Graph output → one quantization step: the scale of the per-tensor DequantizeLinear that produces it."""
     inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producer_of = producers(model.graph)
     steps = {}
     for out in model.graph.output:
-        node = producers.get(out.name)
+        node = producer_of.get(out.name)
         if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in inits:
             scale = onnx.numpy_helper.to_array(inits[node.input[1]])
             if scale.size == 1:

@@ -26,7 +26,7 @@ def correct_bias(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples, *, batch
     inits = init_arrays(int8)
     producer = producers(int8.graph)
     users = consumers(int8.graph)
-    fp32_values = {o for n in fp32.graph.node for o in n.output}
+    fp32_values = producers(fp32.graph)
     todo = []  # (fp32 tensor, its int8 counterpart, int32 bias initializer, bias scale)
     for node in int8.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.output[0] not in fp32_values:

@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph.index import producers
+
 __all__ = ["INT16_MAX", "WeightLimits", "pair_matrix", "pair_overflows", "safe_levels", "weight_limits"]
 
 log = logging.getLogger(__name__)
@@ -285,7 +287,7 @@ def pair_overflows(qdq: onnx.ModelProto, samples: Sequence, *, batch_size: int =
     every Conv/Gemm/MatMul fed by a uint8 activation and a constant int8 weight: what an AVX2 CPU would get
     wrong. Runs the model in exact arithmetic and reads the 8-bit activations at the Q→DQ edges."""
     inits = {i.name: i for i in qdq.graph.initializer}
-    producer = {o: n for n in qdq.graph.node for o in n.output}
+    producer = producers(qdq.graph)
     nodes: dict[str, tuple[onnx.NodeProto, np.ndarray, str, int]] = {}
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
@@ -336,7 +338,7 @@ def _u8_hulls(qdq, nodes, samples, batch_size):
 
 
 def _conv_dims(model, node, wm):
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     w = next(i for i in model.graph.initializer if i.name == producer[node.input[1]].input[0])
     return tuple(w.dims)
 

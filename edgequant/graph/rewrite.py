@@ -3,6 +3,9 @@
 - ``global_average_pool``: the dynamo exporter writes ``adaptive_avg_pool2d(x, 1)`` as ReduceMean over the
   spatial axes, which ONNX Runtime's CPU provider has no QDQ fusion for (it runs DQ → float ReduceMean → Q).
   GlobalAveragePool computes the same and fuses into QLinearGlobalAveragePool.
+
+The PTQ job runs it as the ``global-average-pool`` pass of :mod:`edgequant.graph.passes` (verified on calibration
+samples); :func:`rewrite_for_int8` is the unverified form for graphs without samples at hand.
 """
 
 from __future__ import annotations

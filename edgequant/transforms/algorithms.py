@@ -15,7 +15,8 @@
   output error on calibration samples (greedy, one sweep in graph order).
 
 Each lives in the module of its stage (:mod:`.equalize`, :mod:`edgequant.quantize.bias_correction`,
-:mod:`edgequant.calibration.auto`); this module holds the options and the SmoothQuant pass of the generic export.
+:mod:`edgequant.calibration.auto`); this module holds the options and the SmoothQuant rewrite of the generic export.
+The PTQ job runs equalization, SmoothQuant and bias correction as verified passes (:mod:`edgequant.graph.passes`).
 """
 
 from __future__ import annotations

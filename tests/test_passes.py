@@ -145,6 +145,16 @@ def test_a_pass_that_changes_nothing_costs_no_session(monkeypatch):
     assert len(made) == 2  # the graph before and after the pass, once each
 
 
+def test_a_later_graph_gets_the_first_decision_without_a_second_check(monkeypatch):
+    made = []
+    monkeypatch.setattr(gp, "session", lambda *a, **k: made.append(1) or _session(*a, **k))
+    checker, model = PassRun(samples(), batch_size=4), conv_model()
+    first, _ = checker.run(model, [PadDepthwise(16)])
+    again, details = checker.run(model, [PadDepthwise(16)])
+    assert len(made) == 2 and len(checker.records) == 1 and details["pad-depthwise"][0]["padded"] == 32
+    assert first.SerializeToString() == again.SerializeToString()
+
+
 def _session(*args, **kwargs):
     from edgequant.graph.sessions import session
 
@@ -185,6 +195,21 @@ def test_a_pass_that_raises_is_undone_and_the_next_still_runs(monkeypatch):
     assert [(r.name, r.outcome) for r in records] == [("equalize", "undone"), ("pad-depthwise", "kept")]
     assert records[0].reason == "the rewrite raised IndexError: list index out of range"
     assert list(details) == ["pad-depthwise"]
+
+
+def test_a_pass_that_renames_an_output_breaks_its_postcondition(monkeypatch):
+    original = GlobalAveragePool.apply
+
+    def rename(self, model):
+        result = original(self, model)
+        result.model.graph.outputs[0].name = "renamed"
+        return result
+
+    monkeypatch.setattr(GlobalAveragePool, "apply", rename)
+    model = conv_model()
+    out, details, (rec,) = run_one(model, GlobalAveragePool(), samples())
+    assert out is model and rec.outcome == "undone"
+    assert rec.reason == "the rewrite raised PostconditionError: global-average-pool changed the graph's outputs"
 
 
 def test_registry_order_and_the_architecture_pass_list():

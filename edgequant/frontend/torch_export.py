@@ -26,7 +26,7 @@ import onnx.version_converter
 from ..errors import ExportError, option
 from ..quiet import EXPORTER_LOGGERS, quiet
 
-__all__ = ["convert_opset", "export_fp32", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
+__all__ = ["constant_initializers", "convert_opset", "export_fp32", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +177,43 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """ONNX model → the same model at ``opset``. The dynamo exporter writes opset 18 at the lowest; older opsets
-    are reached with ONNX's converter after constant folding (it cannot move ReduceMean's axes otherwise)."""
-    if _opset(model) == opset:
+    """ONNX model → the same model at ``opset`` (its IR version raised to what that opset needs). The dynamo
+    exporter writes opset 18 at the lowest; older opsets are reached with ONNX's converter after constant folding
+    (it cannot move ReduceMean's axes otherwise), and old models (opset 7-12) are raised with it."""
+    have = _opset(model)
+    if have == opset:
         return model
     try:
         converted = onnx.version_converter.convert_version(model, opset)
+        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
+            [o for o in converted.opset_import if o.domain in ("", "ai.onnx")]))
         onnx.checker.check_model(converted)
         return converted
     except Exception as exc:  # the converter raises assorted types
-        raise ExportError(f"cannot convert the exported model from opset {_opset(model)} to {opset} "
-                          f"({_first_line(exc)}); use {option('opset', _opset(model))} or newer") from None
+        # a model newer than the target runs at its own opset where QDQ allows it; an older one has no such way
+        fix = (f"use {option('opset', have)} (the model's own opset)" if 13 <= have <= 23 else
+               f"re-export the model at opset {opset} from its source (or convert it with "
+               "onnx.version_converter yourself) and pass that file")
+        raise ExportError(f"cannot convert the model from opset {have} to {opset} ({_first_line(exc)}): "
+                          f"{fix}") from None
+
+
+def constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model that lists initializers among its graph inputs (every model before IR version 4 does; later ones
+    make them overridable that way) → a copy, at IR version 4 or newer, whose initializers are constants only:
+    graph inputs are what the data feeds, and an int8 model's weights cannot be overridden anyway. A model
+    without such inputs passes through. Left in, ONNX Runtime neither folds them nor drops their inputs when it
+    folds them away, and the opset converter then calls the weights "undefined" (ONNX model zoo, opset 9)."""
+    inits = {i.name for i in model.graph.initializer}
+    if not inits & {i.name for i in model.graph.input}:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [i for i in out.graph.input if i.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    out.ir_version = max(out.ir_version, 4)
+    return out
 
 
 def _trace_hooks(module: Any, stack: list[str]) -> list:
@@ -246,6 +272,7 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     ONNX shape inference: folded constants and BatchNorm, which is what the quantizer should see."""
     import onnxruntime as ort
 
+    model = constant_initializers(model)
     with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
         out = os.path.join(tmp, "basic.onnx")
         so = ort.SessionOptions()

@@ -46,7 +46,9 @@ def load_model(ref: Any) -> Any:
             model = onnx.load(str(path))
             onnx.checker.check_model(model)
         except Exception as exc:  # onnx raises several unrelated types
-            raise ExportError(f"{text}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+            if "model" not in locals() or not _runs(model):  # what ONNX Runtime runs is valid enough
+                raise ExportError(f"{text}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+            log.info("%s: ONNX's checker refuses it (%s) but ONNX Runtime loads it", text, _first_line(exc))
         return model
     if ":" not in text:
         raise ExportError(f"model {text!r} is not a reference: use path/to/file.py:factory, package.module:factory "
@@ -80,6 +82,19 @@ def load_model(ref: Any) -> Any:
         except Exception as exc:
             raise ExportError(f"{text}: calling {attr}() failed: {type(exc).__name__}: {exc}") from exc
     return _check_module(obj, f"{text}")
+
+
+def _runs(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime's CPU provider loads ``model``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # onnxruntime raises its own assorted types
+        return False
 
 
 def _is_module(obj: Any) -> bool:
@@ -183,11 +198,14 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     have = _opset(model)
     if have == opset:
         return model
+    if opset < 18 <= have:
+        model = _drop_default_noop(model)
     try:
         converted = onnx.version_converter.convert_version(model, opset)
         converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
             [o for o in converted.opset_import if o.domain in ("", "ai.onnx")]))
-        onnx.checker.check_model(converted)
+        if _valid(model):  # a model ONNX's checker refuses (e.g. an input without a shape) but ORT runs stays so
+            onnx.checker.check_model(converted)
         return converted
     except Exception as exc:  # the converter raises assorted types
         # a model newer than the target runs at its own opset where QDQ allows it; an older one has no such way
@@ -196,6 +214,32 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
                "onnx.version_converter yourself) and pass that file")
         raise ExportError(f"cannot convert the model from opset {have} to {opset} ({_first_line(exc)}): "
                           f"{fix}") from None
+
+
+def _valid(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model)
+        return True
+    except Exception:  # the checker raises several types
+        return False
+
+
+# Reduce ops that took their axes as an input, and gained noop_with_empty_axes, at opset 18 (ReduceSum did at 13)
+_REDUCE_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+              "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _drop_default_noop(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without ``noop_with_empty_axes=0`` (the default, which ONNX Runtime's optimizer writes out) on
+    the Reduce ops that have it only from opset 18: ONNX's converter to opset 17 keeps it and then fails."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type in _REDUCE_18 and node.domain in ("", "ai.onnx"):
+            keep = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return out
 
 
 def constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -282,7 +326,11 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot load the fp32 model: {_first_line(exc)}") from None
+            why = _first_line(exc)
+            fix = ("replace that op with standard ONNX ops" if "not a registered function/op" in why else
+                   "fix the model until onnxruntime.InferenceSession loads it")
+            raise ExportError(f"ONNX Runtime cannot load the fp32 model: {why}; the model must run on ONNX Runtime's "
+                              f"CPU provider: {fix}") from None
         optimized = onnx.load(out)
     del optimized.graph.value_info[:]
     try:
@@ -290,6 +338,7 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # shape inference is a help, not a requirement
         log.warning("ONNX shape inference failed (%s); continuing without it", _first_line(exc))
     optimized.producer_name = "edgequant"
+    name_nodes(optimized.graph)
     strip_debug_metadata(optimized)
     prune_opset_imports(optimized)
     return optimized
@@ -299,6 +348,19 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
 # differ between checkouts and leak the build machine's paths into the device's model; only the module scope
 # (deterministic, and what a per-layer report needs to name PyTorch modules) is kept.
 _KEEP_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node of ``graph`` a unique name (``<op>_<index>``), in place: the quantizer keeps
+    nodes float by name, and the report names layers."""
+    used = {n.name for n in graph.node}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
 
 
 def prune_opset_imports(model: onnx.ModelProto) -> None:

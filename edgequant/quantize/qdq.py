@@ -66,7 +66,7 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     if absurd:
         log.info("keeping %d tensors in float (ranges beyond any 8-bit scale, e.g. masks): %s",
                  len(absurd), ", ".join(absurd[:5]))
-    exclude = set(exclude_nodes) | _consumers_of(model, absurd)
+    exclude = set(exclude_nodes) | _consumers_of(model, absurd) | _activations_read_in_subgraphs(model)
     if q.constant_weight_only:
         inits = {i.name for i in model.graph.initializer}
         exclude |= {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name
@@ -173,6 +173,19 @@ def _consumers_of(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:
     """Nodes that read or write any of ``tensors`` (so that they are left in float)."""
     wanted = set(tensors)
     return {n.name for n in model.graph.node if wanted & (set(n.input) | set(n.output))}
+
+
+def _activations_read_in_subgraphs(model: onnx.ModelProto) -> set[str]:
+    """Relu/Clip nodes whose output an If/Loop/Scan body reads: ORT's quantizer drops such an activation into
+    the quantized range of its main-graph readers, and the subgraph would then read the value before it."""
+    read: set[str] = set()
+    pending = [a.g for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    while pending:
+        sub = pending.pop()
+        for node in sub.node:
+            read.update(node.input)
+            pending += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return {n.name for n in model.graph.node if n.name and n.op_type in ("Relu", "Clip") and read & set(n.output)}
 
 
 def _drop_metadata(model: onnx.ModelProto) -> None:

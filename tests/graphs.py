@@ -41,3 +41,108 @@ def old_conv_gemm(opset: int) -> onnx.ModelProto:
     model = oh.make_model(graph, opset_imports=opsets, ir_version=ir)
     onnx.checker.check_model(model)
     return model
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = 18) -> onnx.ModelProto:
+    graph = oh.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _w(name: str, *shape: int, seed: int = 0) -> onnx.TensorProto:
+    return nh.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.4, name)
+
+
+def time_major(steps: int | str = "T") -> onnx.ModelProto:
+    """x [T, N, 8] (time first, batch N on axis 1) → MatMul → Relu → MatMul → y [T, N, 4]."""
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("MatMul", ["r", "w2"], ["y"])]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, [steps, "N", 8])],
+                  [oh.make_tensor_value_info("y", F, [steps, "N", 4])], [_w("w1", 8, 16), _w("w2", 16, 4, seed=1)])
+
+
+def mixed_inputs() -> onnx.ModelProto:
+    """Float features x [batch, 16], int64 token ids [batch, 4], a bool flag [batch] and a float scalar gain
+    (no batch axis) → y [batch, 4]: an embedding mean added to a MatMul, scaled, ReLU'd where the flag is set."""
+    nodes = [oh.make_node("Gather", ["table", "ids"], ["e"]),
+             oh.make_node("ReduceMean", ["e", "one"], ["em"], keepdims=0),
+             oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Add", ["h", "em"], ["s"]),
+             oh.make_node("Mul", ["s", "gain"], ["g"]), oh.make_node("Relu", ["g"], ["gr"]),
+             oh.make_node("Unsqueeze", ["flag", "one"], ["f2"]), oh.make_node("Where", ["f2", "gr", "g"], ["w"]),
+             oh.make_node("MatMul", ["w", "w2"], ["y"])]
+    inputs = [oh.make_tensor_value_info("x", F, ["batch", 16]),
+              oh.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4]),
+              oh.make_tensor_value_info("flag", TensorProto.BOOL, ["batch"]),
+              oh.make_tensor_value_info("gain", F, [])]
+    inits = [_w("table", 10, 16, seed=2), nh.from_array(np.array([1], np.int64), "one"), _w("w1", 16, 16),
+             _w("w2", 16, 4, seed=1)]
+    return _model(nodes, inputs, [oh.make_tensor_value_info("y", F, ["batch", 4])], inits)
+
+
+def with_if() -> onnx.ModelProto:
+    """x [N, 8] → MatMul → If (sum > 0: Relu, else: a MatMul in the subgraph) → MatMul → y [N, 4]."""
+    then = oh.make_graph([oh.make_node("Relu", ["h"], ["t"])], "then", [], [oh.make_tensor_value_info("t", F, None)])
+    other = oh.make_graph([oh.make_node("MatMul", ["h", "w3"], ["o"])], "else", [],
+                          [oh.make_tensor_value_info("o", F, None)])
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("ReduceSum", ["h"], ["total"], keepdims=0),
+             oh.make_node("Greater", ["total", "zero"], ["cond"]),
+             oh.make_node("If", ["cond"], ["b"], then_branch=then, else_branch=other),
+             oh.make_node("MatMul", ["b", "w2"], ["y"])]
+    inits = [_w("w1", 8, 16), _w("w2", 16, 4, seed=1), _w("w3", 16, 16, seed=3),
+             nh.from_array(np.array(0.0, np.float32), "zero")]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 8])],
+                  [oh.make_tensor_value_info("y", F, ["N", 4])], inits)
+
+
+def _no_shape(name: str) -> onnx.ValueInfoProto:
+    value = onnx.ValueInfoProto(name=name)
+    value.type.tensor_type.elem_type = F
+    return value
+
+
+def unknown_rank() -> onnx.ModelProto:
+    """An input of unknown rank (no shape: ONNX's checker refuses it, ONNX Runtime runs it) → Conv → Relu → an
+    If whose branches give no shape → ReduceMean over axes 2, 3 of that unknown-rank value → Flatten → Gemm."""
+    then = oh.make_graph([oh.make_node("Identity", ["r"], ["t"])], "then", [], [_no_shape("t")])
+    other = oh.make_graph([oh.make_node("Neg", ["r"], ["o"])], "else", [], [_no_shape("o")])
+    nodes = [oh.make_node("Conv", ["x", "conv1_w_0", "conv1_b_0"], ["c"], pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c"], ["r"]), oh.make_node("ReduceSum", ["r"], ["total"], keepdims=0),
+             oh.make_node("Greater", ["total", "minus"], ["cond"]),
+             oh.make_node("If", ["cond"], ["u"], then_branch=then, else_branch=other),
+             oh.make_node("ReduceMean", ["u", "axes"], ["m"], keepdims=1),
+             oh.make_node("Flatten", ["m"], ["f"]), oh.make_node("Gemm", ["f", "fc_w_0", "fc_b_0"], ["y"], transB=1)]
+    inits = [*_weights(), nh.from_array(np.array([2, 3], np.int64), "axes"),
+             nh.from_array(np.array(-1.0, np.float32), "minus")]
+    graph = oh.make_graph(nodes, "g", [_no_shape("x")], [_no_shape("y")], initializer=inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+
+
+def symbolic_image() -> onnx.ModelProto:
+    """x [batch, 3, height, width] (every size but the channels symbolic) → Conv → Relu → GlobalAveragePool →
+    Flatten → Gemm → y [batch, 10]."""
+    nodes = [oh.make_node("Conv", ["x", "conv1_w_0", "conv1_b_0"], ["c"], pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c"], ["r"]), oh.make_node("GlobalAveragePool", ["r"], ["m"]),
+             oh.make_node("Flatten", ["m"], ["f"]), oh.make_node("Gemm", ["f", "fc_w_0", "fc_b_0"], ["y"], transB=1)]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, ["batch", 3, "height", "width"])],
+                  [oh.make_tensor_value_info("y", F, ["batch", 10])], _weights())
+
+
+def recurrent_cell() -> onnx.ModelProto:
+    """A recurrent step shaped like a voice-activity model's: audio x [batch, 8], state [1, batch, 16] and an
+    int64 sample rate sr (a scalar, no batch axis) → prob [batch, 1] and stateN [1, batch, 16], where
+    h' = tanh(x·(sr/16000)·W + h·U)."""
+    nodes = [oh.make_node("Cast", ["sr"], ["srf"], to=F), oh.make_node("Div", ["srf", "k16"], ["ratio"]),
+             oh.make_node("Mul", ["x", "ratio"], ["xs"]), oh.make_node("MatMul", ["xs", "w"], ["a"]),
+             oh.make_node("Squeeze", ["state", "zero"], ["h"]), oh.make_node("MatMul", ["h", "u"], ["b"]),
+             oh.make_node("Add", ["a", "b"], ["s"]), oh.make_node("Tanh", ["s"], ["hn"]),
+             oh.make_node("MatMul", ["hn", "v"], ["logit"]), oh.make_node("Sigmoid", ["logit"], ["prob"]),
+             oh.make_node("Unsqueeze", ["hn", "zero"], ["stateN"])]
+    inputs = [oh.make_tensor_value_info("x", F, ["batch", 8]),
+              oh.make_tensor_value_info("state", F, [1, "batch", 16]),
+              oh.make_tensor_value_info("sr", TensorProto.INT64, [])]
+    outputs = [oh.make_tensor_value_info("prob", F, ["batch", 1]),
+               oh.make_tensor_value_info("stateN", F, [1, "batch", 16])]
+    inits = [_w("w", 8, 16), _w("u", 16, 16, seed=1), _w("v", 16, 1, seed=2),
+             nh.from_array(np.array(16000.0, np.float32), "k16"), nh.from_array(np.array([0], np.int64), "zero")]
+    return _model(nodes, inputs, outputs, inits)

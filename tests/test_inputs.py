@@ -116,6 +116,20 @@ def test_recurrent_state_and_scalar_inputs_calibrate_as_given(tmp_path):
     assert [i.shape for i in s.get_inputs()] == [["batch", 8], [1, "batch", 16], []]
 
 
+def test_one_stacked_npz_with_a_shared_scalar(tmp_path):
+    """One .npz with every sample stacked along axis 0 and the sample rate given once (0-d): the scalar is the
+    same in every sample."""
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=_f32(20, 8), state=np.tanh(_f32(20, 1, 16)), sr=np.array(16000, np.int64))
+    onnx.save(graphs.recurrent_cell(), str(tmp_path / "cell.onnx"))
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "cell.onnx"), "--calibrate", str(data), "-o",
+                                      str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert min(_fidelity(tmp_path).values()) > 22.0
+    samples = load_samples(data)
+    assert len(samples) == 20 and samples[7]["sr"].shape == () and int(samples[7]["sr"]) == 16000
+
+
 def test_int64_bool_and_scalar_inputs(tmp_path):
     samples = [{"x": _f32(16), "ids": RNG.integers(0, 10, 4), "flag": np.array(i % 2 == 0),
                 "gain": np.array(1.5, np.float32)} for i in range(20)]

@@ -237,13 +237,15 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _stacked(arrays: dict[str, np.ndarray], source: str, label: str) -> Samples:
-    lengths = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
-    if not arrays or any(n == 0 for n in lengths.values()):
+    """Arrays stacked along axis 0, one row per sample → Samples; a 0-d array (a sample rate, say) is the same
+    in every sample."""
+    lengths = {k: v.shape[0] for k, v in arrays.items() if v.ndim}
+    if not lengths or any(n == 0 for n in lengths.values()):
         raise DataError(f"{source}: no samples (stack samples along axis 0)")
     if len(set(lengths.values())) != 1:
         raise DataError(f"{source}: arrays hold different numbers of samples {lengths}; stack each input along axis 0")
     n = next(iter(lengths.values()))
-    loaders = [(lambda i=i: {k: np.asarray(v[i]) for k, v in arrays.items()}) for i in range(n)]
+    loaders = [(lambda i=i: {k: np.asarray(v[i] if v.ndim else v) for k, v in arrays.items()}) for i in range(n)]
     return Samples(loaders, [f"{label}[{i}]" for i in range(n)], source)
 
 

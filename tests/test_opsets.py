@@ -83,3 +83,13 @@ def test_a_failed_conversion_names_a_fix_that_exists(monkeypatch):
     with pytest.raises(ExportError) as new:
         convert_opset(old_conv_gemm(21), 18)
     assert "opset=21 (the model's own opset)" in str(new.value)
+
+
+@pytest.mark.parametrize("opset", [9, 12, 24])
+def test_an_opset_no_bundle_can_have_is_refused_before_any_work(opset, tmp_path):
+    from edgequant.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"opset {opset} is out of range: use 13-23"):
+        edgequant.export(old_conv_gemm(9), {"data_0": np.zeros((4, 3, 16, 16), np.float32)}, out=tmp_path / "b",
+                         opset=opset)
+    assert not (tmp_path / "b").exists()

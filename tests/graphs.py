@@ -10,6 +10,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 F = TensorProto.FLOAT
+BOOL = TensorProto.BOOL
 
 
 def _weights(seed: int = 0) -> list[onnx.TensorProto]:
@@ -81,17 +82,16 @@ def mixed_inputs() -> onnx.ModelProto:
 
 
 def with_if() -> onnx.ModelProto:
-    """x [N, 8] → MatMul → If (sum > 0: Relu, else: a MatMul in the subgraph) → MatMul → y [N, 4]."""
-    then = oh.make_graph([oh.make_node("Relu", ["h"], ["t"])], "then", [], [oh.make_tensor_value_info("t", F, None)])
+    """x [N, 8] and a bool scalar flag (no batch axis) → MatMul → Relu → If (flag: the Relu's output, read from
+    the outer scope; else: a MatMul in the subgraph) → MatMul → y [N, 4]."""
+    then = oh.make_graph([oh.make_node("Identity", ["r"], ["t"])], "then", [], [oh.make_tensor_value_info("t", F, None)])
     other = oh.make_graph([oh.make_node("MatMul", ["h", "w3"], ["o"])], "else", [],
                           [oh.make_tensor_value_info("o", F, None)])
-    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("ReduceSum", ["h"], ["total"], keepdims=0),
-             oh.make_node("Greater", ["total", "zero"], ["cond"]),
-             oh.make_node("If", ["cond"], ["b"], then_branch=then, else_branch=other),
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("If", ["flag"], ["b"], then_branch=then, else_branch=other),
              oh.make_node("MatMul", ["b", "w2"], ["y"])]
-    inits = [_w("w1", 8, 16), _w("w2", 16, 4, seed=1), _w("w3", 16, 16, seed=3),
-             nh.from_array(np.array(0.0, np.float32), "zero")]
-    return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 8])],
+    inits = [_w("w1", 8, 16), _w("w2", 16, 4, seed=1), _w("w3", 16, 16, seed=3)]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 8]), oh.make_tensor_value_info("flag", BOOL, [])],
                   [oh.make_tensor_value_info("y", F, ["N", 4])], inits)
 
 

@@ -146,3 +146,20 @@ def recurrent_cell() -> onnx.ModelProto:
     inits = [_w("w", 8, 16), _w("u", 16, 16, seed=1), _w("v", 16, 1, seed=2),
              nh.from_array(np.array(16000.0, np.float32), "k16"), nh.from_array(np.array([0], np.int64), "zero")]
     return _model(nodes, inputs, outputs, inits)
+
+
+def loop_steps() -> onnx.ModelProto:
+    """x [N, 16] and an int64 scalar trip count (no batch axis) → a Loop of h ← tanh(h·W + x·U) from h = x →
+    MatMul → y [N, 3]."""
+    body = oh.make_graph(
+        [oh.make_node("MatMul", ["h_in", "W"], ["hw"]), oh.make_node("MatMul", ["x", "U"], ["xu"]),
+         oh.make_node("Add", ["hw", "xu"], ["s"]), oh.make_node("Tanh", ["s"], ["h_out"]),
+         oh.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [oh.make_tensor_value_info("i", TensorProto.INT64, []), oh.make_tensor_value_info("cond_in", BOOL, []),
+         oh.make_tensor_value_info("h_in", F, None)],
+        [oh.make_tensor_value_info("cond_out", BOOL, []), oh.make_tensor_value_info("h_out", F, None)])
+    nodes = [oh.make_node("Loop", ["steps", "true", "x"], ["h"], body=body), oh.make_node("MatMul", ["h", "Wo"], ["y"])]
+    inits = [_w("W", 16, 16), _w("U", 16, 16, seed=1), _w("Wo", 16, 3, seed=2), nh.from_array(np.array(True), "true")]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 16]),
+                          oh.make_tensor_value_info("steps", TensorProto.INT64, [])],
+                  [oh.make_tensor_value_info("y", F, ["N", 3])], inits)

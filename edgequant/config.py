@@ -22,7 +22,7 @@ from .quantize.weight_only import DEFAULT_BLOCK_SIZE, WeightOnly
 from .targets import Target
 from .transforms.algorithms import Algorithms
 
-__all__ = ["JOBS", "CalibrationOptions", "DataOptions", "ExportConfig", "QATOptions", "TargetOptions",
+__all__ = ["JOBS", "OPSETS", "CalibrationOptions", "DataOptions", "ExportConfig", "QATOptions", "TargetOptions",
            "TextOptions", "WeightOptions"]
 
 JOBS = ("ptq", "text", "weight-only", "decoder", "qat")
@@ -92,6 +92,10 @@ class QATOptions:
 
     checkpoint: Path | None = None
 
+
+# The opsets a bundle can be written at (QuantizeLinear's per-channel axis needs 13; models at any opset ONNX
+# Runtime runs are converted to the one chosen).
+OPSETS = range(13, 24)
 
 # API keyword → (config part, field, CLI flag). The CLI and the API share this table.
 OPTIONS: dict[str, tuple[str, str, str]] = {
@@ -234,6 +238,10 @@ class ExportConfig:
                                  f"{option('num_samples')} or use {option('weights', 'q4-gptq')}")
         if self.data_options.num_samples is not None and self.data_options.num_samples < 1:
             raise UsageError(f"{flag('num_samples')} must be at least 1, not {self.data_options.num_samples}")
+        opset = self.target.opset
+        if opset is not None and not (isinstance(opset, int) and OPSETS[0] <= opset <= OPSETS[-1]):
+            raise UsageError(f"{flag('opset')} {opset!r} is out of range: use {OPSETS[0]}-{OPSETS[-1]} (per-channel "
+                             "int8 needs opset 13 or newer; a model at an older opset is converted up to it)")
         if self.data_options.batch_size < 1:
             raise UsageError(f"{flag('batch_size')} must be at least 1, not {self.data_options.batch_size}")
         if self.data_options.labels is not None and self.budget is None:

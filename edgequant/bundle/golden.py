@@ -49,12 +49,12 @@ def add_selftest(files: dict[str, bytes], manifest: dict[str, Any], model: onnx.
     Outputs that no DequantizeLinear produces (float outputs) get a step of max|output| / 127 over the golden
     samples: one 8-bit step of their range."""
     from ..graph.sessions import batches, input_dtypes, session
+    from ..graph.tap import fit_batch
 
     s = session(model, level=level, threads=1)
     dtypes = input_dtypes(s)
     names = [o.name for o in s.get_outputs()]
-    first = s.get_inputs()[0].shape
-    per = first[0] if first and isinstance(first[0], int) and first[0] > 1 else 1  # a fixed batch size
+    per = fit_batch([s], samples, dtypes, 1)  # 1, or the batch size the model fixes
     n = max(min(count, len(samples)) // per, 1) * per
     if n > len(samples):  # fewer samples than one fixed batch: no self-test can be built
         return

@@ -13,7 +13,7 @@ quantization error over the histogram).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -182,18 +182,21 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> lis
     return names
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size every graph input fixes (an .onnx exported with a static batch), or None if any is free.
-    Such a model runs only in batches of exactly that size: calibration and checks use it."""
+def fixed_batch(model: onnx.ModelProto, axes: Mapping[str, int | None] | None = None) -> int | None:
+    """The batch size every graph input fixes on its batch axis (``axes``: {input: axis, or None for an input
+    without one}, as ``Samples.batch_axes``; default axis 0), or None if any is free. Such a model (an .onnx
+    exported with a static batch) runs only in batches of exactly that size: calibration and checks use it."""
     inits = {i.name for i in model.graph.initializer}
+    axes = axes or {}
     sizes = set()
     for inp in model.graph.input:
-        if inp.name in inits:
+        axis = axes.get(inp.name, 0)
+        if inp.name in inits or axis is None:
             continue
         dims = inp.type.tensor_type.shape.dim
-        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+        if len(dims) <= axis or not dims[axis].HasField("dim_value") or dims[axis].dim_value <= 0:
             return None
-        sizes.add(dims[0].dim_value)
+        sizes.add(dims[axis].dim_value)
     return sizes.pop() if len(sizes) == 1 else None
 
 

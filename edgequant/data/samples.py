@@ -18,7 +18,7 @@ import numpy as np
 from .._runtime.edgequant_runtime import preprocess_image, read_image
 from ..errors import DataError, device_errors, spelled
 
-__all__ = ["ImagePreprocess", "Samples", "channel_fix", "image_mismatch", "load_samples"]
+__all__ = ["ImagePreprocess", "Sample", "Samples", "channel_fix", "image_mismatch", "load_samples"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _SINGLE = ""  # key of a sample from a .npy source, before it is bound to the model's only input
@@ -53,8 +53,19 @@ class ImagePreprocess:
         return d
 
 
+class Sample(dict):
+    """One sample, {input name: array}, that knows how it batches: ``batch_axes`` as :class:`Samples` has them
+    (they travel with each sample, so a list of samples batches the same way)."""
+
+    batch_axes: Mapping[str, int | None] = {}
+
+
 class Samples(Sequence):
-    """A lazy, indexable sequence of samples; each is a dict {input name: array without batch axis}."""
+    """A lazy, indexable sequence of samples; each is a dict {input name: array without batch axis}.
+
+    ``batch_axes``: {input: the axis of the graph input that batches stack along, or None for an input without
+    one (recurrent state, a sample rate), which is fed as given}; empty until :meth:`with_batch_axes` binds the
+    samples to a graph (then an input not named batches along axis 0)."""
 
     def __init__(self, loaders: Sequence, labels: Sequence[str], source: str,
                  preprocess: ImagePreprocess | None = None):
@@ -63,6 +74,7 @@ class Samples(Sequence):
         self.source = source
         self.preprocess = preprocess
         self._rename: dict[str, str] = {}
+        self.batch_axes: dict[str, int | None] = {}
 
     def __len__(self) -> int:
         return len(self._loaders)
@@ -71,7 +83,8 @@ class Samples(Sequence):
         if isinstance(index, slice):
             return self.subset(range(len(self))[index])
         sample = self._loaders[index]()
-        out = {}
+        out = Sample()
+        out.batch_axes = self.batch_axes
         for key, value in sample.items():
             arr = np.asarray(value)
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -91,7 +104,14 @@ class Samples(Sequence):
         idx = list(indices)
         sub = Samples([self._loaders[i] for i in idx], [self._labels[i] for i in idx], self.source, self.preprocess)
         sub._rename = dict(self._rename)
+        sub.batch_axes = dict(self.batch_axes)
         return sub
+
+    def with_batch_axes(self, axes: Mapping[str, int | None]) -> Samples:
+        """The same samples, batched along ``axes`` ({input: axis, or None: fed as given}; see the class)."""
+        bound = self.subset(range(len(self)))
+        bound.batch_axes = dict(axes)
+        return bound
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -217,13 +237,15 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _stacked(arrays: dict[str, np.ndarray], source: str, label: str) -> Samples:
-    lengths = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
-    if not arrays or any(n == 0 for n in lengths.values()):
+    """Arrays stacked along axis 0, one row per sample → Samples; a 0-d array (a sample rate, say) is the same
+    in every sample."""
+    lengths = {k: v.shape[0] for k, v in arrays.items() if v.ndim}
+    if not lengths or any(n == 0 for n in lengths.values()):
         raise DataError(f"{source}: no samples (stack samples along axis 0)")
     if len(set(lengths.values())) != 1:
         raise DataError(f"{source}: arrays hold different numbers of samples {lengths}; stack each input along axis 0")
     n = next(iter(lengths.values()))
-    loaders = [(lambda i=i: {k: np.asarray(v[i]) for k, v in arrays.items()}) for i in range(n)]
+    loaders = [(lambda i=i: {k: np.asarray(v[i] if v.ndim else v) for k, v in arrays.items()}) for i in range(n)]
     return Samples(loaders, [f"{label}[{i}]" for i in range(n)], source)
 
 

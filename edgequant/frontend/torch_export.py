@@ -26,7 +26,7 @@ import onnx.version_converter
 from ..errors import ExportError, option
 from ..quiet import EXPORTER_LOGGERS, quiet
 
-__all__ = ["convert_opset", "export_fp32", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
+__all__ = ["constant_initializers", "convert_opset", "export_fp32", "input_names_of", "load_model", "prepare_fp32", "to_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ def load_model(ref: Any) -> Any:
             model = onnx.load(str(path))
             onnx.checker.check_model(model)
         except Exception as exc:  # onnx raises several unrelated types
-            raise ExportError(f"{text}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+            if "model" not in locals() or not _runs(model):  # what ONNX Runtime runs is valid enough
+                raise ExportError(f"{text}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+            log.info("%s: ONNX's checker refuses it (%s) but ONNX Runtime loads it", text, _first_line(exc))
         return model
     if ":" not in text:
         raise ExportError(f"model {text!r} is not a reference: use path/to/file.py:factory, package.module:factory "
@@ -80,6 +82,19 @@ def load_model(ref: Any) -> Any:
         except Exception as exc:
             raise ExportError(f"{text}: calling {attr}() failed: {type(exc).__name__}: {exc}") from exc
     return _check_module(obj, f"{text}")
+
+
+def _runs(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime's CPU provider loads ``model``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # onnxruntime raises its own assorted types
+        return False
 
 
 def _is_module(obj: Any) -> bool:
@@ -177,17 +192,72 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """ONNX model → the same model at ``opset``. The dynamo exporter writes opset 18 at the lowest; older opsets
-    are reached with ONNX's converter after constant folding (it cannot move ReduceMean's axes otherwise)."""
-    if _opset(model) == opset:
+    """ONNX model → the same model at ``opset`` (its IR version raised to what that opset needs). The dynamo
+    exporter writes opset 18 at the lowest; older opsets are reached with ONNX's converter after constant folding
+    (it cannot move ReduceMean's axes otherwise), and old models (opset 7-12) are raised with it."""
+    have = _opset(model)
+    if have == opset:
         return model
+    if opset < 18 <= have:
+        model = _drop_default_noop(model)
     try:
         converted = onnx.version_converter.convert_version(model, opset)
-        onnx.checker.check_model(converted)
+        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
+            [o for o in converted.opset_import if o.domain in ("", "ai.onnx")]))
+        if _valid(model):  # a model ONNX's checker refuses (e.g. an input without a shape) but ORT runs stays so
+            onnx.checker.check_model(converted)
         return converted
     except Exception as exc:  # the converter raises assorted types
-        raise ExportError(f"cannot convert the exported model from opset {_opset(model)} to {opset} "
-                          f"({_first_line(exc)}); use {option('opset', _opset(model))} or newer") from None
+        # a model newer than the target runs at its own opset where QDQ allows it; an older one has no such way
+        fix = (f"use {option('opset', have)} (the model's own opset)" if 13 <= have <= 23 else
+               f"re-export the model at opset {opset} from its source (or convert it with "
+               "onnx.version_converter yourself) and pass that file")
+        raise ExportError(f"cannot convert the model from opset {have} to {opset} ({_first_line(exc)}): "
+                          f"{fix}") from None
+
+
+def _valid(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model)
+        return True
+    except Exception:  # the checker raises several types
+        return False
+
+
+# Reduce ops that took their axes as an input, and gained noop_with_empty_axes, at opset 18 (ReduceSum did at 13)
+_REDUCE_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+              "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _drop_default_noop(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without ``noop_with_empty_axes=0`` (the default, which ONNX Runtime's optimizer writes out) on
+    the Reduce ops that have it only from opset 18: ONNX's converter to opset 17 keeps it and then fails."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type in _REDUCE_18 and node.domain in ("", "ai.onnx"):
+            keep = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return out
+
+
+def constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model that lists initializers among its graph inputs (every model before IR version 4 does; later ones
+    make them overridable that way) → a copy, at IR version 4 or newer, whose initializers are constants only:
+    graph inputs are what the data feeds, and an int8 model's weights cannot be overridden anyway. A model
+    without such inputs passes through. Left in, ONNX Runtime neither folds them nor drops their inputs when it
+    folds them away, and the opset converter then calls the weights "undefined" (ONNX model zoo, opset 9)."""
+    inits = {i.name for i in model.graph.initializer}
+    if not inits & {i.name for i in model.graph.input}:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [i for i in out.graph.input if i.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    out.ir_version = max(out.ir_version, 4)
+    return out
 
 
 def _trace_hooks(module: Any, stack: list[str]) -> list:
@@ -246,6 +316,7 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     ONNX shape inference: folded constants and BatchNorm, which is what the quantizer should see."""
     import onnxruntime as ort
 
+    model = constant_initializers(model)
     with tempfile.TemporaryDirectory(prefix="edgequant-") as tmp:
         out = os.path.join(tmp, "basic.onnx")
         so = ort.SessionOptions()
@@ -255,7 +326,11 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot load the fp32 model: {_first_line(exc)}") from None
+            why = _first_line(exc)
+            fix = ("replace that op with standard ONNX ops" if "not a registered function/op" in why else
+                   "fix the model until onnxruntime.InferenceSession loads it")
+            raise ExportError(f"ONNX Runtime cannot load the fp32 model: {why}; the model must run on ONNX Runtime's "
+                              f"CPU provider: {fix}") from None
         optimized = onnx.load(out)
     del optimized.graph.value_info[:]
     try:
@@ -263,6 +338,7 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # shape inference is a help, not a requirement
         log.warning("ONNX shape inference failed (%s); continuing without it", _first_line(exc))
     optimized.producer_name = "edgequant"
+    name_nodes(optimized.graph)
     strip_debug_metadata(optimized)
     prune_opset_imports(optimized)
     return optimized
@@ -272,6 +348,19 @@ def prepare_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
 # differ between checkouts and leak the build machine's paths into the device's model; only the module scope
 # (deterministic, and what a per-layer report needs to name PyTorch modules) is kept.
 _KEEP_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node of ``graph`` a unique name (``<op>_<index>``), in place: the quantizer keeps
+    nodes float by name, and the report names layers."""
+    used = {n.name for n in graph.node}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
 
 
 def prune_opset_imports(model: onnx.ModelProto) -> None:

@@ -33,10 +33,10 @@ def _spatial_axes(node: ir.Node, rank: int) -> bool:
         axes = const.numpy().tolist()
     elif "axes" in node.attributes:
         axes = list(node.attributes["axes"].value)
-    if axes is None:
+    if axes is None or rank < 3:  # rank 0: the input's shape is unknown
         return False
     norm = sorted(a % rank for a in np.atleast_1d(axes).tolist())
-    return rank >= 3 and norm == list(range(2, rank))
+    return norm == list(range(2, rank))
 
 
 def spatial_reduce_means(graph: ir.Graph) -> list[ir.Node]:

@@ -34,7 +34,7 @@ import onnx
 from .._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
 from ..targets import Target
 
-__all__ = ["LEVELS", "CheckedWith", "batches", "checked_with", "host_features", "host_would_differ", "input_dtypes",
+__all__ = ["LEVELS", "CheckedWith", "batch_axes_of", "batch_step", "batches", "checked_with", "host_features", "host_would_differ", "input_dtypes",
            "np_dtype", "session"]
 
 EXACT_LEVEL = "basic"
@@ -119,7 +119,7 @@ def session(model: onnx.ModelProto | str, *, level: str = "all", threads: int = 
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # its errors come back as exceptions, which the stages turn into one line
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -141,10 +141,25 @@ def input_dtypes(sess) -> dict[str, np.dtype]:
     return {i.name: np_dtype(i.type) for i in sess.get_inputs()}
 
 
+def batch_axes_of(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, int | None]:
+    """Samples → {input: the axis its batches stack along, or None: fed as given} (``Sample.batch_axes``;
+    empty, i.e. axis 0 for every input, for plain dicts)."""
+    return dict(getattr(samples[0], "batch_axes", {})) if len(samples) else {}
+
+
+def batch_step(samples: Sequence[dict[str, np.ndarray]], batch_size: int) -> int:
+    """How many samples one batch holds: ``batch_size``, or 1 where an input has no batch axis."""
+    return 1 if None in batch_axes_of(samples).values() else batch_size
+
+
 def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
             dtypes: dict[str, np.dtype]) -> Iterator[dict[str, np.ndarray]]:
-    """Samples → stacked batches, cast to the model's input dtypes."""
-    for start in range(0, len(samples), batch_size):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        yield {k: np.stack([s[k] for s in chunk]).astype(dtypes.get(k, chunk[0][k].dtype), copy=False)
-               for k in chunk[0]}
+    """Samples → stacked batches, cast to the model's input dtypes. Each input stacks along its batch axis
+    (:func:`batch_axes_of`); an input without one is fed as given, one sample per batch."""
+    axes = batch_axes_of(samples)
+    step = 1 if None in axes.values() else batch_size
+    for start in range(0, len(samples), step):
+        chunk = [samples[i] for i in range(start, min(start + step, len(samples)))]
+        yield {k: (np.asarray(chunk[0][k]) if axes.get(k, 0) is None else np.stack([s[k] for s in chunk],
+                                                                                 axis=axes.get(k, 0)))
+               .astype(dtypes.get(k, chunk[0][k].dtype), copy=False) for k in chunk[0]}

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationError
-from .sessions import batches, input_dtypes, session
+from .sessions import batch_axes_of, batch_step, batches, input_dtypes, session
 
 __all__ = ["ACTIVATION_BUDGET", "fit_batch", "tap", "with_outputs"]
 
@@ -32,12 +32,24 @@ def fit_batch(sessions: Sequence, samples: Sequence[dict[str, np.ndarray]], dtyp
     fit ``budget`` bytes, measured on one sample; a model with a fixed batch keeps it."""
     if not len(samples):
         return batch_size
-    fixed = {i.shape[0] for s in sessions for i in s.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    axes = batch_axes_of(samples)
+    fixed = {i.shape[a] for s in sessions for i in s.get_inputs()
+             if (a := axes.get(i.name, 0)) is not None and len(i.shape or ()) > a and isinstance(i.shape[a], int)}
     if fixed:
         return max(fixed)
     one = next(batches([samples[0]], 1, dtypes))
-    per = sum(v.nbytes for s in sessions for v in s.run(None, one))
+    try:
+        per = sum(v.nbytes for s in sessions for v in s.run(None, one))
+    except Exception as exc:  # onnxruntime raises its own assorted types
+        raise _data_failed(exc) from None
     return int(max(1, min(batch_size, budget // max(per, 1))))
+
+
+def _data_failed(exc: Exception) -> CalibrationError:
+    """ONNX Runtime's failure on the user's data (it names the node) → one line."""
+    line = next((s for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
+    return CalibrationError(f"ONNX Runtime failed on the calibration data: {line[:300]}; check that the data fits "
+                            "the model's inputs")
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -78,16 +90,15 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
                                                                         arena=False)
     dtypes = input_dtypes(sess)
     batch_size = fit_batch([sess], samples, dtypes, batch_size)
-    for batch in batches(samples, batch_size, dtypes):
+    step = batch_step(samples, batch_size)
+    for start, batch in zip(range(0, len(samples), step), batches(samples, batch_size, dtypes)):
         if mask_input is not None and mask_input in batch:
             used = int(np.max(np.nonzero(batch[mask_input].any(axis=0))[0], initial=0)) + 1
             batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
         try:
             values = sess.run(names, batch)
         except Exception as exc:  # onnxruntime raises its own assorted types
-            line = next((s for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
-            raise CalibrationError(f"ONNX Runtime failed on the calibration data: {line[:300]}; check that the "
-                                   "data fits the model's inputs") from None
+            raise _data_failed(exc) from None
         for name, value in zip(names, values):
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
@@ -97,4 +108,4 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
         yield batch, out
         del out  # before the next batch is computed: one batch alive, not two
         if progress:
-            progress(len(next(iter(batch.values()))))
+            progress(min(step, len(samples) - start))

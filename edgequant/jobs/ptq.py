@@ -44,7 +44,7 @@ def fp32_graph(run: Run) -> None:
     the int8-friendly rewrites that every target takes (GlobalAveragePool). An .onnx whose batch axis is fixed
     runs in batches of exactly that size."""
     to_fp32(run, dynamic_batch=True, prepare=prepare)
-    fixed = fixed_batch(run.fp32)
+    fixed = fixed_batch(run.fp32, run.samples.batch_axes)
     if fixed:
         run.calib, run.holdout = _fit_fixed_batch(run.calib, fixed, "calibration"), \
             _fit_fixed_batch(run.holdout, fixed, "held-out")

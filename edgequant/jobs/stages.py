@@ -23,7 +23,7 @@ from ..check.fidelity import cpu_kernels, fidelity
 from ..config import ExportConfig
 from ..data.holdout import sample_ids, split_holdout
 from ..data.samples import load_samples
-from ..frontend.shapes import check_data_fits, fix_input_shapes, resolve_input_shapes
+from ..frontend.shapes import batch_axes, check_data_fits, fix_input_shapes, resolve_input_shapes
 from ..frontend.torch_export import export_fp32, input_names_of, load_model
 from ..graph.sessions import checked_with
 from ..targets import Target, load_target
@@ -101,9 +101,12 @@ def load(run: Run) -> None:
 
 def to_fp32(run: Run, *, dynamic_batch: bool, prepare: Callable[[onnx.ModelProto, int], onnx.ModelProto]) -> None:
     """The loaded model → the fp32 reference graph (``prepare(graph, opset)``: the job's provider-independent
-    clean-up), checked against the data; fixed input shapes resolved where the target or the user wants them."""
+    clean-up); the samples learn each input's batch axis from it and are checked against it; fixed input
+    shapes resolved where the target or the user wants them."""
     raw = export_fp32(run.loaded, run.samples, opset=run.opset, dynamic_batch=dynamic_batch)
     run.fp32 = prepare(raw, run.opset)
+    axes = batch_axes(run.fp32, run.samples[0])  # each input's batch axis, from the graph
+    run.samples, run.calib, run.holdout = (s.with_batch_axes(axes) for s in (run.samples, run.calib, run.holdout))
     check_data_fits(run.fp32, run.samples)
     wanted = run.config.data_options.input_shapes
     if run.target.runtime.static_shapes or wanted:

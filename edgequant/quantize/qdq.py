@@ -13,6 +13,7 @@ Affine quantization: q = clamp(round(x / scale) + zero_point, qmin, qmax), x ≈
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,7 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
     if absurd:
         log.info("keeping %d tensors in float (ranges beyond any 8-bit scale, e.g. masks): %s",
                  len(absurd), ", ".join(absurd[:5]))
-    exclude = set(exclude_nodes) | _consumers_of(model, absurd)
+    exclude = set(exclude_nodes) | _consumers_of(model, absurd) | _activations_read_in_subgraphs(model)
     if q.constant_weight_only:
         inits = {i.name for i in model.graph.initializer}
         exclude |= {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name
@@ -109,6 +110,7 @@ def quantize(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], 
         raise QuantizationError(f"ONNX Runtime's quantizer failed: {type(exc).__name__}: {exc}") from exc
     quantizer.model.topological_sort()
     out = quantizer.model.model
+    _sort_subgraph_readers(out.graph)
     _drop_metadata(out)
     _check_scales(out)
     return out
@@ -173,6 +175,56 @@ def _consumers_of(model: onnx.ModelProto, tensors: Sequence[str]) -> set[str]:
     """Nodes that read or write any of ``tensors`` (so that they are left in float)."""
     wanted = set(tensors)
     return {n.name for n in model.graph.node if wanted & (set(n.input) | set(n.output))}
+
+
+def _read_in_subgraphs(node: onnx.NodeProto) -> set[str]:
+    """The names ``node``'s If/Loop/Scan bodies (at any depth) read."""
+    read: set[str] = set()
+    pending = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    while pending:
+        sub = pending.pop()
+        for inner in sub.node:
+            read.update(inner.input)
+            pending += [a.g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return read
+
+
+def _activations_read_in_subgraphs(model: onnx.ModelProto) -> set[str]:
+    """Relu/Clip nodes whose output an If/Loop/Scan body reads: ORT's quantizer drops such an activation into
+    the quantized range of its main-graph readers, and the subgraph would then read the value before it."""
+    read = set().union(*(_read_in_subgraphs(n) for n in model.graph.node))
+    return {n.name for n in model.graph.node if n.name and n.op_type in ("Relu", "Clip") and read & set(n.output)}
+
+
+def _sort_subgraph_readers(graph: onnx.GraphProto) -> None:
+    """Put every node after the producers of what it reads, its bodies' outer-scope reads included, in place
+    (ORT's topological sort sees only a node's own inputs, and ONNX's checker refuses an If placed before the
+    node whose output its branch reads). Graphs without subgraphs are left as they are."""
+    reads = [set(n.input) | _read_in_subgraphs(n) for n in graph.node]
+    if all(r == set(n.input) for r, n in zip(reads, graph.node)):
+        return
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    deps = [{producer[x] for x in r if x in producer and producer[x] != i} for i, r in enumerate(reads)]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if not w]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:  # Kahn's algorithm, the lowest original position first (a stable order)
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    placed = set(order)
+    order += [i for i in range(len(graph.node)) if i not in placed]  # a cycle: left as it was
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _drop_metadata(model: onnx.ModelProto) -> None:

@@ -163,14 +163,17 @@ def detection(run: Run) -> None:
     NMS (``edgequant_detect.py``) in the bundle."""
     from importlib import resources
 
-    from ..check.detection import detection_agreement, yolo_output
+    from ..check.detection import detection_agreement, detection_layout, unsupported
 
-    head = next((h for h in run.parts.get("heads") or [] if yolo_output(h)), None)
+    heads = run.parts.get("heads") or []
+    head = next((h for h in heads if detection_layout(h)), None)
     if head is None:
-        run.parts["detection"] = None
+        run.parts["detection"] = unsupported(heads[0]) if heads else None
         return
-    run.parts["detection"] = detection_agreement(run.fp32, run.int8, run.holdout, head["output"],
+    layout = detection_layout(head)
+    run.parts["detection"] = detection_agreement(run.fp32, run.int8, run.holdout, head["output"], layout=layout,
                                                  batch_size=run.batch_size, level=run.checked.level)
+    run.manifest_extra["detection"] = {"output": head["output"], "layout": layout}
     run.files[DETECT_RUNTIME] = resources.files("edgequant._runtime").joinpath(DETECT_RUNTIME).read_bytes()
 
 

@@ -226,3 +226,63 @@ def test_a_destroyed_probability_map_fails_by_its_iou():
     good = compare_outputs("map", ref, np.clip(ref + np.float32(0.45) * (ref == 0), 0, 1), dense=True).to_dict()
     assert good["map_iou"] == 1.0 and gross_failures([good]) == []  # a task-good map passes whatever its SQNR
     assert good["sqnr_db"] < 3.0
+
+
+def _model(nodes, inputs, output, inits=()):
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node(op, i, o, name=o[0], **attrs) for op, i, o, attrs in nodes], "g",
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                          [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_concat_axis_is_followed_through_transpose_and_reshape():
+    from onnx import helper
+
+    from edgequant.check.layout import concat_pieces
+
+    shape = helper.make_tensor("shape", 7, [3], [1, 7, 64])  # int64
+    model = _model([("Concat", ["box", "cls"], ["cat"], {"axis": 1}),            # (1, 7, 8, 8)
+                    ("Reshape", ["cat", "shape"], ["flat"], {}),                # (1, 7, 64)
+                    ("Transpose", ["flat"], ["out"], {"perm": [0, 2, 1]})],     # (1, 64, 7)
+                   [("box", [1, 4, 8, 8]), ("cls", [1, 3, 8, 8])], "out", [shape])
+    (found,) = concat_pieces(model).values()
+    assert (found.axis, found.pieces, found.concats) == (2, ((0, 4), (4, 7)), ("cat",))
+
+
+def test_a_concat_along_image_rows_or_an_unfollowable_axis_gives_no_parts():
+    from onnx import helper
+
+    from edgequant.check.layout import concat_pieces, dense_map
+
+    # a map joined along its height (tiles), then a Reshape that merges the rows with the columns
+    shape = helper.make_tensor("shape", 7, [3], [1, 1, 256])
+    tiles = _model([("Concat", ["top", "bottom"], ["map"], {"axis": 2}),
+                    ("Reshape", ["map", "shape"], ["out"], {})],
+                   [("top", [1, 1, 8, 16]), ("bottom", [1, 1, 8, 16])], "out", [shape])
+    assert concat_pieces(tiles) == {}
+    # a 4-D map over the input's pixels is dense; its rows are never parts even when a Concat built them
+    rows = _model([("Concat", ["top", "bottom"], ["out"], {"axis": 2})],
+                  [("top", [1, 1, 8, 16]), ("bottom", [1, 1, 8, 16])], "out")
+    (found,) = concat_pieces(rows).values()
+    assert found.axis == 2 and dense_map((1, 1, 16, 16), [(1, 3, 64, 64)])
+    ref = np.concatenate([np.full((2, 1, 8, 16), 1e-3), np.ones((2, 1, 8, 16))], axis=2).astype(np.float32)
+    ref[:, :, :8] *= np.random.default_rng(0).uniform(0.5, 1, (2, 1, 8, 16)).astype(np.float32)
+    r = compare_outputs("out", ref, np.where(ref < 0.01, 0, ref).astype(np.float32), pieces=found, dense=True)
+    assert not r.parts and r.map == "probability" and r.map_iou == 1.0
+    assert not dense_map((1, 10), [(1, 3, 64, 64)]) and not dense_map((1, 8, 5, 7), [(1, 3, 64, 64)])
+
+
+def test_detection_agreement_decides_for_a_detection_output():
+    ref = _yolo_like()
+    test = ref.copy()
+    test[:, 4:] *= 0.2  # scores squeezed: the score part fails its SQNR floor
+    r = compare_outputs("output0", ref, test, pieces=YOLO_PIECES).to_dict()
+    assert [w for w, _ in gross_failures([r])] == ["output0[axis 1: 4:84]"]
+    good = {"output": "output0", "status": "ok", "agreement": 0.95}
+    assert gross_failures([r], good) == []  # good by its task metric: not refused
+    (what, why), = gross_failures([r], dict(good, agreement=0.3))
+    assert what == "output0" and why == "detection agreement 30.0% (floor 50%)"
+    assert [w for w, _ in gross_failures([r], {"output": "output0", "status": "empty"})] == ["output0[axis 1: 4:84]"]

@@ -28,6 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..check.layout import concat_pieces, static_dims
+from ..graph.index import producers as producer_index
 
 __all__ = ["HeadPlan", "mixed_range_heads"]
 
@@ -61,7 +62,7 @@ class HeadPlan:
 def mixed_range_heads(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]]) -> list[HeadPlan]:
     """fp32 model + calibration ranges → a plan per output whose Concat mixes ranges (see the docstring)."""
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
+    producers = producer_index(g)
     nodes = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}
     dims = static_dims(model)
@@ -71,7 +72,9 @@ def mixed_range_heads(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, 
                 if t in ranges}
         if len(amax) < 2 or min(amax.values()) <= 0 or max(amax.values()) / min(amax.values()) < RANGE_GAP:
             continue
-        top = nodes[found.concats[0]]
+        top = nodes.get(found.concats[0])
+        if top is None or not top.name:
+            continue  # an unnamed Concat cannot be kept float by name
         tail, dfl = _tail(top, producers, inits)
         plan = HeadPlan(out, top.name, "unrecognised", amax, parts=list(found.pieces), axis=found.axis,
                         rank=len(dims.get(out, ())))

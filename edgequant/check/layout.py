@@ -67,19 +67,27 @@ def concat_pieces(model: onnx.ModelProto, dims: Mapping[str, tuple] | None = Non
     dims = static_dims(model) if dims is None else dims
     prod = producers(model.graph)
     out = {}
+    memo: dict[str, ConcatPieces | None] = {}
     for o in model.graph.output:
-        found = _trace(o.name, prod, dims, 0)
+        found = _trace(o.name, prod, dims, 0, memo)
         if found is not None and len(found.pieces) > 1:
             out[o.name] = found
     return out
 
 
-def _trace(tensor: str, prod, dims, depth: int) -> ConcatPieces | None:
+def _trace(tensor: str, prod, dims, depth: int, memo: dict) -> ConcatPieces | None:
+    """A tensor → the axis of it a Concat built, with its pieces, or None (memoized per tensor)."""
+    if tensor not in memo:
+        memo[tensor] = _trace_once(tensor, prod, dims, depth, memo)
+    return memo[tensor]
+
+
+def _trace_once(tensor: str, prod, dims, depth: int, memo: dict) -> ConcatPieces | None:
     node = prod.get(tensor)
     if node is None or depth > MAX_DEPTH:
         return None
     if node.op_type in SHAPE_ONLY:
-        inner = _trace(node.input[0], prod, dims, depth + 1)
+        inner = _trace(node.input[0], prod, dims, depth + 1, memo)
         if inner is None:
             return None
         axis = _carry(node, inner.axis, dims.get(node.input[0]), dims.get(tensor))
@@ -90,7 +98,7 @@ def _trace(tensor: str, prod, dims, depth: int) -> ConcatPieces | None:
     if not rank:
         return None
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % rank
-    inner = [_trace(t, prod, dims, depth + 1) for t in node.input]
+    inner = [_trace(t, prod, dims, depth + 1, memo) for t in node.input]
     first = inner[0]
     if first is not None and first.axis != axis and all(
             i is not None and (i.axis, i.pieces) == (first.axis, first.pieces) for i in inner):

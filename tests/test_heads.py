@@ -169,7 +169,9 @@ def test_v5_decode_multiplies_objectness_and_unknown_layouts_are_refused():
         decode(out, layout="v7")
     assert detection_layout({"rank": 3, "axis": 1, "parts": [[0, 4], [4, 7]]}) == "v8"
     assert detection_layout({"rank": 3, "axis": 2, "parts": [[0, 4], [4, 8]]}) == "v5"
+    assert detection_layout({"rank": 3, "axis": 2, "parts": [[0, 2], [2, 4], [4, 8]]}) == "v5"
+    seg = {"rank": 3, "axis": 1, "parts": [[0, 4], [4, 84], [84, 116]]}  # v8-seg: boxes, scores, mask coefficients
     odd = {"output": "o", "rank": 2, "axis": 1, "parts": [[0, 1], [1, 10]]}
-    assert detection_layout(odd) is None
+    assert detection_layout(seg) is None and detection_layout(odd) is None
     entry = unsupported(odd)
     assert entry["status"] == "unsupported" and "\n" not in entry["summary"] and "neither" in entry["summary"]

@@ -7,7 +7,8 @@ pieces along it), never assumed:
 - ``v5`` (ultralytics v5): a 3-D output (N, A, 4 + 1 + C) whose last axis joins 4 box columns and the
   sigmoid columns of objectness and C classes (per detection level, the levels joined along the anchor axis);
   a detection's score is objectness × class score;
-- anything else that mixes ranges is not decoded: the report says so in one line.
+- anything else that mixes ranges (also a v8 segmentation or pose head, whose mask coefficients or keypoints
+  follow the scores) is not decoded: the report says so in one line.
 
 agreement = 2·matched / (fp32 boxes + int8 boxes) (the F1 of int8 against fp32 as ground truth);
 recall = matched / fp32 boxes. Where fp32 finds nothing on any held-out image, nothing can be compared:
@@ -30,10 +31,11 @@ CONF, IOU_NMS, IOU_MATCH = 0.25, 0.45, 0.5
 
 def detection_layout(plan: dict) -> str | None:
     """A head (``HeadPlan.to_dict()``, quantize/heads.py) → ``"v8"``, ``"v5"`` (see the module docstring) or
-    None: 4 box values first (one piece or several adding up to 4), then the scores."""
+    None: 4 box values first (one piece or several adding up to 4), then exactly one piece of scores. A third
+    kind of piece (segmentation mask coefficients, pose keypoints) is neither."""
     parts = [tuple(p) for p in plan.get("parts", [])]
     ends = [b for _, b in parts]
-    if plan.get("rank") != 3 or 4 not in ends or not parts or parts[0][0] != 0:
+    if plan.get("rank") != 3 or not parts or parts[0][0] != 0 or 4 not in ends or ends.index(4) != len(ends) - 2:
         return None
     scores = ends[-1] - 4
     if plan.get("axis") == 1 and scores >= 1:

@@ -66,34 +66,50 @@ def test_int8_bundle_computes_what_the_qat_model_computes(qat_example, digits_sp
 def _placement(bundle):
     """What ONNX Runtime's CPU provider runs: int8 kernels, other ops, and the op types left in float."""
     k = bundle.report["kernels"]
-    other = dict(k["other"])
-    for pad in (bundle.report.get("algorithms") or {}).get("padded_inputs") or []:
-        # PTQ pads an RGB input for the int8 stem (a float Pad, and a Gather where it spreads the channels)
-        for op in ("Pad", "Gather") if pad["spread"] else ("Pad",):
-            other[op] -= 1
-            if not other[op]:
-                del other[op]
-    return k["int8"], other, sorted(name.split(":")[0] for name in k["float_compute"])
+    return k["int8"], k["other"], sorted(name.split(":")[0] for name in k["float_compute"])
+
+
+def _without_kernel_rewrites(target, tmp_path):
+    """A built-in target → a copy of its profile with the rewrites for its int8 kernels off (channel padding,
+    HardSigmoid as Add): what a QAT export does on it, so PTQ and QAT are compared like with like."""
+    from importlib import resources
+
+    text = resources.files("edgequant._toolchains").joinpath(f"{target}.toml").read_text()
+    for key, off in (("depthwise_channel_align", "0"), ("input_channel_align", "0"), ("int8_hardsigmoid", "false")):
+        text = "\n".join(f"{key} = {off}" if line.startswith(f"{key} =") else line for line in text.splitlines())
+    path = tmp_path / f"{target}-as-qat.toml"
+    path.write_text(text)
+    return str(path)
 
 
 def test_qat_and_ptq_quantize_the_same_ops(qat_example, tmp_path):
     _, r = qat_example
-    ptq_dw = edgequant.export(f"{DW / 'model.py'}:build", DIGITS / "data", out=tmp_path / "ptq_dw", progress=False)
+    generic = _without_kernel_rewrites("generic-cpu", tmp_path)
+    ptq_dw = edgequant.export(f"{DW / 'model.py'}:build", DIGITS / "data", out=tmp_path / "ptq_dw", target=generic,
+                              progress=False)
     assert _placement(r["qat_bundle"]) == _placement(ptq_dw)
     assert _placement(r["qat_bundle"])[0] == {"QGemm": 1, "QLinearConv": 9, "QLinearGlobalAveragePool": 1}
 
-    # residual blocks (BatchNorm, functional relu, Add), MaxPool, Flatten; u8 (generic-cpu) and s8 (arm64) activations
+    # residual blocks (BatchNorm, functional relu, Add), MaxPool, Flatten, an RGB input (which PTQ would pad on
+    # generic-cpu); u8 (generic-cpu) and s8 (arm64) activations
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), residual_block(16),
                           residual_block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
     data = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(20)]
-    for target in ("generic-cpu", "arm64"):
-        ptq = edgequant.export(model, data, out=tmp_path / f"ptq_{target}", target=target, progress=False)
+    for target, ptq_target in (("generic-cpu", generic), ("arm64", "arm64")):
+        ptq = edgequant.export(model, data, out=tmp_path / f"ptq_{target}", target=ptq_target, progress=False)
         qmodel = qat.prepare(model, torch.from_numpy(np.stack(data[:4])), target=target, calibration=data)
         bundle = qat.export(qmodel, out=tmp_path / f"qat_{target}", calibration=data, progress=False)
         assert _placement(bundle) == _placement(ptq), target
         agree = bundle.report["qat"]["agreement"][0]
         assert agree["argmax_agreement"] >= 0.995 and agree["max_abs_error_steps"] <= 2.0, (target, agree)
+        # the manifest says what the QAT export did: none of the target's kernel rewrites
+        q = bundle.manifest["quantization"]
+        assert (q["depthwise_channel_align"], q["input_channel_align"], q["int8_hardsigmoid"]) == (0, 0, False)
+    assert bundle.report["qat"].get("target_rewrites_not_applied") is None  # arm64 asks for none of them
+    generic_qat = edgequant.load_bundle(tmp_path / "qat_generic-cpu").report["qat"]
+    assert generic_qat["target_rewrites_not_applied"] == ["depthwise_channel_align", "input_channel_align",
+                                                         "int8_hardsigmoid"]
 
 
 def test_ddp_two_processes_export_like_one(qat_example, digits_split, tmp_path):

@@ -87,6 +87,9 @@ class Fidelity:
     exact_match: float | None = None
     zero_fp32_samples: int | None = None
     pixel_argmax_agreement: float | None = None  # (N, C, H, W) outputs: share of pixels with the same class
+    map: str | None = None  # dense maps (check/layout.py): "probability", "classes" or "values"
+    map_iou: float | None = None  # probability maps: IoU of the pixels above map_threshold
+    map_threshold: float | None = None
 
     @classmethod
     def from_result(cls, r: dict) -> Fidelity:
@@ -95,21 +98,26 @@ class Fidelity:
                    status=r.get("status", "ok"), sqnr_db=r.get("sqnr_db"), correlation=r.get("correlation"),
                    parts=list(r.get("parts", [])), note=r.get("note"), exact_match=r.get("exact_match"),
                    zero_fp32_samples=r.get("zero_fp32_samples"),
-                   pixel_argmax_agreement=r.get("pixel_argmax_agreement"))
+                   pixel_argmax_agreement=r.get("pixel_argmax_agreement"),
+                   **{k: r.get(k) for k in ("map", "map_iou", "map_threshold")})
 
     def to_dict(self) -> dict:
         out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
         for k in ("parts", "note", "exact_match", "zero_fp32_samples", "pixel_argmax_agreement"):
             if not out[k]:
                 out.pop(k)
+        for k in ("map", "map_threshold", "map_iou"):  # a probability map keeps map_iou None: no pixel above
+            if out[k] is None and not (k == "map_iou" and out.get("map") == "probability"):
+                out.pop(k)
         return out
 
 
-def compare_outputs(name: str, ref: np.ndarray, test: np.ndarray) -> Fidelity:
-    """Two output batches (N, ...) → their agreement. Argmax agreement only for class-like (N, C>1) outputs."""
+def compare_outputs(name: str, ref: np.ndarray, test: np.ndarray, *, pieces=None, dense: bool = False) -> Fidelity:
+    """Two output batches (N, ...) → their agreement. Argmax agreement only for class-like (N, C>1) outputs;
+    parts only along the axis a Concat built (``pieces``, check/layout.py); map figures where ``dense``."""
     from .outputs import OutputAgreement
 
-    acc = OutputAgreement(name)
+    acc = OutputAgreement(name, pieces=pieces, dense=dense)
     acc.update(ref, test)
     return Fidelity.from_result(acc.result())
 
@@ -118,15 +126,20 @@ def fidelity(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dic
              batch_size: int = 16, level: str = "all") -> list[Fidelity]:
     """Both models on the same samples → per-output agreement, folded batch by batch (memory: one batch); the
     int8 model runs at ONNX Runtime ``level`` (the target's arithmetic: see ``edgequant.graph.sessions``)."""
+    from .layout import concat_pieces, dense_map
     from .outputs import OutputAgreement
 
     s_ref, s_q = session(fp32, arena=False), session(int8, level=level, arena=False)
     dtypes = input_dtypes(s_ref)
     names = [o.name for o in s_ref.get_outputs()]
-    accs = {n: OutputAgreement(n) for n in names}
+    pieces = concat_pieces(fp32)
+    accs: dict[str, OutputAgreement] = {}
     for batch in batches(samples, batch_size, dtypes):
         for n, r, t in zip(names, s_ref.run(names, batch), s_q.run(names, batch)):
+            if n not in accs:  # what the output is: from the graph and the first batch's shapes
+                dense = r.dtype.kind == "f" and dense_map(r.shape, [v.shape for v in batch.values()])
+                accs[n] = OutputAgreement(n, pieces=pieces.get(n), dense=dense)
             accs[n].update(r, t)
         del r, t
-    return [Fidelity.from_result(accs[n].result()) for n in names]
+    return [Fidelity.from_result(accs.setdefault(n, OutputAgreement(n)).result()) for n in names]
 

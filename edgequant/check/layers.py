@@ -9,6 +9,12 @@ A row per tensor T that a QuantizeLinear node reads (activations; weights are st
   QDQ(x) against x. Each QDQ pair belongs to exactly one row, so a badly chosen range shows up on the row of the
   tensor it quantizes, not on the layers downstream of it.
 
+Every integer tensor is read back in the scale its consumers read it in: the scale and zero point of the
+DequantizeLinear nodes after the QuantizeLinear, not the QuantizeLinear's own. They are the same in an ordinary
+QDQ pair; a rewritten node can differ (a HardSigmoid run as an int8 Add, edgequant.quantize.hardsigmoid,
+quantizes x + β/α at (1/α)/255 and is read back at 1/255, i.e. times α), and then only the consumers' scale
+compares it like for like with the fp32 tensor.
+
 With x the fp32 values and x̂ the int8 ones, summed over all elements of all held-out samples:
 SQNR = 10·log10(Σx² / Σ(x − x̂)²) dB (capped at ``MAX_SQNR_DB`` when there is no error), MSE = Σ(x − x̂)² / n.
 
@@ -76,10 +82,11 @@ class _Row:
     q_node: str
     fp32_name: str  # the tensor in the fp32 graph
     q_output: str  # integer output of the QuantizeLinear in the int8 graph
-    scale: np.ndarray
+    scale: np.ndarray  # the scale and zero point the consumers read the integers in (see the module docstring)
     zero_point: np.ndarray
     producer: onnx.NodeProto | None  # int8 node that writes the QuantizeLinear's input
     quantize: onnx.NodeProto  # the QuantizeLinear itself
+    read: tuple[str, str]  # the initializers of that scale and zero point
 
 
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], *,
@@ -166,12 +173,24 @@ def _rows(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[_Row]:
             if name is None:
                 log.debug("no fp32 counterpart for %s; left out of the layer report", node.input[0])
                 continue
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        read = _read_scale(node, users.get(node.output[0], []), inits)
+        scale = numpy_helper.to_array(inits[read[0]]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[read[1]]).astype(np.float64)
         if scale.size != 1:
             continue  # per-channel activations: not produced by our targets
-        rows.append(_Row(node.name, name, node.output[0], scale, zp, producer.get(node.input[0]), node))
+        rows.append(_Row(node.name, name, node.output[0], scale, zp, producer.get(node.input[0]), node, read))
     return rows
+
+
+def _read_scale(q: onnx.NodeProto, readers: Sequence[onnx.NodeProto], inits) -> tuple[str, str]:
+    """A QuantizeLinear and the nodes reading its integers → the (scale, zero point) initializers they are read
+    back with: the DequantizeLinears' when they all agree, else the QuantizeLinear's own."""
+    pairs = {(r.input[1], r.input[2]) for r in readers if r.op_type == "DequantizeLinear" and len(r.input) >= 3}
+    if len(pairs) == 1:
+        pair = next(iter(pairs))
+        if all(p in inits for p in pair):
+            return pair
+    return q.input[1], q.input[2]
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:
@@ -219,6 +238,7 @@ def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_R
         return new
 
     q_nodes = {n.name: n for n in src if n.op_type == "QuantizeLinear"}
+    src_inits = src.initializers
     outputs: dict[str, str] = {}
     for k, row in enumerate(rows):
         pre = f"{_PREFIX}{k}/"
@@ -230,7 +250,8 @@ def _alone_model(fp32: onnx.ModelProto, int8: onnx.ModelProto, rows: Sequence[_R
             if all(v is not None for v, orig in zip(inputs, p.inputs) if orig is not None):
                 x = copy(p, pre + "layer", inputs).outputs[q.inputs[0].index() or 0]
         qq = copy(q, pre + "q", [x, *(const(v) for v in q.inputs[1:])])
-        dq = ir.Node("", "DequantizeLinear", [qq.outputs[0], *qq.inputs[1:]], name=pre + "dq",
+        dq = ir.Node("", "DequantizeLinear", [qq.outputs[0], *(const(src_inits[n]) for n in row.read)],
+                     name=pre + "dq",
                      attributes=[a for a in q.attributes.values() if a.name == "axis"])
         dq.outputs[0].name = pre + "out"
         g.append(dq)

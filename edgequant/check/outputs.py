@@ -1,18 +1,25 @@
 """Per-output and per-part agreement of the int8 model with the fp32 one, folded batch by batch (memory: one
-batch of outputs plus a few sums per channel), and the gate that refuses a grossly wrong int8 model.
+batch of outputs plus a few sums per index of one axis), and the gate that refuses a grossly wrong int8 model.
 
-Why per part: an output that concatenates values of very different ranges (a YOLO head: box coordinates up
-to ~680 next to class scores in 0–1) looks fine in one summary number (cosine 0.9998) while one part is
-destroyed (every score the same value). For each axis of an output but the batch axis (at most
-``MAX_PART_AXIS`` long) the fp32 absolute maximum of every index is kept; indices whose maxima are at least a
-decade apart (``RANGE_GAP``) form separate parts, each with its own SQNR and correlation.
+What an output is comes from the graph (check/layout.py), never from its values alone:
+- **parts**: an output whose axis a Concat built from branches of very different ranges (a YOLO head: box
+  coordinates up to ~680 next to class scores in 0–1) looks fine in one summary number (cosine 0.9998) while
+  one part is destroyed (every score the same value). Along that axis only, the Concat's pieces whose fp32
+  absolute maxima are at least a decade apart (``RANGE_GAP``) form separate parts, each with its own SQNR and
+  correlation. No other output is cut: image rows and columns are never parts.
+- **dense maps** (N, C, H, W) over the input's pixels are scored as maps: a one-channel map with values in
+  [0, 1] (text, mask probability) by its IoU at ``MAP_THRESHOLD`` (pixels above it in fp32 vs in int8),
+  segmentation logits (C > 1) by per-pixel argmax agreement, any map by its SQNR over the whole map.
 
 With fp32 values x and int8 values x̂ of a part, over all its elements on all held-out samples:
 SQNR = 10·log10(Σx² / Σ(x − x̂)²) dB; correlation = Pearson's r of x and x̂ (0 when x̂ is constant while x
 is not: a collapsed part). Degenerate outputs are named, never scored as a perfect cosine: ``constant``
 (fp32 the same everywhere, ``zero`` when that is 0), ``integer`` (not a float output: exact-match rate).
 
-The gate (:func:`gross_failures`) — documented floors, in docs/fidelity.md:
+The gate (:func:`gross_failures`) — documented floors, in docs/fidelity.md. An output with a task metric
+(map IoU, pixel argmax agreement of a dense map, detection agreement) is judged by that metric alone: it fails
+below ``MAP_IOU_FLOOR`` / ``ARGMAX_FLOOR`` (pixels, where also SQNR < ``ARGMAX_SQNR_DB``) /
+``DETECTION_FLOOR`` and passes above, whatever its SQNR. Other outputs:
 - a part (or a whole output) with SQNR below ``PART_SQNR_FLOOR_DB`` or correlation below
   ``CORRELATION_FLOOR`` is destroyed;
 - an output whose mean cosine is below ``COSINE_FLOOR``;
@@ -29,18 +36,21 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .layout import ConcatPieces
 from .metrics import sqnr_from_sums
 
-__all__ = ["ARGMAX_FLOOR", "CORRELATION_FLOOR", "COSINE_FLOOR", "PART_SQNR_FLOOR_DB", "OutputAgreement",
-           "Part", "gate_message", "gross_failures"]
+__all__ = ["ARGMAX_FLOOR", "CORRELATION_FLOOR", "COSINE_FLOOR", "DETECTION_FLOOR", "MAP_IOU_FLOOR", "MAP_THRESHOLD",
+           "PART_SQNR_FLOOR_DB", "OutputAgreement", "Part", "gate_message", "gross_failures"]
 
 PART_SQNR_FLOOR_DB = 3.0
 CORRELATION_FLOOR = 0.5
 COSINE_FLOOR = 0.5
 ARGMAX_FLOOR = 0.5
 ARGMAX_SQNR_DB = 10.0
+MAP_THRESHOLD = 0.5
+MAP_IOU_FLOOR = 0.5
+DETECTION_FLOOR = 0.5
 RANGE_GAP = 10.0
-MAX_PART_AXIS = 4096
 
 
 @dataclass
@@ -104,9 +114,12 @@ class OutputAgreement:
     """Streaming agreement of one output: ``update`` with each batch of fp32 and int8 values, then ``result``."""
 
     name: str
+    pieces: ConcatPieces | None = None  # the axis a Concat built (check/layout.py): the only one cut into parts
+    dense: bool = False  # a dense map over the input's pixels (check/layout.py)
     samples: int = 0
     _total: _Sums = field(default_factory=_Sums)
-    _axes: dict[int, _Sums] = field(default_factory=dict)
+    _axis: _Sums | None = None
+    _map: list[int] = field(default_factory=lambda: [0, 0])  # pixels above MAP_THRESHOLD in both, in either
     _cos: list[float] = field(default_factory=list)
     _zero_ref: int = 0
     _argmax: int = 0
@@ -136,11 +149,16 @@ class OutputAgreement:
             return
         x, y = ref.astype(np.float64), test.astype(np.float64)
         self._total.add(x, y, None)
-        if ref.ndim >= 2:
-            for axis in range(1, ref.ndim):
-                if 2 <= ref.shape[axis] <= MAX_PART_AXIS:
-                    sums = self._axes.setdefault(axis, _Sums(ref.shape[axis]))
-                    sums.add(x, y, tuple(a for a in range(ref.ndim) if a != axis))
+        p = self.pieces
+        if p is not None and 0 < p.axis < ref.ndim and ref.shape[p.axis] == p.pieces[-1][1] and not (
+                self.dense and p.axis >= 2):
+            if self._axis is None:
+                self._axis = _Sums(ref.shape[p.axis])
+            self._axis.add(x, y, tuple(a for a in range(ref.ndim) if a != p.axis))
+        if self.dense:
+            a, b = ref > MAP_THRESHOLD, test > MAP_THRESHOLD
+            self._map[0] += int(np.count_nonzero(a & b))
+            self._map[1] += int(np.count_nonzero(a | b))
         a, b = x.reshape(n, -1), y.reshape(n, -1)
         na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
         ok = na > 0
@@ -173,6 +191,8 @@ class OutputAgreement:
         out["mean_abs_error"] = round(float(t.s[6, 0]) / max(float(t.n[0]), 1.0), 6)
         if self._pixels:
             out["pixel_argmax_agreement"] = round(self._pixel_agree / self._pixels, 6)
+        if self.dense:
+            out.update(self._map_result(t))
         if self._zero_ref and not constant:
             out["zero_fp32_samples"] = self._zero_ref
         if constant:
@@ -183,46 +203,51 @@ class OutputAgreement:
             out["parts"] = [p.to_dict() for p in parts]
         return out
 
+    def _map_result(self, t: _Sums) -> dict:
+        """A dense map → its kind, and for a probability map (one channel, fp32 in [0, 1]) the IoU at
+        MAP_THRESHOLD (None when neither model puts a pixel above it)."""
+        if self._pixels:
+            return {"map": "classes"}
+        if float(t.lo[0].min()) < 0.0 or float(t.hi[0].max()) > 1.0:
+            return {"map": "values"}
+        inter, union = self._map
+        return {"map": "probability", "map_threshold": MAP_THRESHOLD,
+                "map_iou": round(inter / union, 6) if union else None}
+
     def _parts(self) -> list[Part]:
-        best: tuple[float, int, list[np.ndarray]] | None = None
-        for axis, sums in self._axes.items():
-            groups, gap = _split_by_range(sums.amax)
-            if len(groups) > 1 and (best is None or gap > best[0]):
-                best = (gap, axis, groups)
-        if best is None:
+        """The Concat's pieces grouped by range (pieces a decade or more apart are separate parts) → the parts;
+        none when all pieces share one range."""
+        sums, p = self._axis, self.pieces
+        if sums is None or p is None:
             return []
-        _, axis, groups = best
-        sums = self._axes[axis]
+        piece_max = np.array([float(sums.amax[a:b].max(initial=0.0)) for a, b in p.pieces])
+        groups = _group_by_range(piece_max)
+        if len(groups) < 2:
+            return []
         parts = []
-        for idx in groups:
+        for g in groups:
+            idx = np.concatenate([np.arange(*p.pieces[k]) for k in g])
             sqnr, corr, err, amax, constant = sums.part(idx)
             label = _index_label(idx)
-            parts.append(Part(f"{self.name}[axis {axis}: {label}]", axis, label, sqnr, corr, err, amax,
+            parts.append(Part(f"{self.name}[axis {p.axis}: {label}]", p.axis, label, sqnr, corr, err, amax,
                               "constant" if constant else "ok"))
         return parts
 
 
-def _split_by_range(amax: np.ndarray) -> tuple[list[np.ndarray], float]:
-    """Per-index absolute maxima → index groups separated by gaps of at least ``RANGE_GAP`` in magnitude
-    (all-zero indices join the smallest group), and the largest gap (as a factor)."""
+def _group_by_range(amax: np.ndarray) -> list[list[int]]:
+    """Per-piece absolute maxima → piece groups separated by gaps of at least ``RANGE_GAP`` in magnitude (all-zero
+    pieces join the smallest group), in index order."""
     nz = np.nonzero(amax > 0)[0]
     if nz.size < 2:
-        return [np.arange(amax.size)], 1.0
-    logs = np.log10(amax[nz])
-    order = np.argsort(logs)
-    steps = np.diff(logs[order])
-    cuts = np.nonzero(steps >= math.log10(RANGE_GAP))[0]
-    if not cuts.size:
-        return [np.arange(amax.size)], float(10 ** steps.max()) if steps.size else 1.0
+        return [list(range(amax.size))]
+    order = nz[np.argsort(np.log10(amax[nz]), kind="stable")]
+    steps = np.diff(np.log10(amax[order]))
     groups, start = [], 0
-    for c in [*cuts.tolist(), len(order) - 1]:
-        groups.append(np.sort(nz[order[start:c + 1]]))
+    for c in [*np.nonzero(steps >= math.log10(RANGE_GAP))[0].tolist(), len(order) - 1]:
+        groups.append(sorted(order[start:c + 1].tolist()))
         start = c + 1
-    zeros = np.nonzero(amax <= 0)[0]
-    if zeros.size:
-        groups[0] = np.sort(np.concatenate([groups[0], zeros]))
-    groups.sort(key=lambda g: int(g[0]))
-    return groups, float(10 ** steps.max())
+    groups[0] = sorted(groups[0] + np.nonzero(amax <= 0)[0].tolist())
+    return sorted(groups, key=lambda g: g[0])
 
 
 def _index_label(idx: np.ndarray) -> str:
@@ -232,18 +257,24 @@ def _index_label(idx: np.ndarray) -> str:
     return f"[{shown}{',…' if idx.size > 8 else ''}] ({idx.size} indices)"
 
 
-def gross_failures(results: Sequence[dict]) -> list[tuple[str, str]]:
-    """Per-output results (``OutputAgreement.result()``) → [(what, why)] for every output or part that breaks
-    a floor (see the module docstring), worst first (by SQNR)."""
+def gross_failures(results: Sequence[dict], detection: dict | None = None) -> list[tuple[str, str]]:
+    """Per-output results (``OutputAgreement.result()``) and the detection agreement entry (check/detection.py,
+    or None) → [(what, why)] for every output or part that breaks a floor (see the module docstring), worst
+    first (by SQNR)."""
     found: list[tuple[float, str, str]] = []
     for r in results:
         if r.get("status") != "ok":
+            continue
+        name = r["output"]
+        task = _task_verdict(r, detection if detection and detection.get("output") == name else None)
+        if task is not None:
+            if task:
+                found.append((r["sqnr_db"], name, task))
             continue
         for p in r.get("parts", []):
             if p["status"] == "ok" and (p["sqnr_db"] < PART_SQNR_FLOOR_DB or p["correlation"] < CORRELATION_FLOOR):
                 found.append((p["sqnr_db"], p["name"], f"SQNR {p['sqnr_db']:.1f} dB, correlation "
                               f"{p['correlation']:.2f} (floors {PART_SQNR_FLOOR_DB:g} dB, {CORRELATION_FLOOR:g})"))
-        name = r["output"]
         if r["sqnr_db"] < PART_SQNR_FLOOR_DB or r["correlation"] < CORRELATION_FLOOR:
             found.append((r["sqnr_db"], name, f"SQNR {r['sqnr_db']:.1f} dB, correlation {r['correlation']:.2f} "
                           f"(floors {PART_SQNR_FLOOR_DB:g} dB, {CORRELATION_FLOOR:g})"))
@@ -256,45 +287,32 @@ def gross_failures(results: Sequence[dict]) -> list[tuple[str, str]]:
     return [(what, why) for _, what, why in sorted(found, key=lambda f: f[0])]
 
 
-def gate_message(failures: Sequence[tuple[str, str]], layers: Sequence[dict] | None, model, method: str) -> str:
-    """Gate failures + the per-layer rows (worst first) + the fp32 graph → one line: the worst output part,
-    the worst layer, and the fix to try first."""
+def _task_verdict(r: dict, detection: dict | None) -> str | None:
+    """An output's result → None where it has no task metric, "" where its task metric holds, else why not."""
+    if detection is not None and detection.get("status") == "ok":
+        a = detection["agreement"]
+        return "" if a >= DETECTION_FLOOR else (f"detection agreement {100 * a:.1f}% (floor "
+                                                f"{100 * DETECTION_FLOOR:g}%)")
+    if r.get("map_iou") is not None:
+        iou = r["map_iou"]
+        return "" if iou >= MAP_IOU_FLOOR else (f"map IoU {iou:.3f} at p > {r['map_threshold']:g} (floor "
+                                                f"{MAP_IOU_FLOOR:g})")
+    if r.get("map") == "classes":
+        agree = r["pixel_argmax_agreement"]
+        if agree >= ARGMAX_FLOOR or r["sqnr_db"] >= ARGMAX_SQNR_DB:
+            return ""
+        return (f"pixel argmax agreement {100 * agree:.1f}% at SQNR {r['sqnr_db']:.1f} dB (floor "
+                f"{100 * ARGMAX_FLOOR:g}% below {ARGMAX_SQNR_DB:g} dB)")
+    return None
+
+
+def gate_message(failures: Sequence[tuple[str, str]], advice: str, method: str) -> str:
+    """Gate failures + the advice a trial backs (check/advice.py) → one line: the worst output or part, what
+    is known about its cause, and the fix to try first."""
     what, why = failures[0]
-    worst = ""
-    fix = ""
-    output = what.split("[", 1)[0]
-    if layers:
-        # the layer that writes the failing output quantizes it last: name it before the lowest SQNR overall,
-        # which an output dominated by its largest channels would hide
-        w = next((r for r in layers if r["tensor"] == output), layers[0])
-        worst = f"; worst layer {w['node'] or w['tensor']!r} ({w['op_type']}, alone {w['alone_sqnr_db']:.1f} dB)"
-        fix = f"keep that layer float (--exclude {w['node']})" if w["node"] else ""
-    concat = _final_concat(model, output)
-    if concat and "[axis" in what:
-        fix = (f"the output concatenates values of different ranges: keep its final Concat float "
-               f"(--exclude {concat})")
-    elif method in ("entropy", "percentile", "mse"):
-        fix = f"try --method minmax ({method} clips ranges){'; or ' + fix if fix else ''}"
-    if not fix:
-        fix = "set --accuracy-budget cosine>=0.99 to keep the most sensitive layers float"
+    if method in ("entropy", "percentile", "mse"):
+        advice = f"try --method minmax ({method} clips ranges); {advice}"
     more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-    return (f"the int8 model is grossly wrong on the held-out samples: {what} {why}{more}{worst}. Fix: {fix}. "
+    return (f"the int8 model is grossly wrong on the held-out samples: {what} {why}{more}. {advice}. "
             "Nothing was written; --allow-inaccurate (allow_inaccurate=True) writes it anyway and records this "
             "in the report")
-
-
-def _final_concat(model, output: str) -> str | None:
-    """The Concat node that produces ``output`` (through shape-only ops), or None."""
-    if model is None:
-        return None
-    producers = {o: n for n in model.graph.node for o in n.output}
-    node = producers.get(output)
-    for _ in range(8):
-        if node is None:
-            return None
-        if node.op_type == "Concat":
-            return node.name
-        if node.op_type not in ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast"):
-            return None
-        node = producers.get(node.input[0])
-    return None

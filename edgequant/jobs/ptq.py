@@ -191,14 +191,17 @@ def detection(run: Run) -> None:
     NMS (``edgequant_detect.py``) in the bundle."""
     from importlib import resources
 
-    from ..check.detection import detection_agreement, yolo_output
+    from ..check.detection import detection_agreement, detection_layout, unsupported
 
-    head = next((h for h in run.parts.get("heads") or [] if yolo_output(h)), None)
+    heads = run.parts.get("heads") or []
+    head = next((h for h in heads if detection_layout(h)), None)
     if head is None:
-        run.parts["detection"] = None
+        run.parts["detection"] = unsupported(heads[0]) if heads else None
         return
-    run.parts["detection"] = detection_agreement(run.fp32, run.int8, run.holdout, head["output"],
+    layout = detection_layout(head)
+    run.parts["detection"] = detection_agreement(run.fp32, run.int8, run.holdout, head["output"], layout=layout,
                                                  batch_size=run.batch_size, level=run.checked.level)
+    run.manifest_extra["detection"] = {"output": head["output"], "layout": layout}
     run.files[DETECT_RUNTIME] = resources.files("edgequant._runtime").joinpath(DETECT_RUNTIME).read_bytes()
 
 
@@ -237,7 +240,7 @@ def layers(run: Run) -> None:
     from ..check import layers as layer_check
 
     cfg = run.config
-    if cfg.calibration.layer_report is False and not gross_failures(run.parts["fidelity"]):
+    if cfg.calibration.layer_report is False and not _failures(run):
         return
     try:
         with progress_bar(total=len(run.holdout), desc="per-layer error", unit="sample", disable=not cfg.progress,
@@ -252,16 +255,29 @@ def layers(run: Run) -> None:
 def gate(run: Run) -> None:
     """A grossly wrong int8 model (check/outputs.py's floors) raises FidelityError and nothing is written, unless
     ``allow_inaccurate``: then the bundle is written and the report records the failures."""
+    from ..check.advice import advise
+
     cfg = run.config
-    failures = gross_failures(run.parts["fidelity"])
+    failures = _failures(run)
     if failures and not cfg.calibration.allow_inaccurate:
-        raise FidelityError(gate_message(failures, run.parts.get("layers"), run.fp32, run.method))
+        def requantize(extra: list[str]) -> list[dict]:
+            int8 = run.quantize_fn(run.ranges, [*_exclude(run), *extra])
+            return [f.to_dict() for f in fidelity(run.fp32, int8, run.holdout, batch_size=run.batch_size,
+                                                  level=run.checked.level)]
+
+        advice = advise(failures, run.parts.get("layers"), run.work, requantize)
+        raise FidelityError(gate_message(failures, advice, run.method))
     if failures:
         log.warning("writing a grossly wrong int8 model (allow_inaccurate): %s %s", *failures[0])
     if cfg.calibration.layer_report is False:
         run.parts.pop("layers", None)
     run.parts["fidelity_gate"] = {"passed": not failures, "failures": [f"{w}: {why}" for w, why in failures],
                                   "overridden": bool(failures) and cfg.calibration.allow_inaccurate}
+
+
+def _failures(run: Run) -> list[tuple[str, str]]:
+    """The gate's failures: every output by its task metric where it has one (detection agreement included)."""
+    return gross_failures(run.parts["fidelity"], run.parts.get("detection"))
 
 
 def settings(run: Run) -> None:

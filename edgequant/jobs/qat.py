@@ -75,12 +75,24 @@ def agreement(run: Run) -> None:
     run.parts["qat"] = {**qat_settings(gm, state), "agreement": agree}
 
 
+# The target's rewrites for its int8 kernels that PTQ applies (jobs/ptq.py) and the QAT export does not: the
+# channel padding changes the graph the scales were trained on, and the HardSigmoid-as-Add replaces a trained
+# output scale. The manifest records each as off ("what was done"); the report says they were not applied.
+NOT_APPLIED = {"depthwise_channel_align": 0, "input_channel_align": 0, "int8_hardsigmoid": False}
+
+
 def settings(run: Run) -> None:
-    """The manifest's quantization settings and the report's calibration and held-out parts."""
+    """The manifest's quantization settings (what this export did, not all the target asks for) and the
+    report's calibration and held-out parts."""
     gm, state = run.loaded
     qs = qat_settings(gm, state)
     run.method = "qat"
-    run.settings = {"source": "qat", "method": "qat", **qs, **run.target.to_dict()["quantization"]}
+    wanted = run.target.to_dict()["quantization"]
+    run.settings = {"source": "qat", "method": "qat", **qs, **wanted, **NOT_APPLIED}
+    skipped = [k for k, off in NOT_APPLIED.items() if wanted.get(k) != off]
+    if skipped:
+        run.parts["qat"]["target_rewrites_not_applied"] = skipped
+        log.info("QAT export: the target's %s are not applied (PTQ applies them)", ", ".join(skipped))
     run.parts["calibration"] = {"data": run.samples.source, "samples": len(run.samples),
                                 "tensors": qs["activation_quantizers"], "float_tensors": []}
     run.parts["holdout"] = {"samples": len(run.samples), "disjoint_from_calibration": False}

@@ -1,11 +1,13 @@
 """Detection heads: an output that concatenates values of very different ranges → the nodes to keep float.
 
-A YOLO-style head (ultralytics v5/v8/v11) ends in one Concat of decoded box coordinates (up to the image size)
+A YOLO-style head (ultralytics v5/v8/v11) ends in a Concat of decoded box coordinates (up to the image size)
 and class scores (0–1). Quantized as one tensor, one scale of ~2.7 per step rounds every score to the same
-value. ONNX Runtime's quantizer has no notion of this; what is done here, from the calibration ranges:
+value. ONNX Runtime's quantizer has no notion of this; what is done here, from the graph and the calibration
+ranges:
 
-- find each graph output written by a Concat (through shape-only ops) whose inputs' ranges are at least
-  ``RANGE_GAP`` apart in magnitude;
+- find each graph output with an axis a Concat built (check/layout.py: through shape-only ops, and through a
+  Concat of detection levels along another axis, as in YOLOv5) whose pieces' ranges are at least ``RANGE_GAP``
+  apart in magnitude;
 - keep float that Concat and the *decode tail* behind it: every node between it and the last learned
   layers (Conv/MatMul/Gemm with learned weights), i.e. Sigmoid, the DFL Softmax and its fixed 0..n-1
   Conv ("dfl" pattern), anchor arithmetic, Reshape/Split/Concat. The learned convolutions stay int8, each
@@ -25,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph.skeleton import weightless_copy
+from ..check.layout import concat_pieces, static_dims
+from ..graph.index import producers as producer_index
 
 __all__ = ["HeadPlan", "mixed_range_heads"]
 
@@ -34,7 +37,6 @@ log = logging.getLogger(__name__)
 RANGE_GAP = 10.0
 MAX_TAIL = 96
 _LEARNED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-_SHAPE_ONLY = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast")
 
 
 @dataclass
@@ -44,9 +46,11 @@ class HeadPlan:
     output: str
     concat: str
     pattern: str  # "decode-tail", "decode-tail+dfl" or "unrecognised"
-    input_ranges: dict[str, float]  # Concat input → its calibrated |max|
+    input_ranges: dict[str, float]  # tensor concatenated → its calibrated |max|
     float_nodes: list[str] = field(default_factory=list)
-    parts: list[tuple[int, int]] = field(default_factory=list)  # channel ranges along the Concat axis
+    parts: list[tuple[int, int]] = field(default_factory=list)  # index ranges of the pieces along ``axis``
+    axis: int = 1  # the output's axis the Concat built
+    rank: int = 0  # the output's rank
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -56,37 +60,33 @@ class HeadPlan:
 
 
 def mixed_range_heads(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]]) -> list[HeadPlan]:
-    """fp32 model + calibration ranges → a plan per output whose final Concat mixes ranges (see the docstring)."""
+    """fp32 model + calibration ranges → a plan per output whose Concat mixes ranges (see the docstring)."""
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
+    producers = producer_index(g)
+    nodes = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}
-    shapes = _channel_sizes(model)
+    dims = static_dims(model)
     plans = []
-    for out in g.output:
-        node = producers.get(out.name)
-        while node is not None and node.op_type in _SHAPE_ONLY:
-            node = producers.get(node.input[0])
-        if node is None or node.op_type != "Concat" or len(node.input) < 2:
-            continue
-        amax = {t: max(abs(ranges[t][0]), abs(ranges[t][1])) for t in node.input if t in ranges}
+    for out, found in concat_pieces(model, dims).items():
+        amax = {t: max(abs(ranges[t][0]), abs(ranges[t][1])) for branch in found.branches for t in branch
+                if t in ranges}
         if len(amax) < 2 or min(amax.values()) <= 0 or max(amax.values()) / min(amax.values()) < RANGE_GAP:
             continue
-        tail, dfl = _tail(node, producers, inits)
-        plan = HeadPlan(out.name, node.name, "unrecognised", amax)
+        top = nodes.get(found.concats[0])
+        if top is None or not top.name:
+            continue  # an unnamed Concat cannot be kept float by name
+        tail, dfl = _tail(top, producers, inits)
+        plan = HeadPlan(out, top.name, "unrecognised", amax, parts=list(found.pieces), axis=found.axis,
+                        rank=len(dims.get(out, ())))
         if tail is None:
-            plan.float_nodes = [node.name]
+            plan.float_nodes = list(found.concats)
             log.warning("output %r mixes ranges %s but no learned layer is near it: only its Concat %r stays "
-                        "float", out.name, _fmt(amax), node.name)
+                        "float", out, _fmt(amax), top.name)
         else:
             plan.pattern = "decode-tail+dfl" if dfl else "decode-tail"
             plan.float_nodes = tail
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        sizes = [shapes.get((t, axis)) for t in node.input]
-        if all(s is not None for s in sizes):
-            starts = np.cumsum([0, *sizes])
-            plan.parts = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-        log.info("output %r mixes ranges %s: %d nodes kept float (%s)", out.name, _fmt(amax),
-                 len(plan.float_nodes), plan.pattern)
+        log.info("output %r mixes ranges %s: %d nodes kept float (%s)", out, _fmt(amax), len(plan.float_nodes),
+                 plan.pattern)
         plans.append(plan)
     return plans
 
@@ -131,19 +131,3 @@ def _is_dfl(node: onnx.NodeProto, inits) -> bool:
     w = numpy_helper.to_array(inits[node.input[1]])
     return w.ndim == 4 and w.shape[0] == 1 and w.shape[1] > 1 and np.array_equal(
         w.reshape(-1), np.arange(w.shape[1], dtype=w.dtype))
-
-
-def _channel_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
-    """(tensor, axis) → static size, from ONNX shape inference (without the weights' data)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model))
-    except Exception:  # onnx raises assorted types; sizes are only for the report
-        return {}
-    out = {}
-    for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
-        dims = v.type.tensor_type.shape.dim
-        for a, d in enumerate(dims):
-            if d.HasField("dim_value"):
-                out[(v.name, a)] = d.dim_value
-                out[(v.name, a - len(dims))] = d.dim_value
-    return out

@@ -3,10 +3,13 @@ non-maximum suppression, and the agreement of two sets of detections. numpy only
 edgequant_runtime.py); the export uses the same code to report detection agreement, so the figure in the
 report is the one this file reproduces.
 
-Output layout (ultralytics v8/v11 export, and examples/detection): one image's output is (4 + C, A): per
-anchor A, box centre x, y, width, height in input pixels, then C class scores in 0–1.
+Output layouts (the bundle's manifest names its own under ``detection.layout``):
+- ``"v8"`` (ultralytics v8/v11 export, and examples/detection): one image's output is (4 + C, A): per anchor A,
+  box centre x, y, width, height in input pixels, then C class scores in 0–1;
+- ``"v5"`` (ultralytics v5 export): one image's output is (A, 4 + 1 + C): per anchor the box, its objectness,
+  then C class scores; a detection's score is objectness × class score.
 
-    dets = decode(output[0], conf=0.25, iou=0.45)   # Detections(boxes (K, 4) x1y1x2y2, scores, classes)
+    dets = decode(output[0], conf=0.25, iou=0.45, layout="v8")  # Detections(boxes (K, 4) x1y1x2y2, scores, classes)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 __all__ = ["Detections", "decode", "match", "nms"]
 
 MAX_ANCHORS = 1_000_000
+LAYOUTS = ("v8", "v5")
 
 
 class Detections(NamedTuple):
@@ -26,17 +30,25 @@ class Detections(NamedTuple):
     classes: np.ndarray  # (K,) int64
 
 
-def decode(output: np.ndarray, *, conf: float = 0.25, iou: float = 0.45, max_det: int = 300) -> Detections:
-    """One image's (4 + C, A) output → its detections: best class per anchor, score ≥ ``conf``, then
-    class-aware NMS at ``iou``, at most ``max_det``, highest score first. Raises ValueError on an output that
-    is not of that layout or holds NaN/Inf (the output is untrusted, like the frames)."""
+def decode(output: np.ndarray, *, conf: float = 0.25, iou: float = 0.45, max_det: int = 300,
+           layout: str = "v8") -> Detections:
+    """One image's output in ``layout`` (see the module docstring) → its detections: best class per anchor,
+    score ≥ ``conf``, then class-aware NMS at ``iou``, at most ``max_det``, highest score first. Raises
+    ValueError on an unknown layout, an output that is not of that layout, or NaN/Inf (the output is untrusted,
+    like the frames)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"detection layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     out = np.asarray(output)
-    if out.ndim != 2 or out.shape[0] < 5 or not 0 < out.shape[1] <= MAX_ANCHORS:
-        raise ValueError(f"detection output must be (4 + classes, anchors), got shape {out.shape}")
+    if layout == "v5":
+        if out.ndim != 2 or out.shape[1] < 6 or not 0 < out.shape[0] <= MAX_ANCHORS:
+            raise ValueError(f"v5 detection output must be (anchors, 4 + 1 + classes), got shape {out.shape}")
+        out = out.T
+    elif out.ndim != 2 or out.shape[0] < 5 or not 0 < out.shape[1] <= MAX_ANCHORS:
+        raise ValueError(f"v8 detection output must be (4 + classes, anchors), got shape {out.shape}")
     out = out.astype(np.float32, copy=False)
     if not np.isfinite(out).all():
         raise ValueError("detection output holds NaN or Inf")
-    scores_all = out[4:]
+    scores_all = out[5:] * out[4:5] if layout == "v5" else out[4:]
     classes = scores_all.argmax(axis=0)
     scores = scores_all[classes, np.arange(out.shape[1])]
     keep = scores >= conf

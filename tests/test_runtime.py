@@ -162,7 +162,12 @@ def test_missing_provider_is_refused_or_explained(target_bundle):
     with pytest.raises(rt.ProviderError, match="asks for TensorrtExecutionProvider, CUDAExecutionProvider, which "
                                                "this onnxruntime"):
         rt.Session(bundle.path)
-    sess = rt.Session(bundle.path, allow_fallback=True)
+    # falling back puts the bundle's full-range int8 kernels on this CPU: refused too where its kernels saturate
+    saturates = rt.int8_saturates(rt.cpu_features())
+    if saturates:
+        with pytest.raises(rt.ProviderError, match="full-range 8-bit weights, which this CPU .*no VNNI"):
+            rt.Session(bundle.path, allow_fallback=True)
+    sess = rt.Session(bundle.path, allow_fallback=True, allow_saturating_cpu=saturates)
     assert sess.missing == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert sess.providers == ["CPUExecutionProvider"]
     text = sess.describe()
@@ -170,6 +175,25 @@ def test_missing_provider_is_refused_or_explained(target_bundle):
     assert "nodes on CPUExecutionProvider (" in text and "QLinearConv 3" in text
     x = holdout()[:1]
     np.testing.assert_array_equal(sess.run(x)["linear"], run_onnx(bundle.model_path, x))
+
+
+def test_the_cpu_check_applies_only_where_the_cpu_provider_runs_the_int8_kernels(target_bundle, monkeypatch):
+    """On an AVX2-only CPU a jetson-orin bundle is refused for its providers (the CPU's arithmetic does not
+    matter on TensorRT/CUDA); once it falls back to the CPU provider, for the CPU's saturating int8 kernels."""
+    bundle = target_bundle("jetson-orin")
+    assert bundle.manifest["requires_cpu"] == {"x86_64_one_of": ["avx512_vnni", "avx_vnni"]}
+    monkeypatch.setattr(rt, "cpu_features", lambda: {"arch": "x86_64", "flags": ["avx2"], "source": "test"})
+    with pytest.raises(rt.ProviderError, match="asks for TensorrtExecutionProvider, CUDAExecutionProvider"):
+        rt.Session(bundle.path)
+    with pytest.raises(rt.ProviderError, match=r"jetson-orin bundle has full-range 8-bit weights.*x86_64 AVX2, "
+                                               r"no VNNI.*allow_saturating_cpu=True"):
+        rt.Session(bundle.path, allow_fallback=True)
+    sess = rt.Session(bundle.path, allow_fallback=True, allow_saturating_cpu=True)
+    assert "QLinearConv" in sess.placement[rt.CPU]
+    assert rt.Session(bundle.path, reference=True, allow_fallback=True).providers == [rt.CPU]  # fp32: any CPU
+    monkeypatch.setattr(rt, "cpu_features", lambda: {"arch": "x86_64", "flags": ["avx2", "avx_vnni"],
+                                                     "source": "test"})
+    assert rt.Session(bundle.path, allow_fallback=True).providers == [rt.CPU]
 
 
 def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):

@@ -1020,10 +1020,6 @@ class Session:
                                keep=lambda m: used_files(m, reference=reference))
         self.manifest, self.digest = manifest.manifest, manifest.digest
         self.cpu = cpu_features()
-        if not reference:
-            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
-            if degraded:
-                log.warning("%s", degraded)
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
@@ -1072,6 +1068,12 @@ class Session:
                                 "allow_fallback=True")
         if missing or outside or idle:
             log.warning("%s", self.describe())
+        # the CPU's int8 arithmetic matters only where the CPU provider runs the model's int8 kernels (a bundle
+        # placed on TensorRT or CUDA is computed there), so this comes after the provider checks
+        if not reference and any(_int8_kernel(op) for op in self.placement.get(CPU, ())):
+            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
+            if degraded:
+                log.warning("%s", degraded)
         self.inputs = {i.name: i for i in self._session.get_inputs()}
         self.output_names = [o.name for o in self._session.get_outputs()]
         self._pre = self.manifest.get("preprocess")
@@ -1321,6 +1323,16 @@ class Session:
 # manifest "requires_cpu": {"x86_64_one_of": [flags]}: bundles whose int8 kernels saturate on x86 CPUs without
 # one of these (full-range 8-bit weights through ONNX Runtime's fused u8*s8 kernels). manifest "selftest":
 # golden inputs and the outputs the target computes for them, compared in output quantization steps.
+
+
+# ONNX Runtime's quantized compute kernels (QLinearConv, QGemm, MatMulInteger, DynamicQuantizeMatMul, ...):
+# the nodes whose arithmetic on x86 depends on VNNI
+_INT8_KERNEL_PREFIXES = ("QLinear", "QGemm", "QAttention", "QOrdered", "QEmbed", "DynamicQuantize", "MatMulNBits")
+
+
+def _int8_kernel(op_type: str) -> bool:
+    """An op type from the placement → True for a quantized compute kernel."""
+    return op_type.startswith(_INT8_KERNEL_PREFIXES) or "Integer" in op_type
 
 
 def check_cpu(manifest: dict, features: dict, *, allow: bool = False, where: str = "") -> str | None:

@@ -196,6 +196,46 @@ def test_the_cpu_check_applies_only_where_the_cpu_provider_runs_the_int8_kernels
     assert rt.Session(bundle.path, allow_fallback=True).providers == [rt.CPU]
 
 
+def numpy_cpu_table() -> dict:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return __cpu_features__
+
+
+def test_cpu_detection_writes_no_machine_code_and_agrees_with_numpy(monkeypatch):
+    """The device code reads the CPU through numpy's CPUID-based dispatch table and the kernel: nothing in
+    runtimes/ maps executable memory. /proc/cpuinfo adds the flags numpy has no entry for (avx_vnni) only where
+    it describes the CPU numpy sees; under an emulated or masked CPU it lists the host's flags instead."""
+    root = Path(rt.__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".c", ".cpp", ".h", ".rs", ".sh"):
+            text = path.read_text(encoding="utf-8")
+            for word in ("mmap", "PROT_EXEC", "mprotect", "CFUNCTYPE", "VirtualAlloc", "MAP_JIT"):
+                assert word not in text, f"{path}: {word}"
+    f = rt.cpu_features()
+    if f["arch"] != "x86_64":
+        assert f["source"] in ("auxv", "/proc/cpuinfo", "platform")
+        return
+    table = numpy_cpu_table()
+    assert f["source"] == "cpuid"
+    pairs = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI"}
+    for flag, key in pairs.items():
+        assert (flag in f["flags"]) == table[key], flag
+    listed = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            listed.update(line.split(":", 1)[1].split())
+    if all(table[k] == (flag in listed) for flag, k in pairs.items()):  # the CPU the kernel describes
+        assert ("avx_vnni" in f["flags"]) == ("avx_vnni" in listed)
+    # a smaller CPU than the kernel lists (qemu -cpu Haswell, masked CPUID): the kernel's extra flags are not its
+    monkeypatch.setitem(table, "AVX512F", not table["AVX512F"])
+    smaller = rt.cpu_features()
+    assert ("avx512f" in smaller["flags"]) == table["AVX512F"]
+    assert not {"avx_vnni", "amx_int8"} & set(smaller["flags"]) and smaller["source"] == "cpuid"
+
+
 def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):
     # AzureExecutionProvider is in every onnxruntime wheel and runs none of these nodes: ORT puts them on the CPU
     with pytest.raises(rt.ProviderError, match="could not place the model on AzureExecutionProvider"):

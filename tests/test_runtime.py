@@ -236,6 +236,27 @@ def test_cpu_detection_writes_no_machine_code_and_agrees_with_numpy(monkeypatch)
     assert not {"avx_vnni", "amx_int8"} & set(smaller["flags"]) and smaller["source"] == "cpuid"
 
 
+@pytest.mark.skipif(rt.cpu_features()["arch"] != "x86_64", reason="CPUID faulting is an x86 feature")
+def test_avx2_launcher_shows_an_avx2_only_cpu_and_keeps_real_faults():
+    """tests/avx2/run: numpy, PyTorch and the adapter see AVX2 without AVX-512 or VNNI (what .ci/run's second
+    run relies on); a real segmentation fault still reaches Python's handler and kills the process. Where the
+    machine refuses CPUID faulting, it exits 3 with one line."""
+    launcher = Path(__file__).parent / "avx2" / "run"
+    code = ("import sys, torch; sys.path.insert(0, 'runtimes/python'); import edgequant_runtime as r; "
+            "f = r.cpu_features(); print(f['source'], ' '.join(f['flags']), r.int8_saturates(f), "
+            "torch.backends.cpu.get_cpu_capability())")
+    proc = subprocess.run([str(launcher), sys.executable, "-c", code], cwd=Path(rt.__file__).parents[2],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1 and "CPUID faulting" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert proc.stdout.split() == ["cpuid", "avx2", "True", "AVX2"]
+    crash = subprocess.run([str(launcher), sys.executable, "-X", "faulthandler", "-c",
+                            "import ctypes; ctypes.string_at(0)"], capture_output=True, text=True, timeout=120)
+    assert crash.returncode == -11 and "Fatal Python error: Segmentation fault" in crash.stderr
+
+
 def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):
     # AzureExecutionProvider is in every onnxruntime wheel and runs none of these nodes: ORT puts them on the CPU
     with pytest.raises(rt.ProviderError, match="could not place the model on AzureExecutionProvider"):

@@ -25,6 +25,21 @@ def pytest_sessionstart(session):
                             f"(from {f['source']})")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host_kernels: opens a bundle built for a named target (full-range 8-bit "
+                            "weights, mostly) with this CPU's int8 kernels; where .ci/run cannot rerun the whole "
+                            "suite as an AVX2-only CPU, it reruns these and the int8_numerics tests under qemu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that builds a target's bundle on this host (``target_bundle``) and runs it here (not on the
+    emulated aarch64 python) is a host_kernels test: its outcome may depend on the CPU's int8 arithmetic."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "target_bundle" in names and "aarch64_python" not in names:
+            item.add_marker(pytest.mark.host_kernels)
+
+
 def load_example_module(path: Path, name: str):
     """Import an example's model.py under a unique module name."""
     spec = importlib.util.spec_from_file_location(name, path)

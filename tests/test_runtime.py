@@ -162,7 +162,12 @@ def test_missing_provider_is_refused_or_explained(target_bundle):
     with pytest.raises(rt.ProviderError, match="asks for TensorrtExecutionProvider, CUDAExecutionProvider, which "
                                                "this onnxruntime"):
         rt.Session(bundle.path)
-    sess = rt.Session(bundle.path, allow_fallback=True)
+    # falling back puts the bundle's full-range int8 kernels on this CPU: refused too where its kernels saturate
+    saturates = rt.int8_saturates(rt.cpu_features())
+    if saturates:
+        with pytest.raises(rt.ProviderError, match="full-range 8-bit weights, which this CPU .*no VNNI"):
+            rt.Session(bundle.path, allow_fallback=True)
+    sess = rt.Session(bundle.path, allow_fallback=True, allow_saturating_cpu=saturates)
     assert sess.missing == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert sess.providers == ["CPUExecutionProvider"]
     text = sess.describe()
@@ -170,6 +175,86 @@ def test_missing_provider_is_refused_or_explained(target_bundle):
     assert "nodes on CPUExecutionProvider (" in text and "QLinearConv 3" in text
     x = holdout()[:1]
     np.testing.assert_array_equal(sess.run(x)["linear"], run_onnx(bundle.model_path, x))
+
+
+def test_the_cpu_check_applies_only_where_the_cpu_provider_runs_the_int8_kernels(target_bundle, monkeypatch):
+    """On an AVX2-only CPU a jetson-orin bundle is refused for its providers (the CPU's arithmetic does not
+    matter on TensorRT/CUDA); once it falls back to the CPU provider, for the CPU's saturating int8 kernels."""
+    bundle = target_bundle("jetson-orin")
+    assert bundle.manifest["requires_cpu"] == {"x86_64_one_of": ["avx512_vnni", "avx_vnni"]}
+    monkeypatch.setattr(rt, "cpu_features", lambda: {"arch": "x86_64", "flags": ["avx2"], "source": "test"})
+    with pytest.raises(rt.ProviderError, match="asks for TensorrtExecutionProvider, CUDAExecutionProvider"):
+        rt.Session(bundle.path)
+    with pytest.raises(rt.ProviderError, match=r"jetson-orin bundle has full-range 8-bit weights.*x86_64 AVX2, "
+                                               r"no VNNI.*allow_saturating_cpu=True"):
+        rt.Session(bundle.path, allow_fallback=True)
+    sess = rt.Session(bundle.path, allow_fallback=True, allow_saturating_cpu=True)
+    assert "QLinearConv" in sess.placement[rt.CPU]
+    assert rt.Session(bundle.path, reference=True, allow_fallback=True).providers == [rt.CPU]  # fp32: any CPU
+    monkeypatch.setattr(rt, "cpu_features", lambda: {"arch": "x86_64", "flags": ["avx2", "avx_vnni"],
+                                                     "source": "test"})
+    assert rt.Session(bundle.path, allow_fallback=True).providers == [rt.CPU]
+
+
+def numpy_cpu_table() -> dict:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return __cpu_features__
+
+
+def test_cpu_detection_writes_no_machine_code_and_agrees_with_numpy(monkeypatch):
+    """The device code reads the CPU through numpy's CPUID-based dispatch table and the kernel: nothing in
+    runtimes/ maps executable memory. /proc/cpuinfo adds the flags numpy has no entry for (avx_vnni) only where
+    it describes the CPU numpy sees; under an emulated or masked CPU it lists the host's flags instead."""
+    root = Path(rt.__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".c", ".cpp", ".h", ".rs", ".sh"):
+            text = path.read_text(encoding="utf-8")
+            for word in ("mmap", "PROT_EXEC", "mprotect", "CFUNCTYPE", "VirtualAlloc", "MAP_JIT"):
+                assert word not in text, f"{path}: {word}"
+    f = rt.cpu_features()
+    if f["arch"] != "x86_64":
+        assert f["source"] in ("auxv", "/proc/cpuinfo", "platform")
+        return
+    table = numpy_cpu_table()
+    assert f["source"] == "cpuid"
+    pairs = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI"}
+    for flag, key in pairs.items():
+        assert (flag in f["flags"]) == table[key], flag
+    listed = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            listed.update(line.split(":", 1)[1].split())
+    if all(table[k] == (flag in listed) for flag, k in pairs.items()):  # the CPU the kernel describes
+        assert ("avx_vnni" in f["flags"]) == ("avx_vnni" in listed)
+    # a smaller CPU than the kernel lists (qemu -cpu Haswell, masked CPUID): the kernel's extra flags are not its
+    monkeypatch.setitem(table, "AVX512F", not table["AVX512F"])
+    smaller = rt.cpu_features()
+    assert ("avx512f" in smaller["flags"]) == table["AVX512F"]
+    assert not {"avx_vnni", "amx_int8"} & set(smaller["flags"]) and smaller["source"] == "cpuid"
+
+
+@pytest.mark.skipif(rt.cpu_features()["arch"] != "x86_64", reason="CPUID faulting is an x86 feature")
+def test_avx2_launcher_shows_an_avx2_only_cpu_and_keeps_real_faults():
+    """tests/avx2/run: numpy, PyTorch and the adapter see AVX2 without AVX-512 or VNNI (what .ci/run's second
+    run relies on); a real segmentation fault still reaches Python's handler and kills the process. Where the
+    machine refuses CPUID faulting, it exits 3 with one line."""
+    launcher = Path(__file__).parent / "avx2" / "run"
+    code = ("import sys, torch; sys.path.insert(0, 'runtimes/python'); import edgequant_runtime as r; "
+            "f = r.cpu_features(); print(f['source'], ' '.join(f['flags']), r.int8_saturates(f), "
+            "torch.backends.cpu.get_cpu_capability())")
+    proc = subprocess.run([str(launcher), sys.executable, "-c", code], cwd=Path(rt.__file__).parents[2],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1 and "CPUID faulting" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert proc.stdout.split() == ["cpuid", "avx2", "True", "AVX2"]
+    crash = subprocess.run([str(launcher), sys.executable, "-X", "faulthandler", "-c",
+                            "import ctypes; ctypes.string_at(0)"], capture_output=True, text=True, timeout=120)
+    assert crash.returncode == -11 and "Fatal Python error: Segmentation fault" in crash.stderr
 
 
 def test_nodes_placed_outside_the_chain_are_refused_or_explained(digits_bundle):

@@ -49,6 +49,7 @@ import argparse
 import base64
 import errno
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -781,56 +782,78 @@ def read_png(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.nd
 # fused u8*s8 kernels use VPMADDUBSW (16-bit pair sums that saturate with full-range 8-bit weights) unless the
 # CPU has AVX-512 VNNI or AVX-VNNI (VPDPBUSD, exact 32-bit sums). On aarch64, every int8 kernel accumulates in
 # 32 bits (SDOT/UDOT with asimddp, SMMLA with i8mm, widening multiplies otherwise), so nothing saturates.
-# x86 flags come from the CPUID instruction itself (a 30-byte function run through ctypes): /proc/cpuinfo shows
-# the host's flags even to a program that an emulator (qemu -cpu Haswell) runs on a smaller CPU.
+# x86 flags come from numpy's own dispatch table, which numpy fills from the CPUID instruction at import: a program
+# that an emulator runs on a smaller CPU (qemu -cpu Haswell), or whose CPUID answers are masked, sees the smaller
+# CPU there, while /proc/cpuinfo still lists the host's flags. So /proc/cpuinfo is the fallback without the table,
+# and otherwise gives only the flags the table has no entry for (avx_vnni, amx_int8 in numpy 2.4), and only where
+# it describes the CPU numpy sees (the two agree on every flag both report). aarch64 flags come from the kernel's
+# AT_HWCAP words (which qemu serves for the CPU it emulates), then /proc/cpuinfo. No code is generated or run here.
 
 X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # either one gives exact 32-bit u8*s8 dot products
 
-# (leaf, subleaf, register index in (eax, ebx, ecx, edx), bit) of each flag in CPUID's answer.
-_CPUID_BITS = {"avx2": (7, 0, 1, 5), "avx512f": (7, 0, 1, 16), "avx512bw": (7, 0, 1, 30),
-               "avx512_vnni": (7, 0, 2, 11), "avx_vnni": (7, 1, 0, 4), "amx_int8": (7, 0, 3, 25)}
-# void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) for the System V x86-64 calling convention:
-# push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid; mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx;
-# mov [r8+12], edx; pop rbx; ret
-_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa2418900418958044189480841895 00c5bc3".replace(" ", ""))
+# /proc/cpuinfo flag → the names numpy's table has used for it (numpy 1.x and 2.x), for X86_FLAGS and for the
+# flags that tell an emulated or masked CPU from the one the kernel describes
+_NUMPY_NAMES = {"avx2": ("AVX2",), "avx512f": ("AVX512F",), "avx512bw": ("AVX512BW",),
+                "avx512_vnni": ("AVX512VNNI", "AVX512_VNNI"), "avx_vnni": ("AVXVNNI", "AVX_VNNI"),
+                "amx_int8": ("AMX_INT8", "AMXINT8"), "avx": ("AVX",), "fma": ("FMA3",), "f16c": ("F16C",),
+                "bmi2": ("BMI2",), "avx512vl": ("AVX512VL",), "avx512dq": ("AVX512DQ",), "gfni": ("GFNI",),
+                "vaes": ("VAES",), "vpclmulqdq": ("VPCLMULQDQ",), "avx512_fp16": ("AVX512FP16",),
+                "avx512_bf16": ("AVX512BF16",)}
+# bit of AT_HWCAP (16) / AT_HWCAP2 (26) for each ARM flag (Linux arch/arm64/include/uapi/asm/hwcap.h)
+_HWCAP_BITS = {"asimd": (16, 1), "asimddp": (16, 20), "sve": (16, 22), "i8mm": (26, 13)}
 
 
-def _cpuid_flags() -> set[str] | None:
-    """x86-64 Linux/macOS: the X86_FLAGS the CPUID instruction reports, or None where code cannot be run."""
-    import ctypes
-    import mmap
-
-    if os.name != "posix":
-        return None
-    try:
-        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, ValueError, AttributeError):  # W^X kernels refuse writable+executable pages
-        return None
-    try:
-        buf.write(_CPUID_CODE)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        func = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(addr)
-        regs = (ctypes.c_uint32 * 4)()
-        func(0, 0, regs)
-        max_leaf, answers = regs[0], {}
-        flags = set()
-        for name, (leaf, sub, reg, bit) in _CPUID_BITS.items():
-            if leaf > max_leaf:
-                continue
-            if (leaf, sub) not in answers:
-                func(leaf, sub, regs)
-                answers[(leaf, sub)] = tuple(regs)
-            if answers[(leaf, sub)][reg] >> bit & 1:
-                flags.add(name)
-        del func, addr
-        return flags
-    finally:
+def _numpy_cpu_table() -> dict | None:
+    """numpy's CPU dispatch table {"AVX2": True, ...} (read through CPUID when numpy was imported), or None."""
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
         try:
-            buf.close()
-        except BufferError:  # a ctypes view still points into it; the page goes with the process
-            pass
+            table = getattr(importlib.import_module(module), "__cpu_features__", None)
+        except ImportError:
+            continue
+        if isinstance(table, dict) and table:
+            return table
+    return None
+
+
+def _numpy_flags(table: dict, names) -> dict[str, bool]:
+    """numpy's table → {flag: present} for the ``names`` it has an entry for."""
+    seen = {}
+    for name in names:
+        key = next((k for k in _NUMPY_NAMES.get(name, ()) if k in table), None)
+        if key is not None:
+            seen[name] = bool(table[key])
+    return seen
+
+
+def _x86_flags() -> tuple[set[str] | None, str]:
+    """x86-64 → (the X86_FLAGS this CPU has, where they were read), from numpy's table and /proc/cpuinfo."""
+    listed = _proc_cpuinfo_flags(tuple(_NUMPY_NAMES))
+    table = _numpy_cpu_table()
+    if table is None:
+        return (None if listed is None else listed & set(X86_FLAGS)), "/proc/cpuinfo"
+    seen = _numpy_flags(table, _NUMPY_NAMES)
+    flags = {n for n in X86_FLAGS if seen.get(n)}
+    same_cpu = listed is not None and all(present == (n in listed) for n, present in seen.items())
+    if same_cpu:  # the kernel describes the CPU numpy sees: it fills in the flags numpy has no entry for
+        flags |= {n for n in X86_FLAGS if n not in seen and n in listed}
+    return flags, "cpuid"
+
+
+def _hwcap_flags() -> set[str] | None:
+    """Linux aarch64 → the ARM_FLAGS in this process's AT_HWCAP/AT_HWCAP2 (getauxval), or None without them."""
+    import ctypes
+
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return None
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    words = {at: getauxval(at) for at in (16, 26)}
+    if not words[16]:
+        return None
+    return {name for name, (at, bit) in _HWCAP_BITS.items() if words[at] >> bit & 1}
 
 
 def _proc_cpuinfo_flags(names: tuple[str, ...]) -> set[str] | None:
@@ -849,18 +872,19 @@ def _proc_cpuinfo_flags(names: tuple[str, ...]) -> set[str] | None:
 
 def cpu_features() -> dict:
     """This CPU → {"arch": "x86_64" | "aarch64" | ..., "flags": sorted int8-relevant flags, "source": where
-    they were read}. x86 flags come from CPUID (then /proc/cpuinfo), aarch64 flags from /proc/cpuinfo."""
+    they were read}. x86 flags come from numpy's CPUID-based table (then /proc/cpuinfo), aarch64 flags from
+    AT_HWCAP (then /proc/cpuinfo)."""
     import platform
 
     machine = platform.machine().lower()
     arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     flags, source = None, "unknown"
     if arch == "x86_64":
-        flags, source = _cpuid_flags(), "cpuid"
-        if flags is None:
-            flags, source = _proc_cpuinfo_flags(X86_FLAGS), "/proc/cpuinfo"
+        flags, source = _x86_flags()
     elif arch == "aarch64":
-        flags, source = _proc_cpuinfo_flags(ARM_FLAGS), "/proc/cpuinfo"
+        flags, source = (_hwcap_flags(), "auxv") if sys.platform.startswith("linux") else (None, "")
+        if flags is None:
+            flags, source = _proc_cpuinfo_flags(ARM_FLAGS), "/proc/cpuinfo"
         if flags is None and sys.platform == "darwin":  # Apple silicon: dot product and i8mm from M2 on
             flags, source = {"asimd", "asimddp"}, "platform"
     return {"arch": arch, "flags": sorted(flags or ()), "source": source if flags is not None else "unknown"}
@@ -1020,10 +1044,6 @@ class Session:
                                keep=lambda m: used_files(m, reference=reference))
         self.manifest, self.digest = manifest.manifest, manifest.digest
         self.cpu = cpu_features()
-        if not reference:
-            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
-            if degraded:
-                log.warning("%s", degraded)
         entry = self.manifest.get("reference_model") if reference else self.manifest["model"]
         if not entry:
             raise BundleError(f"{self.path} has no fp32 reference model; run the int8 model (no reference=True / "
@@ -1072,6 +1092,12 @@ class Session:
                                 "allow_fallback=True")
         if missing or outside or idle:
             log.warning("%s", self.describe())
+        # the CPU's int8 arithmetic matters only where the CPU provider runs the model's int8 kernels (a bundle
+        # placed on TensorRT or CUDA is computed there), so this comes after the provider checks
+        if not reference and any(_int8_kernel(op) for op in self.placement.get(CPU, ())):
+            degraded = check_cpu(self.manifest, self.cpu, allow=allow_saturating_cpu, where=f"{self.path}: ")
+            if degraded:
+                log.warning("%s", degraded)
         self.inputs = {i.name: i for i in self._session.get_inputs()}
         self.output_names = [o.name for o in self._session.get_outputs()]
         self._pre = self.manifest.get("preprocess")
@@ -1321,6 +1347,16 @@ class Session:
 # manifest "requires_cpu": {"x86_64_one_of": [flags]}: bundles whose int8 kernels saturate on x86 CPUs without
 # one of these (full-range 8-bit weights through ONNX Runtime's fused u8*s8 kernels). manifest "selftest":
 # golden inputs and the outputs the target computes for them, compared in output quantization steps.
+
+
+# ONNX Runtime's quantized compute kernels (QLinearConv, QGemm, MatMulInteger, DynamicQuantizeMatMul, ...):
+# the nodes whose arithmetic on x86 depends on VNNI
+_INT8_KERNEL_PREFIXES = ("QLinear", "QGemm", "QAttention", "QOrdered", "QEmbed", "DynamicQuantize", "MatMulNBits")
+
+
+def _int8_kernel(op_type: str) -> bool:
+    """An op type from the placement → True for a quantized compute kernel."""
+    return op_type.startswith(_INT8_KERNEL_PREFIXES) or "Integer" in op_type
 
 
 def check_cpu(manifest: dict, features: dict, *, allow: bool = False, where: str = "") -> str | None:

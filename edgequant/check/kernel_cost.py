@@ -20,6 +20,7 @@ MACs and replaces DQ → HardSigmoid → Q by one QLinearAdd: always kept.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -35,6 +36,8 @@ DENSE_SLOW = 1.5
 # the channel multiple of MLAS's fast symmetric depthwise kernels, per kernel family
 FAMILY_MULTIPLE = {"x86_64": 16, "arm64": 8}
 _MIN_GAIN = 0.01
+
+log = logging.getLogger(__name__)
 
 
 def _shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
@@ -102,6 +105,10 @@ def decide_by_cost(fp32: Mapping[str, onnx.ModelProto], inputs: Mapping[str, Seq
         pays = ratio < 1 - _MIN_GAIN
         how = "cost model" if pays or key not in explicit else "explicit"
         why = f"modelled {ratio:.3f}x the cost without it (depthwise multiple {multiple})"
+        if how == "explicit":
+            log.warning("%s is kept because the target profile sets it, but on this model the cost model gives it "
+                        "%.3fx the cost without it (remove the key from the profile to let the export decide)",
+                        key, ratio)
         decisions.append(Decision(key, pays or key in explicit, ratio, 0.0, how, why if pays else f"{why}: does not pay"))
     decisions += [Decision(k, False, None, 0.0, "not applicable", "changes nothing on this model")
                   for k in not_applicable]

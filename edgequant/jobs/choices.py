@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ..bench import interleaved_times
-from ..check.kernel_choices import ALL, CHOICES, PLAIN, Decision, KernelChoices, Timer, decide, off
+from ..check.kernel_choices import CHOICES, PLAIN, Decision, KernelChoices, Timer, decide, off
 from ..check.kernel_cost import FAMILY_MULTIPLE, decide_by_cost
 from . import ptq
 from .stages import Run
@@ -33,8 +33,8 @@ __all__ = ["CALIBRATION_SAMPLES", "MIN_ROUNDS", "TIMING_SECONDS", "kernel_choice
 log = logging.getLogger(__name__)
 
 CALIBRATION_SAMPLES = 4  # minmax ranges of the variants (timing does not depend on the exact scales)
-MIN_ROUNDS = 15  # interleaved rounds at least ...
-TIMING_SECONDS = 1.5  # ... and at least this long
+MIN_ROUNDS = 20  # interleaved rounds at least ...
+TIMING_SECONDS = 3.0  # ... and at least this long
 
 
 def _variant(run: Run, keys: Sequence[str], candidates: Sequence[str]) -> Run:
@@ -105,9 +105,8 @@ def kernel_choices(run: Run, timer: Timer | None = None) -> None:
             "measured" if measured else "cost model", None, None, host).to_dict()
         return
     if measured:
+        # the kept set, when it is two or more choices, is built afterwards (a build costs more than a timing)
         variants: dict[str, Any] = {PLAIN: _int8(plain), **{k: _int8(v) for k, v in applicable.items()}}
-        if len(applicable) > 1:
-            variants[ALL] = _int8(_variant(run, list(applicable), candidates))
         result = decide(variants, _batch_one(run), timer=timer or _timer(run),
                         build=lambda keys: _int8(_variant(run, keys, candidates)), explicit=explicit, host_cpu=host,
                         not_applicable=skipped)

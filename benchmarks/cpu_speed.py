@@ -40,6 +40,23 @@ def _model(name: str, size: int):
     return model, crops(40, size, seed=1)
 
 
+def cost_model(fp32_path: Path, data: np.ndarray) -> dict[str, float | None]:
+    """The fp32 model → the cost model's ratio per kernel choice (docs/targets.md), for x86-64: what the export
+    would decide where this machine could not time the target's kernels."""
+    from dataclasses import replace
+
+    from edgequant.config import ExportConfig
+    from edgequant.jobs import choices, ptq, stages
+
+    cfg = ExportConfig.from_options(str(fp32_path), data, out=fp32_path.parent / "unused", progress=False).validate()
+    run = stages.open_run(cfg)
+    stages.load(run)
+    ptq.fp32_graph(run)
+    run.checked = replace(run.checked, arithmetic="exact")  # not this machine's kernels: the cost model decides
+    choices.kernel_choices(run)
+    return {d["key"]: d["ratio"] for d in run.parts["kernel_choices"]["decisions"]}
+
+
 def run(name: str, runs: int, size: int) -> dict:
     import onnx
     from compare_ort import ort_quantize
@@ -53,6 +70,7 @@ def run(name: str, runs: int, size: int) -> dict:
         b = edgequant.export(model, data[:32], out=Path(tmp) / "b", progress=False, layer_report=False)
         fp32, int8 = onnx.load(str(b.fp32_model_path)), onnx.load(str(b.model_path))
         inp = fp32.graph.input[0].name
+        modelled = cost_model(b.fp32_model_path, data[:8])
         ort = ort_quantize(b.fp32_model_path, [{inp: d} for d in data[:32]], Path(tmp) / "ort.onnx",
                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -62,7 +80,7 @@ def run(name: str, runs: int, size: int) -> dict:
     return {"model": name, "fp32_ms": round(base, 2), "edgequant": round(lat["edgequant"].p50_ms / base, 3),
             "ort_u8s8_pc_rr": round(lat["ort"].p50_ms / base, 3), "cosine": report["fidelity"][0].get("cosine"),
             "kernel_choices": report["kernel_choices"], "choices_s": round(report["timings"]["kernel_choices_s"], 1),
-            "export_s": round(report["timings"]["total_s"], 1),
+            "export_s": round(report["timings"]["total_s"], 1), "cost_model": modelled,
             "spread": {k: round(v.spread, 3) for k, v in lat.items()}}
 
 
@@ -91,6 +109,8 @@ def main() -> None:
               f"{r['cosine']:.4f}")
         print(f"{'':20s} choices ({r['choices_s']} s of {r['export_s']} s export): {choices}; set vs plain "
               f"{c['ratio_vs_plain']}" + (f"; {c['fallback']}" if c["fallback"] else ""))
+        print(f"{'':20s} cost model (x86-64): " + ", ".join(f"{k} {v:.3f}x" for k, v in r["cost_model"].items()
+                                                            if v is not None))
         print(f"{'':20s} spread (p90-p50)/p50: {r['spread']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -6,12 +6,14 @@ The kernel choices are the profile keys that rewrite the graph for ONNX Runtime'
 CPUs and models and costs on others (the RGB input spread to 8 channels multiplies a 7×7 stem's MACs by 2.7), so
 where the build machine computes the target's kernels they are decided per model by timing:
 
-    ratio(c) = median over rounds i of  t_i(plain + c) / t_i(plain)
+    ratio(c) = q25(t(plain + c)) / q25(t(plain))
 
-with every variant run once per round (interleaved, batch 1, the target's threads), so that a noisy machine slows
-all alike. A choice is kept when ratio(c) < 1 − max(MIN_GAIN, noise), noise being twice the standard error of that
-median (robust: 1.4826·MAD of the log ratios, ×1.2533/√n for a median). Then the kept set as a whole must not be
-slower than plain (``ratio > 1 + noise``): if it is, plain is written and the report says why. A choice the user
+the lower quartiles of the two latencies (a busy machine only adds time, so the faster runs say what the model
+itself costs), every variant run once per round (interleaved, batch 1, the target's threads) so that slow phases
+of the machine hit all alike. A choice is kept when ratio(c) < 1 − max(MIN_GAIN, noise), noise being twice the
+standard deviation of ratio(c) over the rounds resampled in pairs (bootstrap); a gain larger than MIN_GAIN that the
+noise still hides is timed again and pooled. Then the kept set as a whole must not be slower than plain
+(``ratio > 1 + noise``): if it is, plain is written and the report says why. A choice the user
 set explicitly (a key in their own profile) is kept whatever it measures, with a warning that says what it costs.
 
 Where the build machine does not compute the target's kernels (an ARM target, or a VNNI target on an AVX2 host),
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 CHOICES: dict[str, Any] = {"depthwise_channel_align": 0, "input_channel_align": 0, "int8_hardsigmoid": False}
 MIN_GAIN = 0.01  # a choice must save at least 1% of the latency, beyond the noise, to be kept
 PLAIN, ALL = "plain", "all"
+QUANTILE = 0.25  # a busy machine only adds time: the faster runs say what the model itself costs
+_RESAMPLES = 200
 
 # (models by name, inputs) → per-run latencies in ms by name, run i of each model in the same round
 Timer = Callable[[Mapping[str, Any], dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -46,14 +50,14 @@ def off(key: str) -> Any:
     return CHOICES[key]
 
 
-def paired_ratio(with_ms: np.ndarray, without_ms: np.ndarray) -> tuple[float, float]:
-    """Per-round latencies of two interleaved models → (median of the per-round ratios, noise: twice the standard
-    error of that median, as a ratio)."""
-    r = np.log(np.asarray(with_ms, np.float64) / np.asarray(without_ms, np.float64))
-    med = float(np.median(r))
-    mad = float(np.median(np.abs(r - med)))
-    se = 1.2533 * 1.4826 * mad / math.sqrt(len(r))
-    return math.exp(med), math.expm1(2 * se)
+def paired_ratio(with_ms: np.ndarray, without_ms: np.ndarray, q: float = QUANTILE) -> tuple[float, float]:
+    """Per-round latencies of two interleaved models → (ratio of their lower-quartile latencies, noise: twice the
+    standard deviation of that ratio over rounds resampled with their pairs kept, as a ratio)."""
+    a, b = np.asarray(with_ms, np.float64), np.asarray(without_ms, np.float64)
+    ratio = float(np.quantile(a, q) / np.quantile(b, q))
+    idx = np.random.default_rng(0).integers(0, len(a), (_RESAMPLES, len(a)))
+    boot = np.log(np.quantile(a[idx], q, axis=1) / np.quantile(b[idx], q, axis=1))
+    return ratio, math.expm1(2 * float(np.std(boot)))
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,11 @@ class KernelChoices:
                 "fallback": self.fallback, "rounds": self.rounds, "seconds": round(self.seconds, 2)}
 
 
+def _uncertain(ratio: float, noise: float) -> bool:
+    """A gain larger than MIN_GAIN that the noise still hides."""
+    return 1 - noise <= ratio < 1 - MIN_GAIN
+
+
 def _keep(key: str, ratio: float, noise: float, explicit: bool) -> Decision:
     """A measured ratio → the decision for one choice (explicit choices are kept, with a warning when they cost)."""
     pays = ratio < 1 - max(MIN_GAIN, noise)
@@ -111,13 +120,19 @@ def _keep(key: str, ratio: float, noise: float, explicit: bool) -> Decision:
 
 def decide(variants: Mapping[str, Any], inputs: dict[str, np.ndarray], *, timer: Timer,
            build: Callable[[Sequence[str]], Any], explicit: Sequence[str] = (), host_cpu: str = "",
-           not_applicable: Sequence[str] = ()) -> KernelChoices:
+           not_applicable: Sequence[str] = (), max_extra: int = 2) -> KernelChoices:
     """Int8 graphs — ``"plain"`` (no choice), one per choice (plain + that choice, named by its key) and, with two
     or more choices, ``"all"`` — and the inputs to time them on → the decisions. ``timer`` runs them interleaved;
     ``build(keys)`` makes the graph of a kept set that was not among the variants (timed against plain once
-    more). ``not_applicable``: choices that change nothing on this model (not timed)."""
+    more). ``not_applicable``: choices that change nothing on this model (not timed). Where a gain beyond MIN_GAIN
+    is not yet beyond the noise, the variants are timed again, up to ``max_extra`` times, and the rounds pooled."""
     keys = [k for k in variants if k not in (PLAIN, ALL)]
     times = timer(variants, inputs) if keys else {}
+    for _ in range(max_extra):  # a busy machine: more rounds while a gain is larger than MIN_GAIN but not the noise
+        if not any(_uncertain(*paired_ratio(times[k], times[PLAIN])) for k in keys):
+            break
+        more = timer(variants, inputs)
+        times = {k: np.concatenate([times[k], more[k]]) for k in times}
     rounds = len(times.get(PLAIN, ()))
     decisions = [_keep(k, *paired_ratio(times[k], times[PLAIN]), k in explicit) for k in keys]
     decisions += [Decision(k, False, None, 0.0, "not applicable", "changes nothing on this model")

@@ -95,7 +95,7 @@ def kernel_choices(run: Run, timer: Timer | None = None) -> None:
     host = run.checked.to_dict()["host_cpu_label"]
     measured = run.checked.arithmetic == "host-kernels"
     plain = _variant(run, (), candidates)
-    hsig = any(n.op_type == "HardSigmoid" for n in plain.work.graph.node)
+    hsig = any(n.op_type in ("HardSigmoid", "HardSwish") for n in plain.work.graph.node)
     singles = {k: _variant(run, (k,), candidates) for k in candidates if k != "int8_hardsigmoid" or hsig}
     applicable = {k: v for k, v in singles.items() if k == "int8_hardsigmoid" or not _same(v.work, plain.work)}
     skipped = [k for k in candidates if k not in applicable]

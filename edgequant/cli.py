@@ -405,7 +405,21 @@ def _kernel_choice_lines(report: dict) -> list[str]:
               a.get("padded_inputs") or []]
     if a.get("int8_hardsigmoid"):
         parts.append(f"{a['int8_hardsigmoid']} HardSigmoid as int8 Add")
-    return [f"kernels  for the target's int8 kernels: {'; '.join(parts)}"] if parts else []
+    lines = [f"kernels  for the target's int8 kernels: {'; '.join(parts)}"] if parts else []
+    return lines + _choices_line(report.get("kernel_choices"))
+
+
+def _choices_line(c: dict | None) -> list[str]:
+    """report.json's kernel_choices → one line: each choice decided, its gain, the set against plain int8."""
+    if not c or all(d["how"] == "not applicable" for d in c["decisions"]):
+        return []
+    each = [f"{d['key']} {'kept' if d['kept'] else 'off'}" + (f" ({d['ratio']:.3f}x)" if d["ratio"] else "")
+            + (" as the profile asks" if d["how"] == "explicit" else "")
+            for d in c["decisions"] if d["how"] != "not applicable"]
+    how = f"measured on {c['host_cpu']}" if c["method"] == "measured" else "by the cost model (docs/targets.md)"
+    tail = f"; together {c['ratio_vs_plain']:.3f}x plain int8" if c.get("ratio_vs_plain") is not None else ""
+    tail += f"; {c['fallback']}" if c.get("fallback") else ""
+    return [f"choices  {how}: {', '.join(each)}{tail}"]
 
 
 def _arithmetic_lines(report: dict) -> list[str]:

@@ -163,6 +163,9 @@ class Target:
     quantization: QuantSpec
     runtime: RuntimeSpec
     source: str = field(default="", compare=False)
+    # the [quantization] keys a user's own profile file sets (built-in profiles: none): a kernel choice set there
+    # is honoured even where it does not pay on a model (edgequant.jobs.choices)
+    explicit: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def full_range_weights(self) -> bool:
@@ -239,7 +242,7 @@ def load_target(target: str | Path | Target) -> Target:
         if not path.is_file():
             raise TargetError(f"target profile {text} not found: give an existing .toml file or a built-in name "
                               f"({', '.join(t.name for t in list_targets())})")
-        return _parse(path.read_text(encoding="utf-8"), str(path))
+        return _parse(path.read_text(encoding="utf-8"), str(path), user=True)
     entry = _builtin_dir() / f"{text}.toml"
     if not entry.is_file():
         names = ", ".join(t.name for t in list_targets())
@@ -269,7 +272,7 @@ def _typed(value: Any, kind: type, key: str, source: str) -> Any:
     return value
 
 
-def _parse(text: str, source: str) -> Target:
+def _parse(text: str, source: str, user: bool = False) -> Target:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -314,6 +317,7 @@ def _parse(text: str, source: str) -> Target:
         quantization=quant,
         runtime=runtime,
         source=source,
+        explicit=tuple(sorted(q_table)) if user else (),
     )
 
 

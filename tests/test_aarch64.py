@@ -64,10 +64,10 @@ def test_mobile_block_selftest_on_aarch64(tmp_path, aarch64_python):
     import numpy as np
 
     import edgequant
-    from test_mobile_kernels import _mobile_block
+    from test_mobile_kernels import _mobile_block, all_choices
 
     x = np.random.default_rng(0).uniform(0, 1, (48, 3, 32, 32)).astype(np.float32)
-    bundle = edgequant.export(_mobile_block(), x, out=tmp_path / "mobile", progress=False)
+    bundle = edgequant.export(_mobile_block(), x, out=tmp_path / "mobile", progress=False, target=all_choices())
     algo = bundle.report["algorithms"]
     assert algo["padded_depthwise"] and algo["padded_inputs"][0]["spread"]
     verdict, samples, agreement, steps = selftest_on_arm(aarch64_python, bundle.path)

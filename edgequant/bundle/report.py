@@ -17,7 +17,8 @@ __all__ = ["REPORT_KEYS", "REPORT_SCHEMA_VERSION", "holdout_block", "new_report"
 REPORT_SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "edgequant_version", "bundle_digest", "source", "target", "method", "calibration",
                "holdout", "sizes", "fidelity", "fidelity_gate", "heads", "detection", "checked_with", "host_kernels",
-               "kernels", "weights", "generation", "qat", "algorithms", "passes", "accuracy_budget", "layers", "timings")
+               "kernels", "kernel_choices", "weights", "generation", "qat", "algorithms", "passes", "accuracy_budget",
+               "layers", "timings")
 
 
 def new_report(*, source: str, target: str, method: str, **parts: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..bundle.core import Bundle
 from ..config import ExportConfig
-from . import decoder, ptq, qat, stages, text, weight_only
+from . import choices, decoder, ptq, qat, stages, text, weight_only
 
 __all__ = ["PIPELINES", "export", "run_job"]
 
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 PIPELINES: dict[str, tuple[stages.Stage, ...]] = {
     # post-training quantization of a PyTorch or ONNX model (the main job)
-    "ptq": (stages.load, ptq.fp32_graph, ptq.fp32_passes, ptq.calibrate, ptq.heads, ptq.quantize, ptq.budget,
-            stages.check, ptq.detection, ptq.host_kernels, ptq.layers, ptq.gate, stages.fixed_shapes, stages.kernels,
+    "ptq": (stages.load, ptq.fp32_graph, choices.kernel_choices, ptq.fp32_passes, ptq.calibrate, ptq.heads,
+            ptq.quantize, ptq.budget, stages.check, ptq.detection, ptq.host_kernels, ptq.layers, ptq.gate, stages.fixed_shapes, stages.kernels,
             ptq.settings, stages.write),
     # Hugging Face text encoders: tokenized text, smoothed MatMul inputs (or dynamic, or weight-only)
     "text": (text.load, text.quantize, text.check, stages.kernels, text.settings, stages.write),

@@ -1,0 +1,123 @@
+"""The PTQ stage that decides the target's kernel choices per model (``depthwise_channel_align``,
+``input_channel_align``, ``int8_hardsigmoid``): the model built with and without each → the choices that pay,
+written into ``run.target`` so that the fp32 passes and the quantizer that follow apply only those.
+
+Each variant is built the way the export builds its graph — PTQ's own fp32 passes, calibration and quantization,
+run on a copy of the run whose target has a changed ``quantization`` — but calibrated with minmax on a few samples
+and without bias correction: latency does not depend on the exact scales. Where this machine computes the target's
+kernels (``checked_with`` is host-kernels: generic-cpu and x86-avx2 everywhere, x86-vnni on a VNNI host) the
+variants are timed with ONNX Runtime (edgequant.check.kernel_choices); elsewhere the fp32 variants go to the cost
+model (edgequant.check.kernel_cost). The report's ``kernel_choices`` part records the decisions and gains.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..bench import interleaved_times
+from ..check.kernel_choices import CHOICES, PLAIN, Decision, KernelChoices, Timer, decide, off
+from ..check.kernel_cost import FAMILY_MULTIPLE, decide_by_cost
+from . import ptq
+from .stages import Run
+
+__all__ = ["CALIBRATION_SAMPLES", "MIN_ROUNDS", "TIMING_SECONDS", "kernel_choices"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SAMPLES = 4  # minmax ranges of the variants (timing does not depend on the exact scales)
+MIN_ROUNDS = 20  # interleaved rounds at least ...
+TIMING_SECONDS = 3.0  # ... and at least this long
+
+
+def _variant(run: Run, keys: Sequence[str], candidates: Sequence[str]) -> Run:
+    """The run with only ``keys`` of the kernel choices on → a copy whose fp32 passes have run."""
+    cfg, q = run.config, run.target.quantization
+    cfg = replace(cfg, progress=False, calibration=replace(cfg.calibration, method="minmax"),
+                  algorithms=replace(cfg.algorithms, bias_correction=False))
+    step = run.fixed_batch or 1
+    n = min(len(run.calib), max(step, CALIBRATION_SAMPLES - CALIBRATION_SAMPLES % step))
+    quant = replace(q, **{k: off(k) for k in candidates if k not in keys})
+    v = replace(run, config=cfg, target=replace(run.target, quantization=quant), calib=run.calib.subset(range(n)),
+                parts={}, timings={}, files={})
+    ptq.fp32_passes(v)
+    return v
+
+
+def _int8(v: Run) -> onnx.ModelProto:
+    """A variant after its fp32 passes → its int8 graph (PTQ's calibration and quantization)."""
+    for stage in (ptq.calibrate, ptq.heads, ptq.quantize):
+        stage(v)
+    return v.int8
+
+
+def _batch_one(run: Run) -> dict[str, np.ndarray]:
+    """The first calibration sample as a batch (of 1, or of the model's fixed batch)."""
+    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in run.fp32.graph.input}
+    n = run.fixed_batch or 1
+    return {k: np.stack([np.asarray(run.calib[i][k]) for i in range(n)]).astype(types.get(k, np.float32))
+            for k in run.calib[0]}
+
+
+def _timer(run: Run) -> Timer:
+    """The target's threads (1 when it lets ONNX Runtime choose) and optimization level → an interleaved timer."""
+    rt = run.target.runtime
+    return functools.partial(_time, threads=rt.intra_op_num_threads or 1, level=rt.graph_optimization_level)
+
+
+def _time(models, inputs, *, threads: int, level: str) -> dict[str, np.ndarray]:
+    return interleaved_times(models, inputs, threads=threads, runs=MIN_ROUNDS, warmup=3, level=level,
+                             min_seconds=TIMING_SECONDS)
+
+
+def _same(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return a.graph.SerializeToString(deterministic=True) == b.graph.SerializeToString(deterministic=True)
+
+
+def kernel_choices(run: Run, timer: Timer | None = None) -> None:
+    """The target's kernel choices that are on → those that pay on this model (measured on this machine where it
+    computes the target's kernels, else the cost model); ``run.target`` keeps only those, and the report's
+    ``kernel_choices`` part says what was chosen and why."""
+    tgt = run.target
+    candidates = [k for k in CHOICES if getattr(tgt.quantization, k) != off(k)]
+    if not candidates:
+        run.parts["kernel_choices"] = None
+        return
+    t0 = time.perf_counter()
+    explicit = [k for k in candidates if k in tgt.explicit]
+    host = run.checked.to_dict()["host_cpu_label"]
+    measured = run.checked.arithmetic == "host-kernels"
+    plain = _variant(run, (), candidates)
+    hsig = any(n.op_type in ("HardSigmoid", "HardSwish") for n in plain.work.graph.node)
+    singles = {k: _variant(run, (k,), candidates) for k in candidates if k != "int8_hardsigmoid" or hsig}
+    applicable = {k: v for k, v in singles.items() if k == "int8_hardsigmoid" or not _same(v.work, plain.work)}
+    skipped = [k for k in candidates if k not in applicable]
+    if not applicable:
+        run.parts["kernel_choices"] = KernelChoices(
+            tuple(Decision(k, False, None, 0.0, "not applicable", "changes nothing on this model") for k in skipped),
+            "measured" if measured else "cost model", None, None, host).to_dict()
+        return
+    if measured:
+        # the kept set, when it is two or more choices, is built afterwards (a build costs more than a timing)
+        variants: dict[str, Any] = {PLAIN: _int8(plain), **{k: _int8(v) for k, v in applicable.items()}}
+        result = decide(variants, _batch_one(run), timer=timer or _timer(run),
+                        build=lambda keys: _int8(_variant(run, keys, candidates)), explicit=explicit, host_cpu=host,
+                        not_applicable=skipped)
+    else:
+        shapes = {k: v.shape for k, v in _batch_one(run).items()}
+        family = "arm64" if tgt.runtime.arithmetic == "exact" else "x86_64"
+        result = decide_by_cost({PLAIN: plain.work, **{k: v.work for k, v in applicable.items()}}, shapes,
+                                FAMILY_MULTIPLE[family], explicit=explicit, host_cpu=host, not_applicable=skipped)
+    result = replace(result, seconds=time.perf_counter() - t0)
+    dropped = {d.key: off(d.key) for d in result.decisions if not d.kept and d.how != "not applicable"}
+    if dropped:
+        run.target = replace(tgt, quantization=replace(tgt.quantization, **dropped))
+    run.parts["kernel_choices"] = result.to_dict()
+    log.info("kernel choices (%s, %.1f s): kept %s", result.method, result.seconds, ", ".join(result.kept) or "none")

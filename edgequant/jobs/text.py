@@ -43,6 +43,7 @@ from ..graph.sessions import checked_with
 from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
 from ..targets import Target
+from ..transforms.concat_linear import concat_linear
 from ..transforms.smooth import channel_stats, smooth_graph
 from .stages import Run, report_parts
 
@@ -108,6 +109,8 @@ def quantize(run: Run) -> None:
     else:
         inputs = input_names(fp32)
         mask = "attention_mask" if "attention_mask" in inputs else None
+        fp32, merged = concat_linear(fp32)  # Q/K/V → one MatMul: one quantized input, one wider GEMM
+        run.parts["calibration"]["merged_matmuls"] = merged
         stats, rows = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH),
                                           cfg.progress, mask)
         q = encoder_target(tgt).quantization

@@ -170,8 +170,7 @@ def settings(run: Run) -> None:
     calib = run.parts["calibration"]
     run.parts["calibration"] = {"data": calib["data"], "samples": run.settings["calibration_samples"],
                                 "max_length": calib["max_length"], "float_tensors": calib["float_tensors"],
-                                **({"smoothing_alphas": calib["smoothing_alphas"]} if "smoothing_alphas" in calib
-                                   else {})}
+                                **{k: calib[k] for k in ("smoothing_alphas", "merged_matmuls") if k in calib}}
     run.parts.update(report_parts(run))
     run.files.update(run.loaded.tokenizer_files)
     run.files[TEXT_RUNTIME] = resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()

@@ -15,6 +15,8 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
 - Targets that must be safe on AVX2 without VNNI (``generic-cpu``) narrow s8 weight channels towards 7 bits
   where their pair sums could saturate (``pair_saturation``); every MatMul stays on the fast U8S8 kernels
   (0.48× fp32 latency; full-range u8 feed-forward weights on U8U8 kernels were 0.64× for +0.0001 cosine).
+- Q/K/V are merged into one MatMul first (``concat_linear.py``, exact in float): one quantized input and one
+  GEMM three times as wide per layer, the same cosine.
 - ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (each activation's scale computed from its range at every
   run, per-channel weights), no calibration ranges; the data only checks the result.
 """

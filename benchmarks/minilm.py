@@ -110,6 +110,7 @@ def main() -> None:
     import edgequant
     from edgequant.bench import environment, interleaved_latency
     from edgequant.frontend.hf import load_hf
+    from edgequant.data.holdout import split_holdout
     from edgequant.data.text import TextPreprocess, embedding_agreement, tokenize
     from sentences import split
 
@@ -132,7 +133,8 @@ def main() -> None:
         models = {"fp32": fp32, **{n: onnx.load(b.model_path) for n, b in bundles.items()}}
         tok = hf.tokenizer()
         names = [i.name for i in fp32.graph.input]
-        calib_samples = tokenize(calib[:args.calib], tok, names, TextPreprocess(), source="calibration")
+        calib_samples = split_holdout(tokenize(calib[:int(args.calib * 1.25)], tok, names, TextPreprocess(),
+                                               source="calibration"), args.calib)[0]  # the samples export used
         models["separate"] = separate_static(fp32, calib_samples, args.target)
         held_samples = tokenize(held[:args.holdout], tok, names, TextPreprocess(), source="held-out")
         pooling = bundles["static"].manifest["pooling"]

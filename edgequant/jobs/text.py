@@ -15,6 +15,8 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
 - Targets that must be safe on AVX2 without VNNI (``generic-cpu``) narrow s8 weight channels towards 7 bits
   where their pair sums could saturate (``pair_saturation``); every MatMul stays on the fast U8S8 kernels
   (0.48× fp32 latency; full-range u8 feed-forward weights on U8U8 kernels were 0.64× for +0.0001 cosine).
+- Q/K/V are merged into one MatMul first (``concat_linear.py``, exact in float): one quantized input and one
+  GEMM three times as wide per layer, the same cosine.
 - ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (each activation's scale computed from its range at every
   run, per-channel weights), no calibration ranges; the data only checks the result.
 """
@@ -43,6 +45,7 @@ from ..graph.sessions import checked_with
 from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
 from ..targets import Target
+from ..transforms.concat_linear import concat_linear
 from ..transforms.smooth import channel_stats, smooth_graph
 from .stages import Run, report_parts
 
@@ -108,6 +111,8 @@ def quantize(run: Run) -> None:
     else:
         inputs = input_names(fp32)
         mask = "attention_mask" if "attention_mask" in inputs else None
+        fp32, merged = concat_linear(fp32)  # Q/K/V → one MatMul: one quantized input, one wider GEMM
+        run.parts["calibration"]["merged_matmuls"] = merged
         stats, rows = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH),
                                           cfg.progress, mask)
         q = encoder_target(tgt).quantization
@@ -167,8 +172,7 @@ def settings(run: Run) -> None:
     calib = run.parts["calibration"]
     run.parts["calibration"] = {"data": calib["data"], "samples": run.settings["calibration_samples"],
                                 "max_length": calib["max_length"], "float_tensors": calib["float_tensors"],
-                                **({"smoothing_alphas": calib["smoothing_alphas"]} if "smoothing_alphas" in calib
-                                   else {})}
+                                **{k: calib[k] for k in ("smoothing_alphas", "merged_matmuls") if k in calib}}
     run.parts.update(report_parts(run))
     run.files.update(run.loaded.tokenizer_files)
     run.files[TEXT_RUNTIME] = resources.files("edgequant._runtime").joinpath(TEXT_RUNTIME).read_bytes()

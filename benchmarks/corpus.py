@@ -84,6 +84,10 @@ def prepare(name: str) -> None:
     calib, held = g.data(model, CALIB, 0), g.data(model, _held(g.task), 1000)
     if g.name == "wheel/ppocr_cls":  # the labels: every other line is upside down
         meta["labels"] = [i % 2 for i in range(len(held))]
+    if g.task == "ctc":  # the rendered strings (corpus_data.ocr_lines draws them with the same seed)
+        from corpus_data import text_lines
+
+        meta["texts"] = text_lines(len(held), 1000)
     (folder / "calib.pkl").write_bytes(pickle.dumps(calib))
     (folder / "held.pkl").write_bytes(pickle.dumps(held))
     (folder / "meta.json").write_text(json.dumps(meta))
@@ -154,6 +158,13 @@ def run_tool(tool: str, name: str) -> dict:
     return outcome
 
 
+def text_accuracy(probs: np.ndarray, meta: dict) -> float:
+    """CTC posteriors → the fraction of lines decoded exactly as rendered."""
+    from corpus_metrics import ctc_decode
+
+    return float(np.mean([a == b for a, b in zip(ctc_decode(probs, meta["characters"]), meta["texts"])]))
+
+
 def _session(path):
     import onnxruntime as ort
 
@@ -188,6 +199,8 @@ def evaluate(name: str, tools: list[str]) -> dict:
     res: dict = {}
     if "labels" in meta:
         res["fp32_label_accuracy"] = float(np.mean(ref[0].argmax(-1) == np.array(meta["labels"])))
+    if "texts" in meta:
+        res["fp32_text_accuracy"] = text_accuracy(ref[0], meta)
     for tool in tools:
         path = folder / f"{tool}.onnx"
         if not path.exists():
@@ -199,6 +212,8 @@ def evaluate(name: str, tools: list[str]) -> dict:
             r["sqnr_db"] = output_sqnr(ref, got, names)
             if "labels" in meta:
                 r["label_accuracy"] = float(np.mean(got[0].argmax(-1) == np.array(meta["labels"])))
+            if "texts" in meta:
+                r["text_accuracy"] = text_accuracy(got[0], meta)
             r["float_left"] = len(cpu_kernels(onnx.load(str(path))).float_compute)
         except Exception as exc:  # a written model that does not run is a finding too
             r["eval_error"] = _internal(exc)
@@ -255,7 +270,7 @@ def run_graph(name: str, tools: list[str], timeout: int, runs: int, fresh: bool)
             return rec
     rec.pop("prepare_error", None)
     rec["meta"] = {k: v for k, v in json.loads((folder / "meta.json").read_text()).items()
-                   if k not in ("characters", "labels")}
+                   if k not in ("characters", "labels", "texts")}
     for tool in tools:
         if tool in rec["tools"] and not fresh:
             continue

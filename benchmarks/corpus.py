@@ -94,16 +94,19 @@ def prepare(name: str) -> None:
 
 
 def unbatched(model, feeds: list[dict]) -> list[dict]:
-    """Feeds as edgequant's calibration data takes them: the batch axis (axis 0 when it is free or 1) removed;
-    scalars and inputs whose axis 0 is a fixed size other than 1 as given."""
+    """Feeds as edgequant's calibration data takes them, without their batch axis: the first axis the graph leaves
+    free (a dim_param or no size; for a time-major sequence or a recurrent state, not axis 0) where the feed has
+    size 1. Scalars and inputs with no free axis are given as they are."""
     dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
     out = []
     for feed in feeds:
         d = {}
         for k, v in feed.items():
-            first = dims.get(k)
-            free = v.ndim > 0 and v.shape[0] == 1 and (not first or not first[0].dim_value or first[0].dim_value == 1)
-            d[k] = v[0] if free else v
+            declared = dims.get(k) or []
+            free = [a for a, dim in enumerate(declared) if dim.dim_value <= 0 and a < v.ndim and v.shape[a] == 1]
+            if not declared and v.ndim and v.shape[0] == 1:  # unknown rank: the leading axis
+                free = [0]
+            d[k] = np.squeeze(v, axis=free[0]) if free else v
         out.append(d)
     return out
 
@@ -259,7 +262,7 @@ def run_graph(name: str, tools: list[str], timeout: int, runs: int, fresh: bool)
     """One graph end to end (cached steps skipped) → its record, also saved as ``record.json``."""
     folder = folder_of(name)
     rec_path = folder / "record.json"
-    rec = json.loads(rec_path.read_text()) if rec_path.exists() and not fresh else {"name": name, "tools": {}}
+    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {"name": name, "tools": {}}
     t0 = time.perf_counter()
     if not (folder / "held.pkl").exists():
         res, err = _sub(["--step", "prepare", "--graph", name], timeout)
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--timeout", type=int, default=900, help="seconds per step of one graph")
     ap.add_argument("--runs", type=int, default=10, help="interleaved latency runs (0: no latency)")
-    ap.add_argument("--fresh", action="store_true", help="rerun the tools on cached graphs")
+    ap.add_argument("--fresh", action="store_true", help="rerun the --tools on cached graphs (others are kept)")
     ap.add_argument("--write-docs", action="store_true", help="write docs/compatibility.md from the cached records")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--step", choices=("prepare", "tool", "eval", "latency"), help=argparse.SUPPRESS)
@@ -337,8 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     from corpus_sources import graphs
 
     every = graphs()
-    names = [n for n in every if (not args.only or n in args.only.split(","))
-             and (not args.source or every[n].source in args.source.split(","))]
+    unknown = [n for n in (args.only or "").split(",") if n and n not in every]
+    if unknown:
+        sys.exit(f"error: no graph named {', '.join(unknown)} (see --list)")
+    names = args.only.split(",") if args.only else list(every)  # --only runs in the order given
+    names = [n for n in names if not args.source or every[n].source in args.source.split(",")]
     if args.list:
         print("\n".join(f"{n:45s} {every[n].source:14s} {every[n].task}" for n in names))
         return

@@ -62,6 +62,24 @@ def _cell(rec: dict, tool: str) -> str:
     return " · ".join(parts) or "written"
 
 
+def trained_line(rec: dict) -> str:
+    """One trained model's figures per tool, e.g. 'edgequant 0.925 (truth 0.90, fp32 0.91); ort failed'."""
+    ev, parts = rec.get("eval", {}), []
+    truth_fp32 = ev.get("fp32_text_accuracy", ev.get("fp32_label_accuracy"))
+    for tool in TOOLS:
+        kind, r = outcome(rec, tool), ev.get(tool, {})
+        if kind != "written":
+            parts.append(f"{tool} {kind}")
+            continue
+        m = r.get("metric")
+        text = f"{tool} {m:.3f}" if isinstance(m, float) else f"{tool} {min(r.get('sqnr_db', {0: 0}).values()):.1f} dB"
+        truth = r.get("text_accuracy", r.get("label_accuracy"))
+        if truth is not None:
+            text += f" (truth {truth:.3f}; fp32 {truth_fp32:.3f})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def write_docs(graphs: dict, cpu: str | None = None) -> Path:
     """The compatibility table and the refusal/error lines → docs/compatibility.md; returns its path."""
     recs = records(graphs)
@@ -78,8 +96,13 @@ def write_docs(graphs: dict, cpu: str | None = None) -> Path:
              "goes through edgequant with its defaults, ONNX Runtime's `quantize_static` (QDQ, U8S8, per-channel, "
              "reduce_range) and NNCF's `nncf.quantize`, all on the same 16 calibration inputs.", "",
              f"Host CPU features: {cpu}. Latency: batch 1, one thread, the tools interleaved (a shared machine: "
-             "ratios, not absolute times).", "", "## Outcomes by source", "",
-             "| source | " + " | ".join(f"{t}: written / refused / failed" for t in TOOLS) + " |",
+             "ratios, not absolute times). An error is an internal error (edgequant: an exception that is not one "
+             "of its own one-line refusals), a peer's failure, or a written model that ONNX Runtime cannot load.", "",
+             "The graphs, their sources and tasks (`--source` and `--only` pick some; each graph's fp32 ONNX, data "
+             "and results are cached in benchmarks/results/corpus/, so the corpus runs in pieces):", "",
+             "```sh", "python benchmarks/corpus.py --list --source handmade", "```", "",
+             "## Outcomes by source", "",
+             "| source | " + " | ".join(f"{t}: written / refused / error" for t in TOOLS) + " |",
              "|---|" + "---|" * len(TOOLS)]
     for src in [*sources, "all"]:
         row = []
@@ -93,10 +116,17 @@ def write_docs(graphs: dict, cpu: str | None = None) -> Path:
               "has none; int8/fp32 latency; float compute nodes ONNX Runtime leaves (fl).", "",
               "Task metrics: " + "; ".join(f"{k}: {v}" for k, v in METRIC_NAMES.items() if v) + ".", "",
               "| graph | source | task | " + " | ".join(TOOLS) + " |", "|---|---|---|" + "---|" * len(TOOLS)]
-    for name, rec in recs.items():
+    for name, rec in sorted(recs.items(), key=lambda kv: (graphs[kv[0]].source, kv[0])):
         g = graphs[name]
         lines.append(f"| {name}{' (trained)' if g.trained else ''} | {g.source} | {g.task} | "
                      + " | ".join(_cell(rec, t) for t in TOOLS) + " |")
+    lines += ["", "## Trained models", "",
+              "The models trained by others (shipped in PyPI wheels, exported from other frameworks): the task metric "
+              "against fp32, and against the truth where the data has it (OCR lines rendered from known strings; "
+              "the direction classifier's upright/upside-down labels).", ""]
+    for name, rec in recs.items():
+        if graphs[name].trained:
+            lines.append(f"- `{name}` ({METRIC_NAMES[graphs[name].task]}): " + trained_line(rec))
     lines += ["", "## Refusals and errors", "", "What each tool said where it wrote no model (one line each).", ""]
     for name, rec in recs.items():
         if rec.get("prepare_error"):

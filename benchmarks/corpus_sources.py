@@ -145,7 +145,8 @@ def _yolo(yaml: str, size: int):
 
 def _image_data(size: int, norm: str = "imagenet", frames: int = 0):
     def data(model: onnx.ModelProto, n: int, seed: int) -> list:
-        name = model.graph.input[0].name
+        inits = {i.name for i in model.graph.initializer}  # before IR 4 the weights are graph inputs too
+        name = next(i.name for i in model.graph.input if i.name not in inits)
         return [{name: f["x"]} for f in cd.images(n, size, seed, norm=norm, frames=frames)]
 
     return data

@@ -106,3 +106,9 @@ def test_edgequant_takes_the_samples_without_their_batch_axis(subset):
     got = corpus.unbatched(model, calib)
     assert len(got) == corpus.CALIB
     assert got[0]["img"].shape == (3, 24, 24) and got[0]["vec"].shape == (12,)
+    gru = GRAPHS["gru_state"][0]()  # time-major: x (20, batch, 8), state (1, batch, 16)
+    feed = graphs()["hand/gru_state"].data(gru, 1, 0)
+    assert {k: v.shape for k, v in corpus.unbatched(gru, feed)[0].items()} == {"x": (20, 8), "h0": (1, 16)}
+    loop = GRAPHS["loop_recurrent"][0]()  # the int64 scalar trip count is given as it is
+    feed = graphs()["hand/loop_recurrent"].data(loop, 1, 0)
+    assert corpus.unbatched(loop, feed)[0]["steps"].shape == ()

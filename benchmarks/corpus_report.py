@@ -66,7 +66,7 @@ def trained_line(rec: dict) -> str:
     """One trained model's figures per tool, e.g. 'edgequant 0.925 (truth 0.90, fp32 0.91); ort failed'."""
     ev, parts = rec.get("eval", {}), []
     truth_fp32 = ev.get("fp32_text_accuracy", ev.get("fp32_label_accuracy"))
-    for tool in TOOLS:
+    for tool in [*TOOLS, *(t for t in rec.get("tools", {}) if t not in TOOLS)]:
         kind, r = outcome(rec, tool), ev.get(tool, {})
         if kind != "written":
             parts.append(f"{tool} {kind}")
@@ -123,7 +123,8 @@ def write_docs(graphs: dict, cpu: str | None = None) -> Path:
     lines += ["", "## Trained models", "",
               "The models trained by others (shipped in PyPI wheels, exported from other frameworks): the task metric "
               "against fp32, and against the truth where the data has it (OCR lines rendered from known strings; "
-              "the direction classifier's upright/upside-down labels).", ""]
+              "the direction classifier's upright/upside-down labels). `edgequant_allow`: edgequant with "
+              "`--allow-inaccurate` where it refused (`--tools edgequant_allow`), to score what its gate refused.", ""]
     for name, rec in recs.items():
         if graphs[name].trained:
             lines.append(f"- `{name}` ({METRIC_NAMES[graphs[name].task]}): " + trained_line(rec))

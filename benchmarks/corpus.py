@@ -243,8 +243,11 @@ def latency(name: str, tools: list[str], runs: int) -> dict:
 
 def _sub(args: list[str], timeout: int, niced: bool = True) -> tuple[dict | None, str]:
     cmd = ["prlimit", f"--as={MEM_LIMIT}"] + (["nice", "-n", "15"] if niced else []) + [sys.executable, __file__]
+    # one thread for torch's and numpy's pools outside the timing step: spinning OpenMP workers on a loaded
+    # machine make an export many times slower
+    env = os.environ if not niced else {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
-        p = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        p = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout} s"
     for line in p.stdout.splitlines():

@@ -96,7 +96,7 @@ def prepare(name: str) -> None:
 def unbatched(model, feeds: list[dict]) -> list[dict]:
     """Feeds as edgequant's calibration data takes them, without their batch axis: the first axis the graph leaves
     free (a dim_param or no size; for a time-major sequence or a recurrent state, not axis 0) where the feed has
-    size 1. Scalars and inputs with no free axis are given as they are."""
+    size 1, else axis 0 where it is 1. Scalars and other inputs are given as they are."""
     dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
     out = []
     for feed in feeds:
@@ -104,8 +104,8 @@ def unbatched(model, feeds: list[dict]) -> list[dict]:
         for k, v in feed.items():
             declared = dims.get(k) or []
             free = [a for a, dim in enumerate(declared) if dim.dim_value <= 0 and a < v.ndim and v.shape[a] == 1]
-            if not declared and v.ndim and v.shape[0] == 1:  # unknown rank: the leading axis
-                free = [0]
+            if not free and v.ndim and v.shape[0] == 1 and (not declared or declared[0].dim_value == 1):
+                free = [0]  # unknown rank, or a batch fixed at 1 by the export: the leading axis
             d[k] = np.squeeze(v, axis=free[0]) if free else v
         out.append(d)
     return out

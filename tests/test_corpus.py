@@ -112,3 +112,6 @@ def test_edgequant_takes_the_samples_without_their_batch_axis(subset):
     loop = GRAPHS["loop_recurrent"][0]()  # the int64 scalar trip count is given as it is
     feed = graphs()["hand/loop_recurrent"].data(loop, 1, 0)
     assert corpus.unbatched(loop, feed)[0]["steps"].shape == ()
+    fixed = GRAPHS["cnn_opset11"][0]()  # a batch the export fixed at 1
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    assert corpus.unbatched(fixed, [{"x": np.zeros((1, 3, 32, 32), np.float32)}])[0]["x"].shape == (3, 32, 32)

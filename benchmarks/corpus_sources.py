@@ -193,6 +193,9 @@ def _onnx_light(name: str):
 def _hf(kind: str):
     def make():
         import torch
+        from zoo_models import import_torchvision
+
+        import_torchvision()  # transformers imports torchvision, whose PyPI build needs this with the CPU torch
         import transformers as tr
         from optimum.exporters.onnx import main_export
 

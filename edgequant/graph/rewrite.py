@@ -33,7 +33,7 @@ def _spatial_axes(node: ir.Node, rank: int) -> bool:
         axes = const.numpy().tolist()
     elif "axes" in node.attributes:
         axes = list(node.attributes["axes"].value)
-    if axes is None or rank < 3:  # rank 0: the input's shape is unknown
+    if axes is None:
         return False
     norm = sorted(a % rank for a in np.atleast_1d(axes).tolist())
     return norm == list(range(2, rank))

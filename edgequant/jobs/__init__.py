@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 PIPELINES: dict[str, tuple[stages.Stage, ...]] = {
     # post-training quantization of a PyTorch or ONNX model (the main job)
     "ptq": (stages.load, ptq.fp32_graph, choices.kernel_choices, ptq.fp32_passes, ptq.calibrate, ptq.heads,
-            ptq.quantize, ptq.budget, stages.check, ptq.detection, ptq.host_kernels, ptq.layers, ptq.gate, stages.fixed_shapes, stages.kernels,
-            ptq.settings, stages.write),
+            ptq.quantize, ptq.budget, stages.check, ptq.detection, ptq.host_kernels, ptq.layers, ptq.gate,
+            stages.fixed_shapes, stages.kernels, ptq.settings, stages.write),
     # Hugging Face text encoders: tokenized text, smoothed MatMul inputs (or dynamic, or weight-only)
     "text": (text.load, text.quantize, text.check, stages.kernels, text.settings, stages.write),
     # block-quantized MatMul weights, activations in float

@@ -16,7 +16,7 @@ corpus can run in pieces and ``--write-docs`` writes docs/compatibility.md from 
 
 edgequant runs with its defaults (as ``edgequant export model.onnx``: target generic-cpu) on the calibration feeds
 without their batch axis; the peers on the same feeds with it. Calibration: 16 feeds; held out: 8 (40 for the
-text recognizer and classifier).
+text recognizer, 24 consecutive chunks for voice activity).
 """
 
 from __future__ import annotations

@@ -163,3 +163,26 @@ def loop_steps() -> onnx.ModelProto:
     return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 16]),
                           oh.make_tensor_value_info("steps", TensorProto.INT64, [])],
                   [oh.make_tensor_value_info("y", F, ["N", 3])], inits)
+
+
+def masked_attention(fill: float = -np.inf) -> onnx.ModelProto:
+    """x [N, 8, 16] → causal self-attention whose masked scores are ``fill`` (-inf, as decoders add by design)
+    before the Softmax → y [N, 8, 16]."""
+    causal = np.triu(np.ones((8, 8), bool), k=1)
+    nodes = [oh.make_node("MatMul", ["x", "wq"], ["q"]), oh.make_node("MatMul", ["x", "wk"], ["k"]),
+             oh.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), oh.make_node("MatMul", ["q", "kt"], ["s"]),
+             oh.make_node("Where", ["causal", "fill", "s"], ["masked"]),
+             oh.make_node("Softmax", ["masked"], ["p"], axis=-1), oh.make_node("MatMul", ["p", "x"], ["c"]),
+             oh.make_node("MatMul", ["c", "wo"], ["y"])]
+    inits = [_w("wq", 16, 16), _w("wk", 16, 16, seed=1), _w("wo", 16, 16, seed=2), nh.from_array(causal, "causal"),
+             nh.from_array(np.array(fill, np.float32), "fill")]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 8, 16])],
+                  [oh.make_tensor_value_info("y", F, ["N", 8, 16])], inits)
+
+
+def infinite_output() -> onnx.ModelProto:
+    """x [N, 8] → Exp(1000·x) → MatMul → y: the fp32 model overflows to +inf inside and in its output."""
+    nodes = [oh.make_node("Mul", ["x", "k"], ["z"]), oh.make_node("Exp", ["z"], ["e"]),
+             oh.make_node("MatMul", ["e", "w"], ["y"])]
+    return _model(nodes, [oh.make_tensor_value_info("x", F, ["N", 8])], [oh.make_tensor_value_info("y", F, ["N", 4])],
+                  [nh.from_array(np.array(1000.0, np.float32), "k"), _w("w", 8, 4)])

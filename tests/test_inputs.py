@@ -236,3 +236,19 @@ def test_an_op_onnx_runtime_lacks_is_one_line(tmp_path):
     model.opset_import.append(onnx.helper.make_opsetid("my.ops", 1))
     result = _export(tmp_path, model, [{"x": _f32(5, 8)} for _ in range(8)])
     _one_line(result, "my.ops:Mystery", "replace that op with standard ONNX ops")
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_a_designed_minus_infinity_mask_is_no_overflow(tmp_path, method):
+    # decoders (GPT-2, Llama) fill masked attention scores with -inf before the Softmax: the tensor stays float,
+    # the rest is quantized, and the model is written (it was refused as an fp32 overflow)
+    result = _export(tmp_path, graphs.masked_attention(), [{"x": _f32(8, 16)} for _ in range(24)], "--method", method)
+    assert result.exit_code == 0, result.output
+    assert min(_fidelity(tmp_path).values()) > 25.0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["kernels"]["int8_nodes"] >= 3, report["kernels"]  # the projections run in int8
+
+
+def test_an_overflowing_output_is_one_line(tmp_path):
+    result = _export(tmp_path, graphs.infinite_output(), [{"x": _f32(8) + 1.0} for _ in range(24)])
+    _one_line(result, "'y'", "NaN/Inf", "overflows")

@@ -31,7 +31,7 @@ def histograms(model: onnx.ModelProto, samples, tensors: Sequence[str], *, batch
                 observers[t].update(v)
     out = {}
     for t, obs in observers.items():
-        if np.isfinite(obs.lo):
+        if obs.has_range:
             out[t] = {}
             for method in METHODS:
                 obs.method = method

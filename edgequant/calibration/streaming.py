@@ -32,14 +32,23 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 
 class MinMaxObserver:
-    """Running min/max; range = (min(0, lo), max(0, hi)) so that 0 is exactly representable."""
+    """Running min/max; range = (min(0, lo), max(0, hi)) so that 0 is exactly representable. A tensor that holds
+    an infinity (an attention mask's -inf) has no range: ``finite`` turns False and it stays float."""
 
     def __init__(self) -> None:
         self.lo = np.inf
         self.hi = -np.inf
+        self.finite = True
+
+    @property
+    def has_range(self) -> bool:
+        """Values were seen, all finite."""
+        return self.finite and bool(np.isfinite(self.lo))
 
     def update(self, x: np.ndarray) -> None:
-        if x.size:
+        if x.size and not np.isfinite(x).all():
+            self.finite = False
+        if x.size and self.finite:
             self.lo = min(self.lo, float(x.min()))
             self.hi = max(self.hi, float(x.max()))
 
@@ -61,7 +70,7 @@ class HistogramObserver(MinMaxObserver):
     def update(self, x: np.ndarray) -> None:
         super().update(x)
         flat = x.ravel()
-        if not flat.size:
+        if not flat.size or not self.finite:
             return
         amax = max(abs(self.lo), abs(self.hi))
         if self.R == 0.0:
@@ -210,5 +219,5 @@ def calibrate(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], 
         for name, value in values.items():
             if value.dtype.kind == "f":
                 observers[name].update(value)
-    return {n: obs.range() for n, obs in observers.items() if np.isfinite(obs.lo)}
+    return {n: obs.range() for n, obs in observers.items() if obs.has_range}
 

@@ -79,13 +79,14 @@ def _low_memory_session(model: onnx.ModelProto, names: Sequence[str]):
 def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *,
         batch_size: int = 16, progress: Callable[[int], None] | None = None, mask_input: str | None = None,
         low_memory: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """fp32 model + samples + tensor names → per batch, (the batch, {tensor: value}). A float value with NaN/Inf
-    is a CalibrationError naming the tensor; ``progress(n)`` is called after each batch of n samples.
+    """fp32 model + samples + tensor names → per batch, (the batch, {tensor: value}). A NaN, or an infinity that
+    reaches a graph output, is a CalibrationError naming the tensor; ``progress(n)`` is called after each batch of n samples.
 
     With ``mask_input`` (a 0/1 attention mask input, sequence on axis 1), each batch is cut after its longest
     sequence: the positions cut are padding, which attention and pooling ignore, so their activations need no
     range. ``low_memory`` opens the session without a second copy of the weights (large transformers)."""
     names = list(tensors)
+    outputs = [o.name for o in model.graph.output]
     sess = _low_memory_session(model, names) if low_memory else session(with_outputs(model, names), level="basic",
                                                                         arena=False)
     dtypes = input_dtypes(sess)
@@ -97,15 +98,29 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
             batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
         try:
             values = sess.run(names, batch)
+            if not all(_finite(name, value, outputs) for name, value in zip(names, values)):
+                # an infinity inside the graph (an attention mask's -inf) is an overflow only where it reaches
+                # the outputs: this batch runs once more for them
+                for name, value in zip(outputs, sess.run(outputs, batch)):
+                    _finite(name, value, outputs)
         except Exception as exc:  # onnxruntime raises its own assorted types
-            raise _data_failed(exc) from None
-        for name, value in zip(names, values):
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
-                                       "overflows there; check the model and the data's pre-processing")
+            raise (exc if isinstance(exc, CalibrationError) else _data_failed(exc)) from None
         out = dict(zip(names, values))
         del values
         yield batch, out
         del out  # before the next batch is computed: one batch alive, not two
         if progress:
             progress(min(step, len(samples) - start))
+
+
+
+def _finite(name: str, value: np.ndarray, outputs: Sequence[str]) -> bool:
+    """True if ``value`` has no NaN/Inf. A NaN anywhere, or an infinity in a graph output, is an fp32 overflow →
+    CalibrationError; an infinity elsewhere returns False (attention masks add -inf by design before a Softmax:
+    such a tensor has no finite range, and quantize.qdq keeps it float)."""
+    if value.dtype.kind != "f" or np.isfinite(value).all():
+        return True
+    if name in outputs or np.isnan(value).any():
+        raise CalibrationError(f"tensor {name!r} has NaN/Inf on the calibration data: the fp32 model "
+                               "overflows there; check the model and the data's pre-processing")
+    return False

@@ -31,7 +31,9 @@ def histograms(model: onnx.ModelProto, samples, tensors: Sequence[str], *, batch
                 observers[t].update(v)
     out = {}
     for t, obs in observers.items():
-        if obs.has_range:
+        if not obs.finite:
+            out[t] = {method: obs.range() for method in METHODS}
+        elif obs.seen:
             out[t] = {}
             for method in METHODS:
                 obs.method = method

@@ -33,7 +33,8 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 class MinMaxObserver:
     """Running min/max; range = (min(0, lo), max(0, hi)) so that 0 is exactly representable. A tensor that holds
-    an infinity (an attention mask's -inf) has no range: ``finite`` turns False and it stays float."""
+    an infinity (an attention mask's -inf) gets (-inf, inf): ``finite`` turns False, and quantize.qdq keeps the
+    tensor and the nodes that write or read it float."""
 
     def __init__(self) -> None:
         self.lo = np.inf
@@ -41,9 +42,9 @@ class MinMaxObserver:
         self.finite = True
 
     @property
-    def has_range(self) -> bool:
-        """Values were seen, all finite."""
-        return self.finite and bool(np.isfinite(self.lo))
+    def seen(self) -> bool:
+        """Some values were seen."""
+        return not self.finite or bool(np.isfinite(self.lo))
 
     def update(self, x: np.ndarray) -> None:
         if x.size and not np.isfinite(x).all():
@@ -53,6 +54,8 @@ class MinMaxObserver:
             self.hi = max(self.hi, float(x.max()))
 
     def range(self) -> tuple[float, float]:
+        if not self.finite:
+            return -np.inf, np.inf
         return min(self.lo, 0.0), max(self.hi, 0.0)
 
 
@@ -91,7 +94,7 @@ class HistogramObserver(MinMaxObserver):
 
     def range(self) -> tuple[float, float]:
         lo, hi = super().range()
-        if self.hist.sum() == 0 or hi <= lo:
+        if not self.finite or self.hist.sum() == 0 or hi <= lo:
             return lo, hi
         if self.method == "percentile":
             cdf = np.cumsum(self.hist) / self.hist.sum()
@@ -219,5 +222,5 @@ def calibrate(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], 
         for name, value in values.items():
             if value.dtype.kind == "f":
                 observers[name].update(value)
-    return {n: obs.range() for n, obs in observers.items() if obs.has_range}
+    return {n: obs.range() for n, obs in observers.items() if obs.seen}
 

@@ -252,3 +252,22 @@ def test_a_designed_minus_infinity_mask_is_no_overflow(tmp_path, method):
 def test_an_overflowing_output_is_one_line(tmp_path):
     result = _export(tmp_path, graphs.infinite_output(), [{"x": _f32(8) + 1.0} for _ in range(24)])
     _one_line(result, "'y'", "NaN/Inf", "overflows")
+
+
+def test_a_state_fixed_at_batch_one_fixes_the_batch():
+    # a sequence model whose recurrent state is declared [1, H]: its free input follows, batches are of one
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    from edgequant.calibration.streaming import fixed_batch
+
+    def model(state_batch):
+        nodes = [oh.make_node("Add", ["h", "h"], ["y"])]
+        inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8]),
+                  oh.make_tensor_value_info("h", TensorProto.FLOAT, [state_batch, 16])]
+        return oh.make_model(oh.make_graph(nodes, "g", inputs, [oh.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                          [state_batch, 16])]))
+
+    assert fixed_batch(model(1), {"x": 0, "h": 0}) == 1
+    assert fixed_batch(model("N"), {"x": 0, "h": 0}) is None
+    assert fixed_batch(model(1), {"x": 0, "h": None}) is None  # a state fed as given fixes nothing

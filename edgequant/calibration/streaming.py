@@ -196,8 +196,9 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> lis
 
 def fixed_batch(model: onnx.ModelProto, axes: Mapping[str, int | None] | None = None) -> int | None:
     """The batch size every graph input fixes on its batch axis (``axes``: {input: axis, or None for an input
-    without one}, as ``Samples.batch_axes``; default axis 0), or None if any is free. Such a model (an .onnx
-    exported with a static batch) runs only in batches of exactly that size: calibration and checks use it."""
+    without one}, as ``Samples.batch_axes``; default axis 0), or None if none fixes it. Such a model (an .onnx
+    exported with a static batch, or a recurrent state fixed at batch 1) runs only in batches of exactly that
+    size: calibration and checks use it. A free input follows the fixed ones."""
     inits = {i.name for i in model.graph.initializer}
     axes = axes or {}
     sizes = set()
@@ -206,9 +207,8 @@ def fixed_batch(model: onnx.ModelProto, axes: Mapping[str, int | None] | None = 
         if inp.name in inits or axis is None:
             continue
         dims = inp.type.tensor_type.shape.dim
-        if len(dims) <= axis or not dims[axis].HasField("dim_value") or dims[axis].dim_value <= 0:
-            return None
-        sizes.add(dims[axis].dim_value)
+        if len(dims) > axis and dims[axis].HasField("dim_value") and dims[axis].dim_value > 0:
+            sizes.add(dims[axis].dim_value)  # one input fixing its batch (a recurrent state at 1) fixes them all
     return sizes.pop() if len(sizes) == 1 else None
 
 

@@ -119,6 +119,9 @@ def raced_opens(bundle: Path, work: Path, n: int) -> tuple[int, int, int]:
             tmp.write_bytes(evil if i % 2 else good)
             os.replace(tmp, b / "model.onnx")
             i += 1
+            # a swap every millisecond: many land inside each open (reading and hashing the model takes longer),
+            # yet a busy two-core machine still lets some opens see one file from start to end
+            stop.wait(0.001)
 
     thread = threading.Thread(target=swap)
     thread.start()

@@ -236,8 +236,12 @@ def _tiny_net():
 @pytest.mark.int8_numerics
 @pytest.mark.parametrize("cls", [Equalize, HardSigmoidAdd])
 def test_export_undoes_a_broken_pass_and_names_it(monkeypatch, tmp_path, cls):
+    from dataclasses import replace
+
     import edgequant
+    from edgequant.check.kernel_choices import CHOICES
     from edgequant.cli import summary
+    from edgequant.targets import load_target
 
     def broken(self, model):  # a rewrite whose output is garbage: every weight of the graph doubled
         result = original(self, model)
@@ -251,7 +255,9 @@ def test_export_undoes_a_broken_pass_and_names_it(monkeypatch, tmp_path, cls):
     original = cls.apply
     monkeypatch.setattr(cls, "apply", broken)
     x = RNG.uniform(0, 1, (40, 3, 16, 16)).astype(np.float32)
-    bundle = edgequant.export(_tiny_net(), x, out=tmp_path / "b", progress=False, target="generic-cpu",
+    # the kernel choices asked for explicitly, so that their passes run whatever they measure on this host
+    target = replace(load_target("generic-cpu"), explicit=tuple(CHOICES))
+    bundle = edgequant.export(_tiny_net(), x, out=tmp_path / "b", progress=False, target=target,
                               algorithms=edgequant.Algorithms(equalize=True))
     rows = {r["name"]: r for r in bundle.report["passes"]}
     assert rows[cls.name]["outcome"] == "undone", rows

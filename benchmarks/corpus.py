@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(f"{n:45s} {every[n].source:14s} {every[n].task}" for n in names))
         return
     tools = args.tools.split(",")
+    if args.write_docs and not (args.only or args.source):
+        names = []  # the page alone, from the cached records
     for i, name in enumerate(names, 1):
         print(progress_line(i, len(names), run_graph(name, tools, args.timeout, args.runs, args.fresh)), flush=True)
     print(summary(every))

@@ -286,3 +286,17 @@ def test_detection_agreement_decides_for_a_detection_output():
     (what, why), = gross_failures([r], dict(good, agreement=0.3))
     assert what == "output0" and why == "detection agreement 30.0% (floor 50%)"
     assert [w for w, _ in gross_failures([r], {"output": "output0", "status": "empty"})] == ["output0[axis 1: 4:84]"]
+
+
+def test_an_output_that_hardly_varies_is_judged_by_its_sqnr():
+    # a probability near 0.004 on every sample, int8 one step away: uncorrelated, yet 30 dB — not destroyed;
+    # the same lack of correlation at 10 dB is
+    from edgequant.check.outputs import gross_failures
+
+    def result(sqnr, corr):
+        return {"output": "p", "status": "ok", "sqnr_db": sqnr, "correlation": corr, "cosine": 0.99,
+                "argmax_agreement": None}
+
+    assert gross_failures([result(30.0, 0.0)]) == []
+    assert [w for w, _ in gross_failures([result(10.0, 0.0)])] == ["p"]
+    assert [w for w, _ in gross_failures([result(2.0, 0.9)])] == ["p"]

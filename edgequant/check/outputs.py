@@ -20,8 +20,10 @@ The gate (:func:`gross_failures`) — documented floors, in docs/fidelity.md. An
 (map IoU, pixel argmax agreement of a dense map, detection agreement) is judged by that metric alone: it fails
 below ``MAP_IOU_FLOOR`` / ``ARGMAX_FLOOR`` (pixels, where also SQNR < ``ARGMAX_SQNR_DB``) /
 ``DETECTION_FLOOR`` and passes above, whatever its SQNR. Other outputs:
-- a part (or a whole output) with SQNR below ``PART_SQNR_FLOOR_DB`` or correlation below
-  ``CORRELATION_FLOOR`` is destroyed;
+- a part (or a whole output) with SQNR below ``PART_SQNR_FLOOR_DB``, or with correlation below
+  ``CORRELATION_FLOOR`` while its SQNR is below ``CORRELATION_SQNR_DB``, is destroyed (at that SQNR the int8
+  values are within a tenth of the fp32 ones: a low correlation there only says that the fp32 output hardly
+  varies across the samples, by less than the int8 step — a voice detector's probability on silence, say);
 - an output whose mean cosine is below ``COSINE_FLOOR``;
 - a class-like output whose argmax agreement is below ``ARGMAX_FLOOR`` while its SQNR is below
   ``ARGMAX_SQNR_DB`` (random-weight models have near-tied logits whose argmax flips at any noise, so a low
@@ -39,11 +41,12 @@ import numpy as np
 from .layout import ConcatPieces
 from .metrics import sqnr_from_sums
 
-__all__ = ["ARGMAX_FLOOR", "CORRELATION_FLOOR", "COSINE_FLOOR", "DETECTION_FLOOR", "MAP_IOU_FLOOR", "MAP_THRESHOLD",
-           "PART_SQNR_FLOOR_DB", "OutputAgreement", "Part", "gate_message", "gross_failures"]
+__all__ = ["ARGMAX_FLOOR", "CORRELATION_FLOOR", "CORRELATION_SQNR_DB", "COSINE_FLOOR", "DETECTION_FLOOR",
+           "MAP_IOU_FLOOR", "MAP_THRESHOLD", "PART_SQNR_FLOOR_DB", "OutputAgreement", "Part", "gate_message", "gross_failures"]
 
 PART_SQNR_FLOOR_DB = 3.0
 CORRELATION_FLOOR = 0.5
+CORRELATION_SQNR_DB = 20.0
 COSINE_FLOOR = 0.5
 ARGMAX_FLOOR = 0.5
 ARGMAX_SQNR_DB = 10.0
@@ -257,6 +260,12 @@ def _index_label(idx: np.ndarray) -> str:
     return f"[{shown}{',…' if idx.size > 8 else ''}] ({idx.size} indices)"
 
 
+def _destroyed(r: dict) -> bool:
+    """An output's or part's result → below the SQNR floor, or uncorrelated at an SQNR that shows it."""
+    return r["sqnr_db"] < PART_SQNR_FLOOR_DB or (r["correlation"] < CORRELATION_FLOOR
+                                                 and r["sqnr_db"] < CORRELATION_SQNR_DB)
+
+
 def gross_failures(results: Sequence[dict], detection: dict | None = None) -> list[tuple[str, str]]:
     """Per-output results (``OutputAgreement.result()``) and the detection agreement entry (check/detection.py,
     or None) → [(what, why)] for every output or part that breaks a floor (see the module docstring), worst
@@ -272,10 +281,10 @@ def gross_failures(results: Sequence[dict], detection: dict | None = None) -> li
                 found.append((r["sqnr_db"], name, task))
             continue
         for p in r.get("parts", []):
-            if p["status"] == "ok" and (p["sqnr_db"] < PART_SQNR_FLOOR_DB or p["correlation"] < CORRELATION_FLOOR):
+            if p["status"] == "ok" and _destroyed(p):
                 found.append((p["sqnr_db"], p["name"], f"SQNR {p['sqnr_db']:.1f} dB, correlation "
                               f"{p['correlation']:.2f} (floors {PART_SQNR_FLOOR_DB:g} dB, {CORRELATION_FLOOR:g})"))
-        if r["sqnr_db"] < PART_SQNR_FLOOR_DB or r["correlation"] < CORRELATION_FLOOR:
+        if _destroyed(r):
             found.append((r["sqnr_db"], name, f"SQNR {r['sqnr_db']:.1f} dB, correlation {r['correlation']:.2f} "
                           f"(floors {PART_SQNR_FLOOR_DB:g} dB, {CORRELATION_FLOOR:g})"))
         elif r["cosine"] is not None and r["cosine"] < COSINE_FLOOR:

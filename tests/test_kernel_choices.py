@@ -71,6 +71,15 @@ def test_a_set_slower_than_plain_together_falls_back_to_plain():
     assert "1.05" in result.fallback and "plain written" in result.fallback
 
 
+def test_a_fallback_to_plain_keeps_every_explicit_choice_even_one_that_pays():
+    # asked for explicitly: "a" pays alone, "b" costs; together slower than plain with "c" (measured, paying):
+    # the fallback drops "c" only
+    result = decide({"plain": "p", "a": "a", "b": "b", "c": "c", "all": "abc"}, {}, build=_no_build,
+                    explicit=["a", "b"], timer=_timer({"plain": 10.0, "a": 9.0, "b": 11.0, "c": 9.0, "all": 10.8}))
+    assert result.kept == ("a", "b") and result.fallback is not None
+    assert {d.key: d.kept for d in result.decisions} == {"a": True, "b": True, "c": False}
+
+
 def test_an_explicit_choice_is_kept_with_one_warning_saying_what_it_costs(caplog):
     with caplog.at_level(logging.WARNING, logger="edgequant"):
         result = decide({"plain": "p", "forced": "f"}, {}, build=_no_build, explicit=["forced"],

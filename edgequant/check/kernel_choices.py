@@ -149,11 +149,11 @@ def decide(variants: Mapping[str, Any], inputs: dict[str, np.ndarray], *, timer:
         together, times = more[ALL], {**times, PLAIN: more[PLAIN]}
     ratio, noise = paired_ratio(together, times[PLAIN])
     fallback = None
-    if ratio > 1 + max(MIN_GAIN, noise) and any(d.how == "measured" for d in decisions if d.kept):
+    if ratio > 1 + max(MIN_GAIN, noise) and any(d.key not in explicit for d in decisions if d.kept):
         fallback = (f"{', '.join(kept)} together ran {ratio:.3f}x plain int8's latency: plain written "
                     "(explicit choices kept)")
         log.warning("kernel choices: %s", fallback)
-        decisions = [d if not d.kept or d.how == "explicit" else
+        decisions = [d if not d.kept or d.key in explicit else
                      Decision(d.key, False, d.ratio, d.noise, d.how, f"{d.why}, but not together with the others")
                      for d in decisions]
         ratio = None if any(d.kept for d in decisions) else 1.0

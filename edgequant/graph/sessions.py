@@ -34,8 +34,8 @@ import onnx
 from .._runtime.edgequant_runtime import cpu_features, describe_cpu, int8_saturates
 from ..targets import Target
 
-__all__ = ["LEVELS", "CheckedWith", "batch_axes_of", "batch_step", "batches", "checked_with", "host_features", "host_would_differ", "input_dtypes",
-           "np_dtype", "session"]
+__all__ = ["LEVELS", "CheckedWith", "batch_axes_of", "batch_step", "batches", "checked_with", "host_features",
+           "host_would_differ", "input_dtypes", "np_dtype", "session"]
 
 EXACT_LEVEL = "basic"
 
@@ -157,7 +157,7 @@ def batches(samples: Sequence[dict[str, np.ndarray]], batch_size: int,
     """Samples → stacked batches, cast to the model's input dtypes. Each input stacks along its batch axis
     (:func:`batch_axes_of`); an input without one is fed as given, one sample per batch."""
     axes = batch_axes_of(samples)
-    step = 1 if None in axes.values() else batch_size
+    step = batch_step(samples, batch_size)
     for start in range(0, len(samples), step):
         chunk = [samples[i] for i in range(start, min(start + step, len(samples)))]
         yield {k: (np.asarray(chunk[0][k]) if axes.get(k, 0) is None else np.stack([s[k] for s in chunk],

@@ -38,10 +38,7 @@ def fit_batch(sessions: Sequence, samples: Sequence[dict[str, np.ndarray]], dtyp
     if fixed:
         return max(fixed)
     one = next(batches([samples[0]], 1, dtypes))
-    try:
-        per = sum(v.nbytes for s in sessions for v in s.run(None, one))
-    except Exception as exc:  # onnxruntime raises its own assorted types
-        raise _data_failed(exc) from None
+    per = sum(v.nbytes for s in sessions for v in _run(s, [o.name for o in s.get_outputs()], one))
     return int(max(1, min(batch_size, budget // max(per, 1))))
 
 
@@ -80,7 +77,8 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
         batch_size: int = 16, progress: Callable[[int], None] | None = None, mask_input: str | None = None,
         low_memory: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """fp32 model + samples + tensor names → per batch, (the batch, {tensor: value}). A NaN, or an infinity that
-    reaches a graph output, is a CalibrationError naming the tensor; ``progress(n)`` is called after each batch of n samples.
+    reaches a graph output, is a CalibrationError naming the tensor; ``progress(n)`` is called after each batch of
+    n samples.
 
     With ``mask_input`` (a 0/1 attention mask input, sequence on axis 1), each batch is cut after its longest
     sequence: the positions cut are padding, which attention and pooling ignore, so their activations need no
@@ -96,15 +94,12 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
         if mask_input is not None and mask_input in batch:
             used = int(np.max(np.nonzero(batch[mask_input].any(axis=0))[0], initial=0)) + 1
             batch = {k: v[:, :used] if v.ndim >= 2 else v for k, v in batch.items()}
-        try:
-            values = sess.run(names, batch)
-            if not all(_finite(name, value, outputs) for name, value in zip(names, values)):
-                # an infinity inside the graph (an attention mask's -inf) is an overflow only where it reaches
-                # the outputs: this batch runs once more for them
-                for name, value in zip(outputs, sess.run(outputs, batch)):
-                    _finite(name, value, outputs)
-        except Exception as exc:  # onnxruntime raises its own assorted types
-            raise (exc if isinstance(exc, CalibrationError) else _data_failed(exc)) from None
+        values = _run(sess, names, batch)
+        if not all(_finite(name, value, outputs) for name, value in zip(names, values)):
+            # an infinity inside the graph (an attention mask's -inf) is an overflow only where it reaches the
+            # outputs: this batch runs once more for them
+            for name, value in zip(outputs, _run(sess, outputs, batch)):
+                _finite(name, value, outputs)
         out = dict(zip(names, values))
         del values
         yield batch, out
@@ -112,6 +107,13 @@ def tap(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], tensor
         if progress:
             progress(min(step, len(samples) - start))
 
+
+def _run(sess, names: Sequence[str], batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One batch through the session; ONNX Runtime's failure on the user's data → one line."""
+    try:
+        return sess.run(list(names), batch)
+    except Exception as exc:  # onnxruntime raises its own assorted types
+        raise _data_failed(exc) from None
 
 
 def _finite(name: str, value: np.ndarray, outputs: Sequence[str]) -> bool:

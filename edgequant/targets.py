@@ -59,6 +59,14 @@ class QuantSpec:
     # DQ → HardSigmoid → Q runs as an int8 Add whose output scale clamps and rescales it (QLinearAdd on the CPU
     # provider, which has no int8 HardSigmoid; edgequant.quantize.hardsigmoid).
     int8_hardsigmoid: bool = False
+    # Softmax over an outer axis of a Transpose's output moved in front of the Transpose, over the axis that is
+    # one of the two innermost there (edgequant.graph.rewrite.softmax_inner_axis; exact): ONNX Runtime's CPU
+    # Softmax transposes an outer axis element by element.
+    softmax_inner_axis: bool = False
+    # Conv/Gemm/MatMul nodes whose int8 kernel is slower than float plus the Q/DQ a float node adds (ONNX Runtime's
+    # profiles of both graphs; edgequant.check.node_times) stay float, where the whole graph is then faster. Only
+    # where the build machine computes the target's kernels.
+    float_where_faster: bool = False
 
     def __post_init__(self) -> None:
         for pattern in self.uint8_weight_nodes:
@@ -206,6 +214,8 @@ class Target:
                 "depthwise_channel_align": q.depthwise_channel_align,
                 "input_channel_align": q.input_channel_align,
                 "int8_hardsigmoid": q.int8_hardsigmoid,
+                "softmax_inner_axis": q.softmax_inner_axis,
+                "float_where_faster": q.float_where_faster,
             },
             "runtime": {
                 "providers": [p.to_dict() for p in r.providers],

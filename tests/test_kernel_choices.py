@@ -127,6 +127,19 @@ def test_cost_model_keeps_depthwise_padding_on_x86_not_on_arm_and_refuses_the_rg
     assert decide_by_cost(spread, shape, 8).kept == () and decide_by_cost(four, shape, 8).kept == ("input_channel_align",)
 
 
+def test_cost_model_keeps_the_softmax_rewrite_and_cannot_judge_float_nodes():
+    """Where the build machine cannot run the target's kernels: the exact Softmax rewrite adds no MACs and is kept;
+    per-node int8-or-float needs kernel times, so every node stays int8."""
+    from edgequant.check.kernel_cost import decide_by_cost
+
+    shape = {"x": (1, 3, 16, 16)}
+    result = decide_by_cost({"plain": _dw_model(72), "softmax_inner_axis": _dw_model(72),
+                             "float_where_faster": _dw_model(72)}, shape, 8)
+    assert result.kept == ("softmax_inner_axis",) and result.method == "cost model"
+    (fl,) = [d for d in result.decisions if d.key == "float_where_faster"]
+    assert not fl.kept and "kernel times" in fl.why
+
+
 @pytest.fixture(scope="module")
 def mobile_export(tmp_path_factory):
     """The MobileNetV3-style block exported for generic-cpu with the real timer."""

@@ -322,3 +322,23 @@ def test_nodes_slower_in_int8_stay_float_where_the_whole_graph_is_faster(monkeyp
         float_convs = [n.name for n in graph.node if n.op_type == "Conv" and n.input[1] not in weight_dq]
         assert float_convs == ([stems[-1]] if kept else []), float_convs
         assert b.manifest["quantization"]["float_where_faster"] is kept
+
+
+def test_a_failing_profile_leaves_every_node_int8_and_the_export_goes_on(monkeypatch, tmp_path, caplog):
+    import edgequant
+    from edgequant.jobs import choices
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("profiling is not available")
+
+    monkeypatch.setattr(choices, "slower_in_int8", broken)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 14 * 14, 3)).eval()
+    x = np.random.default_rng(0).uniform(0, 1, (24, 3, 16, 16)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="edgequant"):
+        b = edgequant.export(model, x, out=tmp_path / "b", progress=False, layer_report=False)
+    (d,) = [d for d in b.report["kernel_choices"]["decisions"] if d["key"] == "float_where_faster"]
+    assert not d["kept"] and b.manifest["quantization"]["float_where_faster"] is False
+    assert b.report["kernels"]["float_compute"] == [], b.report["kernels"]
+    assert any("per-node profiles failed (RuntimeError: profiling is not available)" in r.getMessage()
+               for r in caplog.records)

@@ -96,6 +96,9 @@ def test_time_major_sequence_batches_on_axis_1(tmp_path):
     assert _fidelity(tmp_path)["y"] > 28.0  # measured 34.2 dB
     with np.load(tmp_path / "out" / "golden.npz") as golden:
         assert golden["input.0.x"].shape == (5, 1, 8)
+    # the kernel choices time and profile the model on a batch of 1 along axis 1 too: both MatMuls profiled
+    choices = json.loads((tmp_path / "out" / "report.json").read_text())["kernel_choices"]
+    assert choices["float_where_faster"]["profiled_nodes"] == 2 and "profiles failed" not in result.output
 
 
 def test_recurrent_state_and_scalar_inputs_calibrate_as_given(tmp_path):

@@ -26,6 +26,7 @@ from ..bench import interleaved_times
 from ..check.kernel_choices import CHOICES, PLAIN, Decision, KernelChoices, Timer, decide, off
 from ..check.kernel_cost import FAMILY_MULTIPLE, decide_by_cost
 from ..check.node_times import slower_in_int8
+from ..graph.sessions import batches
 from . import ptq
 from .stages import Run
 
@@ -62,11 +63,11 @@ def _int8(v: Run) -> onnx.ModelProto:
 
 
 def _batch_one(run: Run) -> dict[str, np.ndarray]:
-    """The first calibration sample as a batch (of 1, or of the model's fixed batch)."""
+    """The first calibration sample as a batch (of 1, or of the model's fixed batch), each input stacked along its
+    own batch axis (a recurrent state or a scalar fed as given)."""
     types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in run.fp32.graph.input}
     n = run.fixed_batch or 1
-    return {k: np.stack([np.asarray(run.calib[i][k]) for i in range(n)]).astype(types.get(k, np.float32))
-            for k in run.calib[0]}
+    return next(batches([run.calib[i] for i in range(n)], n, types))
 
 
 def _threads(run: Run) -> int:

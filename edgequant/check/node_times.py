@@ -13,9 +13,9 @@ profiled node is traced back to the source node it computes:
 - fp32: ONNX Runtime names its NCHWc convolutions after the output they write (``<tensor>_nchwc``) and keeps the
   node's name otherwise; a fused activation's output leads back through the activation to its Conv.
 
-A node is a candidate when ``t_int8 > t_float + t_switch + MIN_NODE_GAIN_MS``, ``t_switch`` being the DequantizeLinear of its input
-and the QuantizeLinear of its output that a float node between int8 neighbours adds, at the per-element cost the
-int8 profile's own QuantizeLinear shows (a graph input read by the node needs no DequantizeLinear; it saves its
+A node is a candidate when ``t_int8 > t_float + t_switch + MIN_NODE_GAIN_MS``, ``t_switch`` being the
+DequantizeLinear of its input and the QuantizeLinear of its output that a float node between int8 neighbours adds,
+at the per-element cost the int8 profile's own QuantizeLinear shows (a graph input read by the node needs no DequantizeLinear; it saves its
 QuantizeLinear instead). The candidates together are one kernel choice (``float_where_faster``), kept only where
 the whole graph with them in float is faster than plain int8 (edgequant.check.kernel_choices).
 """

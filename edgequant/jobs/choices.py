@@ -1,6 +1,7 @@
 """The PTQ stage that decides the target's kernel choices per model (``depthwise_channel_align``,
-``input_channel_align``, ``int8_hardsigmoid``, ``softmax_inner_axis``): the model built with and without each → the choices that pay,
-written into ``run.target`` so that the fp32 passes and the quantizer that follow apply only those.
+``input_channel_align``, ``int8_hardsigmoid``, ``softmax_inner_axis``, ``float_where_faster``): the model built
+with and without each → the choices that pay, written into ``run.target`` (and ``run.kernel_float``) so that the
+fp32 passes and the quantizer that follow apply only those.
 
 Each variant is built the way the export builds its graph — PTQ's own fp32 passes, calibration and quantization,
 run on a copy of the run whose target has a changed ``quantization`` — but calibrated with minmax on a few samples

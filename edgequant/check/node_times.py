@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
 _ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add", "Mul")
-_PROFILE_RUNS = 20
+_PROFILE_RUNS = 20  # profiled runs at most (after 3 warm-up runs) ...
+_PROFILE_SECONDS = 3.0  # ... and no more than this long once 5 have run (a large model)
 # a node must save this much per run to be a candidate: below it, per-call overhead and the profiler's 1 µs
 # resolution decide (a tiny model's 1×1 convolutions are "slower" in int8 by 3 µs), and the robot gains nothing
 MIN_NODE_GAIN_MS = 0.02
@@ -80,8 +82,11 @@ def profile(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, threads
         so.profile_file_prefix = os.path.join(tmp, "profile")
         s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
-        for _ in range(runs + 3):
+        start = time.perf_counter()
+        for i in range(runs + 3):
             s.run(None, dict(inputs))
+            if i >= 8 and time.perf_counter() - start > _PROFILE_SECONDS:
+                break
         with open(s.end_profiling()) as f:
             events = json.load(f)
     times: dict[str, list[float]] = defaultdict(list)

@@ -31,7 +31,7 @@ from onnx import helper, shape_inference
 
 from .kernel_choices import PLAIN, Decision, KernelChoices
 
-__all__ = ["DENSE_SLOW", "DEPTHWISE_SLOW", "FAMILY_MULTIPLE", "decide_by_cost", "graph_cost"]
+__all__ = ["DENSE_SLOW", "DEPTHWISE_SLOW", "FAMILY_MULTIPLE", "decide_by_cost", "graph_cost", "static_shapes"]
 
 DEPTHWISE_SLOW = 3.0
 DENSE_SLOW = 1.5
@@ -42,7 +42,7 @@ _MIN_GAIN = 0.01
 log = logging.getLogger(__name__)
 
 
-def _shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+def static_shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
     """A graph and its input shapes → every tensor's static shape that shape inference finds."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -64,7 +64,7 @@ def _shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]]) -> dict
 def graph_cost(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]], multiple: int) -> float:
     """An fp32 graph, its input shapes (batch 1) and the family's depthwise channel multiple → modelled int8 cost
     (MACs × slowdown; see the module docstring)."""
-    shapes = _shapes(model, inputs)
+    shapes = static_shapes(model, inputs)
     total = 0.0
     for n in model.graph.node:
         if n.op_type not in ("Conv", "Gemm", "MatMul") or n.output[0] not in shapes or n.input[1] not in shapes:

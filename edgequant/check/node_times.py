@@ -68,20 +68,13 @@ class NodeTime:
 def profile(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, threads: int, level: str,
             runs: int = _PROFILE_RUNS) -> tuple[dict[str, float], dict[str, str], onnx.ModelProto]:
     """A model → ({optimized node name: kernel ms per run}, {optimized node name: op type}, the optimized graph)."""
-    import onnxruntime as ort
+    from ..graph.sessions import session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3
     with tempfile.TemporaryDirectory() as tmp:
-        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "profile")
-        s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
+        path = os.path.join(tmp, "optimized.onnx")
+        s = session(model, level=level, threads=threads, optimized_path=path,
+                    profile_prefix=os.path.join(tmp, "profile"))
+        optimized = onnx.load(path, load_external_data=False)
         start = time.perf_counter()
         for i in range(runs + 3):
             s.run(None, dict(inputs))
@@ -141,9 +134,9 @@ def _float_sources(fp32: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[st
 
 def _elements(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Each tensor's element count at these inputs (ONNX shape inference)."""
-    from .kernel_cost import _shapes
+    from .kernel_cost import static_shapes
 
-    return {k: int(np.prod(v)) for k, v in _shapes(model, {k: v.shape for k, v in inputs.items()}).items()}
+    return {k: int(np.prod(v)) for k, v in static_shapes(model, {k: v.shape for k, v in inputs.items()}).items()}
 
 
 def slower_in_int8(fp32: onnx.ModelProto, qdq: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, threads: int,

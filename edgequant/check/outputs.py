@@ -42,7 +42,8 @@ from .layout import ConcatPieces
 from .metrics import sqnr_from_sums
 
 __all__ = ["ARGMAX_FLOOR", "CORRELATION_FLOOR", "CORRELATION_SQNR_DB", "COSINE_FLOOR", "DETECTION_FLOOR",
-           "MAP_IOU_FLOOR", "MAP_THRESHOLD", "PART_SQNR_FLOOR_DB", "OutputAgreement", "Part", "gate_message", "gross_failures"]
+           "MAP_IOU_FLOOR", "MAP_THRESHOLD", "PART_SQNR_FLOOR_DB", "OutputAgreement", "Part", "gate_message",
+           "gross_failures"]
 
 PART_SQNR_FLOOR_DB = 3.0
 CORRELATION_FLOOR = 0.5

@@ -105,12 +105,14 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 
 
 def session(model: onnx.ModelProto | str, *, level: str = "all", threads: int = 0,
-            optimized_path: str | None = None, prepacking: bool = True, arena: bool = True):
+            optimized_path: str | None = None, prepacking: bool = True, arena: bool = True,
+            profile_prefix: str | None = None):
     """An ONNX Runtime CPU session on an in-memory model (or a model file path). ``prepacking=False`` keeps
     ONNX Runtime from a second, pre-packed copy of the weights (for one streaming pass over a large model).
     ``arena=False`` for passes over many batches (calibration, the checks): ONNX Runtime's arena keeps every
     block it ever grew to and, fragmented batch after batch, grows with the number of samples; without it
-    each batch's buffers go back to the allocator."""
+    each batch's buffers go back to the allocator. ``profile_prefix``: ONNX Runtime's per-node profiling on, its
+    JSON written there (``end_profiling()`` returns the path)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -127,6 +129,9 @@ def session(model: onnx.ModelProto | str, *, level: str = "all", threads: int = 
         so.optimized_model_filepath = optimized_path
     if not prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     src = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

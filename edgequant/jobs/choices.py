@@ -28,10 +28,11 @@ from ..check.kernel_choices import CHOICES, PLAIN, Decision, KernelChoices, Time
 from ..check.kernel_cost import FAMILY_MULTIPLE, decide_by_cost
 from ..check.node_times import slower_in_int8
 from ..graph.sessions import batches
+from ..targets import RuntimeSpec
 from . import ptq
 from .stages import Run
 
-__all__ = ["CALIBRATION_SAMPLES", "MIN_ROUNDS", "TIMING_SECONDS", "kernel_choices"]
+__all__ = ["CALIBRATION_SAMPLES", "MIN_ROUNDS", "TIMING_SECONDS", "batch_one", "kernel_choices", "timer_for"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _int8(v: Run) -> onnx.ModelProto:
     return v.int8
 
 
-def _batch_one(run: Run) -> dict[str, np.ndarray]:
+def batch_one(run: Run) -> dict[str, np.ndarray]:
     """The first calibration sample as a batch (of 1, or of the model's fixed batch), each input stacked along its
     own batch axis (a recurrent state or a scalar fed as given)."""
     types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in run.fp32.graph.input}
@@ -75,9 +76,14 @@ def _threads(run: Run) -> int:
     return run.target.runtime.intra_op_num_threads or 1  # 1 where the target lets ONNX Runtime choose
 
 
+def timer_for(runtime: RuntimeSpec) -> Timer:
+    """A target's runtime (its threads, 1 where it lets ONNX Runtime choose, and optimization level) → an
+    interleaved timer."""
+    return functools.partial(_time, threads=runtime.intra_op_num_threads or 1, level=runtime.graph_optimization_level)
+
+
 def _timer(run: Run) -> Timer:
-    """The target's threads and optimization level → an interleaved timer."""
-    return functools.partial(_time, threads=_threads(run), level=run.target.runtime.graph_optimization_level)
+    return timer_for(run.target.runtime)
 
 
 def _why_float(d: Decision, floats: Sequence[str], profiled: dict | None) -> Decision:
@@ -121,7 +127,7 @@ def kernel_choices(run: Run, timer: Timer | None = None) -> None:
     if FLOAT in candidates and measured:
         plain_int8 = _int8(plain)
         try:
-            slower, matched = slower_in_int8(plain.work, plain_int8, _batch_one(run), threads=_threads(run),
+            slower, matched = slower_in_int8(plain.work, plain_int8, batch_one(run), threads=_threads(run),
                                              level=tgt.runtime.graph_optimization_level)
         except Exception as exc:  # a speed choice never ends an export: the graphs stay as plain int8 places them
             log.warning("float_where_faster: the per-node profiles failed (%s: %s); every node stays int8",
@@ -142,11 +148,11 @@ def kernel_choices(run: Run, timer: Timer | None = None) -> None:
         # the kept set, when it is two or more choices, is built afterwards (a build costs more than a timing)
         variants: dict[str, Any] = {PLAIN: plain_int8 or _int8(plain),
                                     **{k: _int8(v) for k, v in applicable.items()}}
-        result = decide(variants, _batch_one(run), timer=timer or _timer(run),
+        result = decide(variants, batch_one(run), timer=timer or _timer(run),
                         build=lambda keys: _int8(_variant(run, keys, candidates, floats)), explicit=explicit,
                         host_cpu=host, not_applicable=skipped)
     else:
-        shapes = {k: v.shape for k, v in _batch_one(run).items()}
+        shapes = {k: v.shape for k, v in batch_one(run).items()}
         family = "arm64" if tgt.runtime.arithmetic == "exact" else "x86_64"
         result = decide_by_cost({PLAIN: plain.work, **{k: v.work for k, v in applicable.items()}}, shapes,
                                 FAMILY_MULTIPLE[family], explicit=explicit, host_cpu=host, not_applicable=skipped)

@@ -27,7 +27,6 @@ Why the recipe differs from the CNN one (measured on all-MiniLM-L6-v2, see bench
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import tempfile
@@ -150,18 +149,13 @@ def _merge_choice(run: Run, separate: onnx.ModelProto, merged_fp32: onnx.ModelPr
     is faster at batch 1 on this machine beyond the noise (the report's ``kernel_choices``), else None."""
     import time
 
-    import numpy as np
-
     from ..check.kernel_choices import PLAIN, decide
-    from .choices import _time
+    from .choices import batch_one, timer_for
 
     t0 = time.perf_counter()
     merged = _static(run, merged_fp32)
-    rt = encoder_target(run.target).runtime
-    timer = functools.partial(_time, threads=rt.intra_op_num_threads or 1, level=rt.graph_optimization_level)
-    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in separate.graph.input}
-    sample = {k: np.asarray(v)[None].astype(types.get(k, np.int64)) for k, v in run.calib[0].items()}
-    result = decide({PLAIN: separate, "merge_qkv": merged[0]}, sample, timer=timer, build=lambda keys: merged[0],
+    result = decide({PLAIN: separate, "merge_qkv": merged[0]}, batch_one(run),
+                    timer=timer_for(encoder_target(run.target).runtime), build=lambda keys: merged[0],
                     host_cpu=run.checked.to_dict()["host_cpu_label"])
     result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
     run.parts["kernel_choices"] = result.to_dict()
